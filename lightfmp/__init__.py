@@ -1,0 +1,1 @@
+"""Light-FMP: feature and model pruning for TorchRec recommenders."""
