@@ -5,8 +5,39 @@ The update is the min-norm point of the convex hull of the group gradients,
 ``<d, g_k> >= ||d||^2 >= 0`` for every group.
 """
 
+from grain_lightning.diagnostics import grain_diagnostics
+from grain_lightning.engine import (
+    GrainBackwardResult,
+    GroupGradients,
+    combine_gradients,
+    grain_backward,
+    group_gradients,
+    trainable_parameters,
+)
+from grain_lightning.groups import ByKey, Chunks, GroupAssignment, Grouping, PerSample, as_grouping
+from grain_lightning.mixin import GrainConfig, GrainMixin
 from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_norm, validate_gram
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MinNormResult", "min_norm_weights", "solve_min_norm", "validate_gram"]
+__all__ = [
+    "ByKey",
+    "Chunks",
+    "GrainBackwardResult",
+    "GrainConfig",
+    "GrainMixin",
+    "GroupAssignment",
+    "GroupGradients",
+    "Grouping",
+    "MinNormResult",
+    "PerSample",
+    "as_grouping",
+    "combine_gradients",
+    "grain_backward",
+    "grain_diagnostics",
+    "group_gradients",
+    "min_norm_weights",
+    "solve_min_norm",
+    "trainable_parameters",
+    "validate_gram",
+]

@@ -1,0 +1,46 @@
+r"""Diagnostics of a GRAIN step, computed from the ``k x k`` Gram alone (no extra pass over the model).
+
+With ``G_ij = <g_i, g_j>``, min-norm weights ``w``, and plain-mean weights ``pi`` (``n_j / n``)::
+
+    d = J^T w,  m = J^T pi,  ||d||^2 = w^T G w,  ||m||^2 = pi^T G pi,  <d, g_j> = (G w)_j,  <m, g_j> = (G pi)_j
+
+Keys (prefix ``grain/``):
+    num_groups        k
+    max_weight        max_j w_j
+    weight_entropy    -sum_j w_j log w_j  (log k for uniform weights, 0 for one group)
+    norm_ratio        ||d|| / ||m||  (1 for one group; 0 when d collapses)
+    worst_alignment   min_j <d, g_j> / ||g_j||  over groups with g_j != 0 (>= 0 by construction)
+    conflict_fraction fraction of groups with <m, g_j> < 0: groups the plain mean would push up
+    kkt_gap           (w^T G w - min_j (G w)_j) / trace(G), solver accuracy
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["grain_diagnostics"]
+
+
+def grain_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor) -> dict[str, float]:
+    """Diagnostics dict (see module docstring) from ``(k, k)`` Gram, ``(k,)`` weights and mean weights."""
+    g = gram.detach().double().cpu()
+    w = weights.detach().double().cpu()
+    pi = mean_weights.detach().double().cpu()
+    k = g.shape[0]
+    gw, gpi = g @ w, g @ pi
+    d2, m2 = float(w @ gw), float(pi @ gpi)
+    norms = torch.sqrt(torch.clamp(torch.diagonal(g), min=0.0))
+    nz = norms > 0
+    pos = w[w > 0]
+    trace = float(torch.trace(g))
+    return {
+        "grain/num_groups": float(k),
+        "grain/max_weight": float(w.max()),
+        "grain/weight_entropy": float(-(pos * pos.log()).sum()),
+        "grain/norm_ratio": math.sqrt(max(d2, 0.0) / m2) if m2 > 0 else 0.0,
+        "grain/worst_alignment": float((gw[nz] / norms[nz]).min()) if nz.any() else 0.0,
+        "grain/conflict_fraction": float((gpi < 0).double().mean()),
+        "grain/kkt_gap": max(d2 - float(gw.min()), 0.0) / trace if trace > 0 else 0.0,
+    }

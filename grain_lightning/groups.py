@@ -1,0 +1,165 @@
+r"""How a batch of ``n`` samples splits into ``k`` groups.
+
+A grouping maps the batch to a :class:`GroupAssignment`: ``index`` (``(n,)`` long, group of each sample,
+values ``0..k-1``), the key of each group, and the number of samples in it. Group ``j``'s loss is the mean
+of its samples' losses, ``L_j = (1 / n_j) sum_{i: index_i = j} l_i``, and its gradient ``g_j = grad L_j``.
+The plain mean gradient of the batch is ``sum_j (n_j / n) g_j``.
+
+Only groups that occur in the batch are returned: an absent label or domain is *not* a group with a zero
+gradient (which would make the min-norm direction zero), it is simply not a group this step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+__all__ = ["ByKey", "Chunks", "GroupAssignment", "Grouping", "PerSample", "as_grouping"]
+
+
+@dataclass(frozen=True)
+class GroupAssignment:
+    """Result of a grouping for one batch.
+
+    Attributes:
+        index: ``(n,)`` long tensor, ``index[i]`` is the group of sample ``i`` (in ``0..k-1``).
+        keys: ``(k,)`` tensor, the key of each group (label value, chunk number or sample position).
+        counts: ``(k,)`` float tensor, samples per group (all ``>= 1``).
+    """
+
+    index: torch.Tensor
+    keys: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def fractions(self) -> torch.Tensor:
+        """``(k,)`` float64 ``n_j / n``: the weights that turn group gradients into the plain mean."""
+        c = self.counts.double()
+        return c / c.sum()
+
+    def group_means(self, losses: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` mean loss of each group from ``(n,)`` per-sample losses (differentiable)."""
+        if losses.shape != self.index.shape:
+            raise ValueError(f"expected {tuple(self.index.shape)} per-sample losses, got shape {tuple(losses.shape)}")
+        total = torch.zeros(self.num_groups, dtype=losses.dtype, device=losses.device)
+        total = total.index_add(0, self.index.to(losses.device), losses)
+        return total / self.counts.to(device=losses.device, dtype=losses.dtype)
+
+    @staticmethod
+    def from_index(index: torch.Tensor) -> "GroupAssignment":
+        """Assignment from arbitrary integer group ids per sample (ids need not be contiguous)."""
+        index = torch.as_tensor(index)
+        if index.ndim != 1 or index.numel() == 0:
+            raise ValueError(f"group ids must be a non-empty 1-D tensor, got shape {tuple(index.shape)}")
+        if index.is_floating_point() or index.is_complex():
+            raise ValueError(f"group ids must be integers (or bool), got dtype {index.dtype}")
+        keys, inverse, counts = torch.unique(index, sorted=True, return_inverse=True, return_counts=True)
+        return GroupAssignment(index=inverse.long(), keys=keys, counts=counts.double())
+
+
+class Grouping(ABC):
+    """Base class: ``assign(batch_size, batch)`` returns the :class:`GroupAssignment` of a batch."""
+
+    #: whether the same group key means the same group across steps (enables the solver's warm start)
+    stable_keys: bool = True
+
+    @abstractmethod
+    def assign(self, batch_size: int, batch: Any = None) -> GroupAssignment:
+        """Split a batch of ``batch_size`` samples into groups."""
+
+
+class PerSample(Grouping):
+    """One group per sample (``k = n``): the finest grouping."""
+
+    stable_keys = False
+
+    def assign(self, batch_size: int, batch: Any = None) -> GroupAssignment:
+        idx = torch.arange(batch_size)
+        return GroupAssignment(index=idx, keys=idx.clone(), counts=torch.ones(batch_size, dtype=torch.float64))
+
+    def __repr__(self) -> str:
+        return "PerSample()"
+
+
+class Chunks(Grouping):
+    """``num_chunks`` contiguous chunks of (almost) equal size, as :func:`torch.chunk` splits them.
+
+    A batch smaller than ``num_chunks`` gives one group per sample (chunks are never empty).
+    """
+
+    def __init__(self, num_chunks: int) -> None:
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        self.num_chunks = num_chunks
+
+    def assign(self, batch_size: int, batch: Any = None) -> GroupAssignment:
+        size = -(-batch_size // self.num_chunks)  # ceil, like torch.chunk
+        return GroupAssignment.from_index(torch.arange(batch_size) // size)
+
+    def __repr__(self) -> str:
+        return f"Chunks({self.num_chunks})"
+
+
+class ByKey(Grouping):
+    """Groups by the value of a key tensor of the batch: a label, a domain or a task id.
+
+    Args:
+        key: where the ``(n,)`` integer tensor lives in the batch: a mapping key (``batch[key]``), a
+            position in a tuple/list batch (``batch[1]``), or a callable ``batch -> tensor``.
+    """
+
+    def __init__(self, key: Union[str, int, Callable[[Any], torch.Tensor]]) -> None:
+        if not (isinstance(key, (str, int)) or callable(key)) or isinstance(key, bool):
+            raise ValueError(f"key must be a str, an int or a callable, got {key!r}")
+        self.key = key
+
+    def _lookup(self, batch: Any) -> torch.Tensor:
+        if callable(self.key):
+            return self.key(batch)
+        if isinstance(self.key, str):
+            if not isinstance(batch, Mapping) or self.key not in batch:
+                found = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+                raise KeyError(f"ByKey({self.key!r}): the batch has no key {self.key!r}; found {found}")
+            return batch[self.key]
+        if not isinstance(batch, Sequence) or not -len(batch) <= self.key < len(batch):
+            raise KeyError(f"ByKey({self.key}): the batch is not a sequence with index {self.key}: {type(batch).__name__}")
+        return batch[self.key]
+
+    def assign(self, batch_size: int, batch: Any = None) -> GroupAssignment:
+        values = torch.as_tensor(self._lookup(batch)).detach().cpu()
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.shape != (batch_size,):
+            raise ValueError(f"{self!r}: expected a ({batch_size},) key tensor, got shape {tuple(values.shape)}")
+        return GroupAssignment.from_index(values)
+
+    def __repr__(self) -> str:
+        return f"ByKey({self.key!r})"
+
+
+def as_grouping(spec: Union[Grouping, str, int]) -> Grouping:
+    """``"sample"`` -> :class:`PerSample`, an int ``k`` -> :class:`Chunks` ``(k)``, a Grouping as is.
+
+    ``"key:NAME"`` -> :class:`ByKey` ``("NAME")`` (handy in YAML configs).
+    """
+    if isinstance(spec, Grouping):
+        return spec
+    if isinstance(spec, bool):
+        raise ValueError(f"grouping must be 'sample', 'key:NAME', an int or a Grouping, got {spec!r}")
+    if isinstance(spec, int):
+        return Chunks(spec)
+    if isinstance(spec, str):
+        if spec in ("sample", "per_sample"):
+            return PerSample()
+        if spec.startswith("key:") and len(spec) > 4:
+            name = spec[4:]
+            return ByKey(int(name) if name.lstrip("-").isdigit() else name)
+    raise ValueError(f"grouping must be 'sample', 'key:NAME', an int (chunks) or a Grouping, got {spec!r}")
