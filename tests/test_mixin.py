@@ -1,0 +1,201 @@
+"""GrainMixin inside real Lightning fits: equivalence to plain training, the applied direction, resume."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from grain_lightning import ByKey, Chunks, GrainConfig
+from tests.helpers import GrainModule, ParamRecorder, PlainModule, loader, make_data, make_net, trainer
+from tests.reference import brute_force_min_norm
+
+
+def fit_and_record(module, data, ckpt_path=None, **kw):
+    rec = ParamRecorder()
+    t = trainer(callbacks=[rec, *kw.pop("callbacks", [])], **kw)
+    t.fit(module, data, ckpt_path=ckpt_path)
+    return rec.params, t
+
+
+@pytest.mark.parametrize("optim", ["momentum", "adamw"])
+def test_one_group_reproduces_plain_training_step_for_step(optim):
+    net, data = make_net(), loader(make_data())
+    plain, _ = fit_and_record(PlainModule(net, optim, 0.05, scheduler=True), data, max_epochs=2)
+    grain, _ = fit_and_record(GrainModule(net, optim, 0.05, scheduler=True, grain=GrainConfig(grouping=Chunks(1))),
+                              data, max_epochs=2)
+    assert len(plain) == len(grain) == 8
+    for a, b in zip(plain, grain):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
+def test_mean_mode_with_accumulation_reproduces_lightning_accumulation():
+    net, data = make_net(), loader(make_data(n=80))  # 5 batches: the last cycle is partial
+    plain, _ = fit_and_record(PlainModule(net, "momentum", 0.05), data, accumulate_grad_batches=2)
+    mean, _ = fit_and_record(GrainModule(net, "momentum", 0.05,
+                                         grain=GrainConfig(aggregation="mean", accumulate_grad_batches=2)), data)
+    for a, b in zip(plain, mean):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def _group_grads(net, x, y, index, k):
+    """Independent reference: each group's gradient with its own backward, flattened."""
+    rows = []
+    for j in range(k):
+        net.zero_grad()
+        F.cross_entropy(net(x[index == j]), y[index == j]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1).clone() for p in net.parameters()]))
+    return torch.stack(rows).double()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_applied_update_is_min_norm_combination_and_no_group_is_pushed_up(accumulate):
+    """SGD with lr = 1: theta_before - theta_after = d = sum_k w_k g_k, w from a brute-force reference."""
+    torch.manual_seed(0)
+    data = make_data(n=32, seed=3)
+    net = make_net(seed=4)
+    module = GrainModule(net, "sgd", 1.0, grain=GrainConfig(grouping=ByKey(1), accumulate_grad_batches=accumulate))
+    before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    after, _ = fit_and_record(module, loader(data), max_steps=1)
+    d = (before - after[accumulate - 1]).double()
+    x, y = data.tensors
+    blocks = []
+    for m in range(accumulate):  # micro-batch m holds samples 16m .. 16m+15
+        xs, ys = x[16 * m:16 * (m + 1)], y[16 * m:16 * (m + 1)]
+        keys = torch.unique(ys)
+        index = torch.searchsorted(keys, ys)
+        blocks.append(_group_grads(make_net(seed=4), xs, ys, index, len(keys)))
+    g = torch.cat(blocks)
+    w_ref, _ = brute_force_min_norm((g @ g.T).numpy())
+    d_ref = torch.from_numpy(w_ref) @ g
+    assert torch.allclose(d, d_ref, atol=1e-5), (d - d_ref).abs().max()
+    tr = float(torch.trace(g @ g.T))
+    assert (g @ d >= -1e-6 * tr).all()  # no group's loss increases to first order
+
+
+def test_clipping_scheduler_and_accumulation_with_adamw():
+    net, data = make_net(), loader(make_data(n=96))  # 6 batches, N = 3 -> 2 steps per epoch
+    cfg = GrainConfig(grouping="sample", accumulate_grad_batches=3, gradient_clip_val=1e-3)
+    module = GrainModule(net, "adamw", 0.01, scheduler=True, grain=cfg)
+    _, t = fit_and_record(module, data, max_epochs=2)
+    assert t.global_step == 4
+    assert module._grain.steps == 4
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 2)  # StepLR(2, 0.5) at step 4
+    assert t.callback_metrics["grain/num_groups"] == 48.0  # 3 micro-batches x 16 samples
+
+
+def test_value_clipping_bounds_each_coordinate():
+    net, data = make_net(), loader(make_data(n=16))
+    module = GrainModule(net, "sgd", 1.0, grain=GrainConfig(grouping=4, gradient_clip_val=1e-3,
+                                                            gradient_clip_algorithm="value"))
+    before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    after, _ = fit_and_record(module, data, max_steps=1)
+    assert (before - after[0]).abs().max() <= 1e-3 + 1e-6  # float32 rounding of the update
+    unclipped, _ = fit_and_record(GrainModule(net, "sgd", 1.0, grain=GrainConfig(grouping=4)), data, max_steps=1)
+    assert (before - unclipped[0]).abs().max() > 1e-2  # so the clip did act
+
+
+def test_resume_from_checkpoint_gives_the_same_next_steps(tmp_path):
+    """Epoch-end checkpoint (Lightning cannot resume a plain DataLoader mid-epoch exactly)."""
+    net, data = make_net(), loader(make_data(n=96))
+    cfg = dict(grouping=ByKey(1), warm_start=True)
+    full, _ = fit_and_record(GrainModule(net, "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg)), data,
+                             max_epochs=2)
+    first = GrainModule(net, "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg))
+    _, t = fit_and_record(first, data, max_epochs=1)
+    path = tmp_path / "epoch1.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    assert saved["grain_state"]["steps"] == 6 and saved["grain_state"]["prev_weights"] is not None
+    resumed = GrainModule(make_net(seed=99), "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg))
+    rest, _ = fit_and_record(resumed, data, max_epochs=2, ckpt_path=str(path))
+    assert resumed._grain.steps == 12 and len(rest) == 6
+    assert torch.equal(resumed._grain.prev_weights, first._grain.prev_weights) is False  # it moved on
+    for a, b in zip(full[6:], rest):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
+def test_validation_loop_unchanged_and_diagnostics_logged():
+    net, data = make_net(), loader(make_data())
+    module = GrainModule(net, "sgd", 0.1, grain=GrainConfig(grouping=ByKey(1)))
+    t = trainer(limit_val_batches=2, log_every_n_steps=1)
+    t.fit(module, data, data)
+    assert module.val_seen == 32
+    for key in ("grain/num_groups", "grain/max_weight", "grain/weight_entropy", "grain/norm_ratio",
+                "grain/worst_alignment", "grain/conflict_fraction", "val_loss", "train_loss_epoch"):
+        assert key in t.callback_metrics, key
+    assert t.callback_metrics["grain/worst_alignment"] >= 0
+
+
+def test_bf16_mixed_precision():
+    net, data = make_net(), loader(make_data())
+    module = GrainModule(net, "adamw", 0.01, grain=GrainConfig(grouping=ByKey(1)))
+    before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    t = trainer(precision="bf16-mixed")
+    t.fit(module, data)
+    after = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert t.callback_metrics["grain/worst_alignment"] >= -1e-6
+
+
+def test_nonfinite_loss_raises_or_skips():
+    net, data = make_net(), loader(make_data())
+    with pytest.raises(FloatingPointError, match="per-sample loss 0 is nan"):
+        trainer().fit(GrainModule(net, grain=GrainConfig(grouping=4), nan_at_step=1), data)
+    module = GrainModule(net, "sgd", 0.1, grain=GrainConfig(grouping=4, on_nonfinite="skip"), nan_at_step=1)
+    with pytest.warns(RuntimeWarning, match="skipping this optimizer step"):
+        params, t = fit_and_record(module, data)
+    assert torch.equal(params[0], params[1])  # the NaN step did not touch the weights
+    assert all(torch.isfinite(p).all() for p in params)
+    assert module._grain.skipped == 1 and t.global_step == 3
+
+
+class _Opposed(GrainModule):
+    """Groups {0} and {1, 2, 3} with losses s and -s (s = sum of the first weight matrix): g_0 = -g_1, so the
+    min-norm direction is 0, while the sample mean (weights 1/4, 3/4) is -0.5 grad s."""
+
+    def grain_losses(self, batch, batch_idx):
+        s = self.net[0].weight.sum()
+        return torch.stack([s, -s, -s, -s])
+
+
+@pytest.mark.parametrize("mode,shift", [("skip", 0.0), ("mean", 0.05), ("mix", 0.025)])
+def test_collapse_behaviour(mode, shift):
+    net, data = make_net(), loader(make_data(n=16))
+    grouping = ByKey(lambda batch: torch.tensor([0, 1, 1, 1]))
+    module = _Opposed(net, "sgd", 0.1, grain=GrainConfig(grouping=grouping, on_collapse=mode, collapse_mix=0.5))
+    w0 = module.net[0].weight.detach().clone()
+    fit_and_record(module, data, max_steps=1)
+    # SGD, lr 0.1: "mean" applies -0.5 grad s (+0.05 per entry); "mix" 0.5 (w* + pi) gives -0.25 grad s
+    assert torch.allclose(module.net[0].weight.detach() - w0, torch.full_like(w0, shift), atol=1e-7)
+    assert module._grain.collapsed >= 1
+    assert (module._grain.skipped >= 1) == (mode == "skip")
+
+
+def test_config_validation_and_missing_losses():
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        GrainConfig(aggregation="median")
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        GrainConfig(accumulate_grad_batches=0)
+    with pytest.raises(ValueError, match="collapse_mix"):
+        GrainConfig(collapse_mix=2.0)
+
+    class NoLosses(GrainModule):
+        grain_losses = GrainModule.__mro__[1].grain_losses  # the mixin's default
+
+    with pytest.raises(TypeError, match="implement grain_losses"):
+        trainer().fit(NoLosses(make_net()), loader(make_data()))
+
+
+def test_rejects_per_batch_loss():
+    class Reduced(GrainModule):
+        def grain_losses(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)  # forgot reduction="none"
+
+    with pytest.raises(ValueError, match=r"expects \(n,\) per-sample losses"):
+        trainer().fit(Reduced(make_net()), loader(make_data()))
