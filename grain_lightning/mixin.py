@@ -258,6 +258,13 @@ class GrainMixin:
         if cfg.warm_start and st.prev_keys is not None and (keys >= 0).all() and torch.equal(st.prev_keys, keys):
             init = st.prev_weights
         res = solve_min_norm(gram, init=init, tol=cfg.solver_tol)
+        if not res.converged and res.kkt_gap > 1e-9 * float(torch.trace(gram)):
+            warnings.warn(
+                f"GRAIN: min-norm solve stopped at KKT gap {res.kkt_gap:.3e} "
+                f"(trace {float(torch.trace(gram)):.3e}); <d, g_k> >= 0 may fail by that much",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         weights = res.weights
         mean_norm2 = float(pi @ gram @ pi)
         collapsed = mean_norm2 > 0 and math.sqrt(max(res.objective, 0.0)) <= cfg.collapse_eps * math.sqrt(mean_norm2)
