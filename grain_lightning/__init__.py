@@ -14,6 +14,7 @@ from grain_lightning.engine import (
     group_gradients,
     trainable_parameters,
 )
+from grain_lightning.ghost import GhostEngine, UnsupportedModuleError
 from grain_lightning.groups import ByKey, Chunks, GroupAssignment, Grouping, PerSample, as_grouping
 from grain_lightning.mixin import GrainConfig, GrainMixin
 from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_norm, validate_gram
@@ -25,12 +26,14 @@ __all__ = [
     "Chunks",
     "GrainBackwardResult",
     "GrainConfig",
+    "GhostEngine",
     "GrainMixin",
     "GroupAssignment",
     "GroupGradients",
     "Grouping",
     "MinNormResult",
     "PerSample",
+    "UnsupportedModuleError",
     "as_grouping",
     "combine_gradients",
     "grain_backward",
