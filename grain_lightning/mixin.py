@@ -58,6 +58,8 @@ class GrainConfig:
             the step with a warning; they never reach the weights.
         log_every_n_steps: log the diagnostics every this many optimizer steps (0: never).
         log_loss_as: name under which the batch's mean loss is logged (``None``: not logged).
+        plateau_monitor: the logged metric a ``ReduceLROnPlateau`` scheduler steps on (Lightning ignores the
+            scheduler dict's ``monitor`` under manual optimization).
         solver_tol: KKT tolerance of the min-norm solver, relative to ``trace(G)``.
         warm_start: start the solver from the previous step's weights when the groups are the same.
         batched_backward: compute the group gradients with one vmapped backward instead of ``k``.
@@ -75,6 +77,7 @@ class GrainConfig:
     on_nonfinite: str = "raise"
     log_every_n_steps: int = 1
     log_loss_as: Optional[str] = "train_loss"
+    plateau_monitor: Optional[str] = None
     solver_tol: float = 1e-12
     warm_start: bool = True
     batched_backward: bool = False
@@ -336,15 +339,20 @@ class GrainMixin:
         self.log_dict(diag, on_step=True, on_epoch=False)
 
     def _grain_step_scheduler(self, sched: Any) -> None:
-        if sched.reduce_on_plateau:
-            metric = self.trainer.callback_metrics.get(sched.monitor)
+        if isinstance(sched.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning drops the "monitor" key of scheduler dicts under manual optimization.
+            monitor = self.grain_config.plateau_monitor
+            if monitor is None:
+                raise RuntimeError(
+                    "ReduceLROnPlateau under GrainMixin needs GrainConfig(plateau_monitor=...): Lightning ignores "
+                    "the scheduler dict's 'monitor' key under manual optimization"
+                )
+            metric = self.trainer.callback_metrics.get(monitor)
             if metric is None:
-                if sched.strict:
-                    raise RuntimeError(
-                        f"ReduceLROnPlateau monitors {sched.monitor!r}, which is not among the logged metrics "
-                        f"{sorted(self.trainer.callback_metrics)}"
-                    )
-                return
+                raise RuntimeError(
+                    f"ReduceLROnPlateau monitors {monitor!r}, which is not among the logged metrics "
+                    f"{sorted(self.trainer.callback_metrics)}"
+                )
             sched.scheduler.step(metric)
         else:
             sched.scheduler.step()

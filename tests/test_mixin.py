@@ -198,3 +198,33 @@ def test_rejects_per_batch_loss():
 
     with pytest.raises(ValueError, match=r"expects \(n,\) per-sample losses"):
         trainer().fit(Reduced(make_net()), loader(make_data()))
+
+
+class _EpochSchedulers(GrainModule):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        step = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": step, "interval": "epoch"}}
+
+
+class _Plateau(GrainModule):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+        return {"optimizer": opt, "lr_scheduler": plateau}
+
+
+def test_epoch_and_plateau_schedulers_step_once_per_epoch():
+    net, data = make_net(), loader(make_data())
+    m = _EpochSchedulers(net, grain=GrainConfig(grouping=4))
+    trainer(max_epochs=3).fit(m, data)
+    assert m.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    # mode="max" on a decreasing val_loss: no improvement after the first epoch -> halves at epochs 2, 3
+    p = _Plateau(net, grain=GrainConfig(grouping=4, plateau_monitor="val_loss"))
+    trainer(max_epochs=3, limit_val_batches=1).fit(p, data, data)
+    assert p.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
+    no_val = _Plateau(net, grain=GrainConfig(grouping=4, plateau_monitor="val_loss"))
+    with pytest.raises(RuntimeError, match="monitors 'val_loss'"):
+        trainer(max_epochs=1).fit(no_val, data)
+    with pytest.raises(RuntimeError, match="plateau_monitor"):
+        trainer(max_epochs=1).fit(_Plateau(net, grain=GrainConfig(grouping=4)), data, data)
