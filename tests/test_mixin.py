@@ -228,3 +228,15 @@ def test_epoch_and_plateau_schedulers_step_once_per_epoch():
         trainer(max_epochs=1).fit(no_val, data)
     with pytest.raises(RuntimeError, match="plateau_monitor"):
         trainer(max_epochs=1).fit(_Plateau(net, grain=GrainConfig(grouping=4)), data, data)
+
+
+def test_setup_check_rejects_unsynchronised_ranks_and_fp16_scaling():
+    from types import SimpleNamespace
+
+    module = GrainModule(make_net())
+    module._trainer = SimpleNamespace(world_size=2, strategy=object(), precision_plugin=SimpleNamespace(scaler=None))
+    with pytest.raises(RuntimeError, match="world_size=2"):
+        module._grain_check_setup()
+    module._trainer = SimpleNamespace(world_size=1, strategy=object(), precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.raises(RuntimeError, match="bf16-mixed"):
+        module._grain_check_setup()
