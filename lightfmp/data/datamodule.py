@@ -1,0 +1,294 @@
+"""``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
+
+The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader
+draws index batches (a sampler yields whole index tensors, the DataLoader runs with ``batch_size=None``)
+and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader serves the part of the
+training split chosen by ``stage``: ``"pretrain"`` (a seeded ``pretrain_fraction`` subset, Light-FMP
+stage 1), ``"finetune"`` (the rest, stage 3) or ``"full"``; validation and test loaders serve the same
+splits in every stage. Stage 3 reuses stage 1's vocabularies (``preprocessor=`` a saved file, or
+:meth:`CTRDataModule.for_stage`, which passes the fitted one on) and reads only the kept ``fields``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Literal, Optional, Union
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightfmp.data.preprocess import EncodedFrame, Preprocessor
+from lightfmp.data.readers import DEFAULT_CHUNKSIZE, FORMATS, read_frame
+from lightfmp.data.schema import Schema
+from lightfmp.data.splits import Split, split_indices, stage_subsets
+from lightfmp.data.synthetic import SyntheticCTR
+from lightfmp.features import CTRBatch, FeatureSpec
+
+Stage = Literal["pretrain", "finetune", "full"]
+DATA_FORMATS = FORMATS + ("synthetic",)
+
+
+class IndexBatches(Sampler[torch.Tensor]):
+    """Yields index tensors of ``batch_size`` positions in ``0 .. n - 1``: a fresh permutation per epoch
+    from ``generator`` when shuffling, in order otherwise; the last batch may be smaller."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator] = None) -> None:
+        self.n, self.batch_size, self.shuffle, self.generator = n, batch_size, shuffle, generator
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        yield from order.split(self.batch_size)
+
+
+class EncodedRows(Dataset):
+    """The rows ``indices`` of an encoded table; ``dataset[positions]`` is one collated :class:`CTRBatch`."""
+
+    def __init__(self, encoded: EncodedFrame, indices: np.ndarray) -> None:
+        self.encoded = encoded
+        self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, positions: torch.Tensor) -> CTRBatch:
+        return self.encoded.batch(self.indices[positions])
+
+
+def _identity(batch: CTRBatch) -> CTRBatch:
+    return batch
+
+
+class CTRDataModule(L.LightningDataModule):
+    """Click-through data for Light-FMP (see the module docstring).
+
+    Args:
+        format: ``criteo``, ``avazu``, ``movielens``, ``adult``, ``csv``, ``parquet`` or ``synthetic``.
+        path: data file (directory for MovieLens); None for the packaged Adult file or synthetic data.
+        schema: YAML schema (required for csv/parquet; optional override for the built-in formats).
+        fields: keep only these fields (read and encode nothing else); unknown names raise ``KeyError``.
+        batch_size: training batch size; ``eval_batch_size`` (default: the same) for validation and test.
+        pretrain_fraction: share of the training split served in stage ``"pretrain"``.
+        stage: which part of the training split the train loader serves.
+        split, val_fraction, test_fraction, seed: the split (see :mod:`lightfmp.data.splits`); ``seed``
+            also seeds the stage subsets and the shuffling.
+        min_count, hash_threshold: preprocessing defaults (see :class:`Preprocessor`).
+        preprocessor: path of a saved preprocessor to reuse instead of fitting one.
+        max_rows: read only the first rows; ``chunksize``: rows per pandas chunk.
+        synthetic_*: options of :class:`SyntheticCTR` for ``format="synthetic"``.
+        num_workers, pin_memory: DataLoader options.
+    """
+
+    def __init__(
+        self,
+        format: str = "adult",
+        path: Optional[str] = None,
+        schema: Optional[str] = None,
+        fields: Optional[list[str]] = None,
+        batch_size: int = 1024,
+        eval_batch_size: Optional[int] = None,
+        pretrain_fraction: float = 0.2,
+        stage: Stage = "full",
+        split: Literal["random", "chronological"] = "random",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        min_count: int = 1,
+        hash_threshold: Optional[int] = None,
+        preprocessor: Optional[str] = None,
+        max_rows: Optional[int] = None,
+        chunksize: int = DEFAULT_CHUNKSIZE,
+        synthetic_rows: int = 100_000,
+        synthetic_dense: int = 13,
+        synthetic_sparse: int = 26,
+        synthetic_cardinality: int = 100,
+        synthetic_informative: Optional[list[str]] = None,
+        synthetic_num_informative: int = 6,
+        synthetic_interaction: float = 1.0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if format not in DATA_FORMATS:
+            raise ValueError(f"unknown data format {format!r}; expected one of {list(DATA_FORMATS)}")
+        if stage not in ("pretrain", "finetune", "full"):
+            raise ValueError(f"stage must be 'pretrain', 'finetune' or 'full', got {stage!r}")
+        if split not in ("random", "chronological"):
+            raise ValueError(f"split must be 'random' or 'chronological', got {split!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < pretrain_fraction <= 1:
+            raise ValueError(f"pretrain_fraction must be in (0, 1], got {pretrain_fraction}")
+        if stage == "finetune" and pretrain_fraction == 1:
+            raise ValueError("stage 'finetune' serves the training rows outside the pretrain subset; "
+                             "with pretrain_fraction=1 there are none")
+        if fields is not None and len(fields) == 0:
+            raise ValueError("fields must name at least one field (or be None for all)")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self._given_preprocessor: Optional[Preprocessor] = None
+        self.preprocessor: Optional[Preprocessor] = None
+        self.schema: Optional[Schema] = None
+        self.encoded: Optional[EncodedFrame] = None
+        self.splits: Optional[Split] = None
+        self.pretrain_indices: Optional[np.ndarray] = None
+        self.finetune_indices: Optional[np.ndarray] = None
+
+    # -- reading and encoding
+    @property
+    def synthetic(self) -> SyntheticCTR:
+        """The synthetic task of ``format="synthetic"`` (its ``informative_fields`` are the ground truth)."""
+        h = self.hparams
+        return SyntheticCTR(
+            num_rows=h.synthetic_rows, num_dense=h.synthetic_dense, num_sparse=h.synthetic_sparse,
+            cardinality=h.synthetic_cardinality, informative=h.synthetic_informative,
+            num_informative=h.synthetic_num_informative, interaction_strength=h.synthetic_interaction, seed=h.seed,
+        )
+
+    def _read(self, columns: Optional[list[str]]) -> tuple[pd.DataFrame, Schema]:
+        h = self.hparams
+        if h.format != "synthetic":
+            return read_frame(h.format, h.path, schema=h.schema, columns=columns, chunksize=h.chunksize,
+                              max_rows=h.max_rows)
+        synthetic = self.synthetic
+        schema = Schema.from_yaml(h.schema) if h.schema else synthetic.schema
+        frame = synthetic.generate()
+        if h.max_rows is not None:
+            frame = frame.iloc[: h.max_rows]
+        if columns is not None:
+            schema = schema.select(columns)
+        return frame[list(schema.columns)], schema
+
+    def _preprocessor_to_reuse(self) -> Optional[Preprocessor]:
+        if self._given_preprocessor is not None:
+            return self._given_preprocessor
+        if self.hparams.preprocessor:
+            return Preprocessor.load(self.hparams.preprocessor)
+        return None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever ``stage``."""
+        if self.encoded is not None:
+            return
+        h = self.hparams
+        reuse = self._preprocessor_to_reuse()
+        if reuse is not None and h.fields is not None:
+            reuse = reuse.select(h.fields)
+        columns = list(h.fields) if h.fields is not None else (list(reuse.schema.names) if reuse else None)
+        frame, schema = self._read(columns)
+        time = None
+        if h.split == "chronological":
+            if schema.time_column is None:
+                raise ValueError(f"split='chronological' needs a time column, and format {h.format!r} has none "
+                                 "(set time_column in a schema YAML)")
+            time = frame[schema.time_column].to_numpy()
+        splits = split_indices(len(frame), h.val_fraction, h.test_fraction, h.seed, h.split, time)
+        pretrain, finetune = stage_subsets(splits.train, h.pretrain_fraction, h.seed)
+        if h.stage == "finetune" and len(finetune) == 0:
+            raise ValueError(f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
+                             "nothing is left for stage 'finetune'")
+        if reuse is None:
+            reuse = Preprocessor(schema, min_count=h.min_count, hash_threshold=h.hash_threshold)
+            reuse.fit(frame.iloc[splits.train])
+        self.schema, self.preprocessor = schema, reuse
+        self.encoded = reuse.transform(frame)
+        self.splits, self.pretrain_indices, self.finetune_indices = splits, pretrain, finetune
+
+    def _require_setup(self) -> EncodedFrame:
+        if self.encoded is None:
+            raise RuntimeError("call setup() first")
+        return self.encoded
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        self._require_setup()
+        assert self.preprocessor is not None
+        return self.preprocessor.feature_spec
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """Rows served by the train loader in this datamodule's ``stage``."""
+        self._require_setup()
+        assert self.splits is not None
+        stage = self.hparams.stage
+        return {"pretrain": self.pretrain_indices, "finetune": self.finetune_indices, "full": self.splits.train}[stage]
+
+    @property
+    def num_train_samples(self) -> int:
+        return int(len(self.train_indices))
+
+    # -- loaders
+    def _loader(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = EncodedRows(self._require_setup(), indices)
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            sampler=IndexBatches(len(dataset), batch_size, shuffle, generator),
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    @property
+    def _eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_indices, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        assert self.splits is not None
+        return self._loader(self.splits.val, self._eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        assert self.splits is not None
+        return self._loader(self.splits.test, self._eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # -- stages and checkpoints
+    def for_stage(self, stage: Stage, fields: Optional[list[str]] = None,
+                  preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
+        """A new datamodule with these settings but another ``stage`` and optionally only ``fields``.
+
+        It reuses ``preprocessor`` (a path or an object), else this datamodule's fitted one (so ids match
+        the embedding rows trained so far), else this datamodule's ``preprocessor`` path.
+        """
+        kwargs = dict(self.hparams)
+        kwargs["stage"] = stage
+        if fields is not None:
+            kwargs["fields"] = list(fields)
+        if isinstance(preprocessor, str):
+            kwargs["preprocessor"] = preprocessor
+        out = CTRDataModule(**kwargs)
+        if isinstance(preprocessor, Preprocessor):
+            out._given_preprocessor = preprocessor
+        elif preprocessor is None and self.preprocessor is not None:
+            out._given_preprocessor = self.preprocessor
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted preprocessor (saved by Lightning in checkpoints)."""
+        return {"preprocessor": self.preprocessor.state_dict()} if self.preprocessor is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Reuse the checkpoint's preprocessor; re-encode if ``setup`` already ran with another one."""
+        if "preprocessor" not in state_dict:
+            return
+        loaded = Preprocessor.from_state_dict(state_dict["preprocessor"])
+        self._given_preprocessor = loaded
+        if self.preprocessor is not None and self.preprocessor.state_dict() != loaded.state_dict():
+            self.encoded = None
+            self.setup()
