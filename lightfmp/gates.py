@@ -11,10 +11,12 @@ with the standard ``beta = 2/3, gamma = -0.1, zeta = 1.1``. The expected number 
 ``E[L0] = sum_f P(z_f != 0)``, is differentiable in ``log_alpha``.
 
 Penalty, either
-* ``l0_weight = lam``: ``lam * E[L0] / F`` (a fixed price per field, normalised by the number of fields F); or
+* ``l0_weight = lam``: ``lam * E[L0]`` (a fixed price per open field, in loss units); or
 * a target ``target_fields`` (a count, or a fraction of F when < 1): the Lagrangian
-  ``lam1 * (E[L0] - T) + lam2 * (E[L0] - T)^2`` whose multipliers ``lam1, lam2`` are *maximised*
-  (``lagrangian_parameters`` go into an optimizer group with ``maximize=True``), as in CoFi pruning.
+  ``lam1 * gap + lam2 * gap^2`` with ``gap = (E[L0] - T) / F``, as in CoFi pruning. The multipliers are
+  maximised by plain dual ascent after every optimizer step (``dual_step``: ``lam1 += lr * gap``,
+  ``lam2 += lr * gap^2``), not by an adaptive optimizer: Adam's normalised steps on the multipliers overshoot
+  and close every gate on small data.
 
 Keep rule used when pruning (``kept_mask``): ``P(z != 0) > threshold`` (default 0.5) or the top ``k`` fields
 by keep probability.
@@ -42,7 +44,7 @@ class HardConcreteGate(nn.Module):
     Args:
         names: field names, in the order of the gate vector.
         init_keep_probability: initial ``P(z != 0)`` of every gate (sets ``log_alpha``).
-        l0_weight: price of one open gate (fraction of F); ignored when ``target_fields`` is given.
+        l0_weight: price of one open gate, in loss units; ignored when ``target_fields`` is given.
         target_fields: target number of open gates (``>= 1``) or fraction of F (``0 < t < 1``) for the Lagrangian.
         beta, gamma, zeta: hard-concrete temperature and stretch interval.
 
@@ -77,7 +79,8 @@ class HardConcreteGate(nn.Module):
         shift = self.beta * math.log(-self.gamma / self.zeta)
         init = math.log(init_keep_probability / (1 - init_keep_probability)) + shift
         self.log_alpha = nn.Parameter(torch.full((len(names),), init))
-        self.lagrangian = nn.Parameter(torch.zeros(2)) if self.target is not None else None
+        self.initial_l0 = float(init_keep_probability * len(names))
+        self.register_buffer("multipliers", torch.zeros(2))
 
     @staticmethod
     def _resolve_target(target: Optional[float], num: int) -> Optional[float]:
@@ -119,20 +122,35 @@ class HardConcreteGate(nn.Module):
             return self.sample(batch_size)
         return self.test_gate().unsqueeze(0).expand(batch_size, -1)
 
-    def penalty(self) -> torch.Tensor:
-        """The L0 term to add to the loss (see the module docstring)."""
+    def penalty(self, progress: float = 1.0) -> torch.Tensor:
+        """The L0 term to add to the loss (see the module docstring).
+
+        ``progress`` in [0, 1] ramps it in (a warm-up that lets the model learn before gates close): the
+        weight becomes ``progress * lam``; the target moves linearly from the initial expected L0 to ``T``.
+        """
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress}")
         l0 = self.expected_l0()
         if self.target is None:
-            return self.l0_weight * l0 / self.num_gates
-        assert self.lagrangian is not None
-        gap = (l0 - self.target) / self.num_gates
-        return self.lagrangian[0] * gap + self.lagrangian[1] * gap * gap
+            return progress * self.l0_weight * l0
+        gap = (l0 - self._current_target(progress)) / self.num_gates
+        return self.multipliers[0] * gap + self.multipliers[1] * gap * gap
+
+    def _current_target(self, progress: float) -> float:
+        assert self.target is not None
+        return self.initial_l0 + progress * (self.target - self.initial_l0)
+
+    @torch.no_grad()
+    def dual_step(self, lr: float, progress: float = 1.0) -> None:
+        """Gradient ascent on the multipliers: ``lam1 += lr * gap``, ``lam2 += lr * gap^2`` (target mode only)."""
+        if self.target is None:
+            return
+        gap = (float(self.expected_l0()) - self._current_target(progress)) / self.num_gates
+        self.multipliers[0] += lr * gap
+        self.multipliers[1] += lr * gap * gap
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [self.log_alpha]
-
-    def lagrangian_parameters(self) -> list[nn.Parameter]:
-        return [self.lagrangian] if self.lagrangian is not None else []
 
     def kept_mask(self, threshold: float = 0.5, top_k: Optional[int] = None) -> torch.Tensor:
         """Boolean ``(F,)``: ``P(z != 0) > threshold``, or the ``top_k`` most probable fields."""

@@ -39,7 +39,11 @@ class LightFMPModule(L.LightningModule):
         l0_weight: L0 price per field (fraction of all fields) when no ``target_fields``.
         target_fields: target count (>= 1) or fraction (< 1) of kept fields, enforced by a Lagrangian.
         init_keep_probability: initial ``P(z != 0)`` of every gate.
-        gate_lr: learning rate of the gates (own group, no weight decay) and of the Lagrange multipliers.
+        gate_lr: learning rate of the gates (own optimizer group, no weight decay).
+        dual_lr: step of the dual ascent on the Lagrange multipliers (target mode).
+        l0_warmup: fraction of the training steps over which the L0 penalty ramps in from 0 (the weight grows
+            linearly, or the target moves from the initial expected count to ``target_fields``); gates that
+            close before the embeddings have learned anything would never reopen.
         feature_spec: the network's inputs (``FeatureSpec.to_dict()``); filled in from the datamodule if None.
     """
 
@@ -51,13 +55,15 @@ class LightFMPModule(L.LightningModule):
         dense_hidden: Sequence[int] = (64,),
         cross_layers: int = 2,
         dropout: float = 0.0,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         weight_decay: float = 0.0,
         field_mask: bool = True,
-        l0_weight: float = 0.05,
+        l0_weight: float = 0.02,
         target_fields: Optional[float] = None,
         init_keep_probability: float = 0.9,
         gate_lr: float = 0.05,
+        l0_warmup: float = 0.3,
+        dual_lr: float = 0.01,
         feature_spec: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
@@ -127,7 +133,7 @@ class LightFMPModule(L.LightningModule):
     def pruned(self, keep: Iterable[str]) -> "LightFMPModule":
         """A new module without a mask that only consumes ``keep`` (weights copied, see ``CTRBackbone.prune``)."""
         net = self._require_net().prune(keep)
-        hp = dict(self.hparams)
+        hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
         hp.update(field_mask=False, feature_spec=net.spec.to_dict())
         new = LightFMPModule(**hp)
         new.net = net
@@ -156,10 +162,23 @@ class LightFMPModule(L.LightningModule):
         loss = bce
         bs = len(batch)
         if self.gate is not None:
-            loss = loss + self.gate.penalty()
+            loss = loss + self.gate.penalty(self._l0_progress())
             self.log("expected_fields", self.gate.expected_l0().detach(), on_step=True, batch_size=bs)
         self.log("train_bce", bce.detach(), on_step=True, prog_bar=True, batch_size=bs)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.gate is not None:
+            self.gate.dual_step(self.hparams.dual_lr, self._l0_progress())
+
+    def _l0_progress(self) -> float:
+        warmup = self.hparams.l0_warmup
+        if warmup <= 0 or self._trainer is None:
+            return 1.0
+        total = self.trainer.estimated_stepping_batches
+        if not total or total == float("inf"):
+            return 1.0
+        return min(1.0, self.global_step / (warmup * total))
 
     def validation_step(self, batch: CTRBatch, batch_idx: int) -> None:
         logits = self(batch)
@@ -180,10 +199,6 @@ class LightFMPModule(L.LightningModule):
         ]
         if self.gate is not None:
             groups.append({"params": self.gate.gate_parameters(), "lr": hp.gate_lr, "weight_decay": 0.0})
-            if self.gate.lagrangian_parameters():
-                groups.append(
-                    {"params": self.gate.lagrangian_parameters(), "lr": hp.gate_lr, "weight_decay": 0.0, "maximize": True}
-                )
         return torch.optim.AdamW(groups)
 
 

@@ -266,7 +266,7 @@ class CTRDataModule(L.LightningDataModule):
         It reuses ``preprocessor`` (a path or an object), else this datamodule's fitted one (so ids match
         the embedding rows trained so far), else this datamodule's ``preprocessor`` path.
         """
-        kwargs = dict(self.hparams)
+        kwargs = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
         kwargs["stage"] = stage
         if fields is not None:
             kwargs["fields"] = list(fields)

@@ -48,16 +48,26 @@ def test_penalty_gradient_closes_gates():
     assert (gate.log_alpha.grad > 0).all()  # descent lowers log_alpha
 
 
-def test_lagrangian_target_and_multiplier_sign():
+def test_lagrangian_target_dual_ascent_and_warmup():
     gate = HardConcreteGate(list("abcd"), init_keep_probability=0.9, target_fields=0.5)
-    assert gate.target == 2.0
-    opt = torch.optim.SGD([{"params": gate.gate_parameters()}, {"params": gate.lagrangian_parameters(), "maximize": True}], lr=0.5)
-    for _ in range(3):
+    assert gate.target == 2.0 and gate.initial_l0 == pytest.approx(3.6)
+    # at progress 0 the target is the initial expected count: no pressure
+    gate.dual_step(lr=1.0, progress=0.0)
+    assert torch.allclose(gate.multipliers, torch.zeros(2), atol=1e-6)
+    opt = torch.optim.SGD(gate.gate_parameters(), lr=0.5)
+    for _ in range(20):
         opt.zero_grad()
-        gate.penalty().backward()
+        gate.penalty(progress=1.0).backward()
         opt.step()
-    # E[L0] = 3.6 > 2: maximisation raised lambda_1, which then pushes the gates down
-    assert float(gate.lagrangian[0]) > 0 and float(gate.expected_l0()) < 3.6
+        gate.dual_step(lr=1.0)
+    # E[L0] = 3.6 > 2: dual ascent raised lambda_1, which pushed the gates down towards the target
+    assert float(gate.multipliers[0]) > 0 and float(gate.multipliers[1]) > 0
+    assert float(gate.expected_l0()) < 3.0
+    weighted = HardConcreteGate(list("ab"), l0_weight=0.5)
+    assert float(weighted.penalty(progress=0.0)) == 0.0
+    assert float(weighted.penalty(progress=0.5)) == pytest.approx(0.25 * float(weighted.expected_l0()))
+    with pytest.raises(ValueError, match="progress must be in"):
+        weighted.penalty(progress=2.0)
 
 
 def test_kept_mask_report_and_errors():

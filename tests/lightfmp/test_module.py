@@ -73,7 +73,8 @@ def test_checkpoint_from_other_schema_is_rejected(tmp_path):
 def test_optimizer_groups_gates_without_weight_decay():
     module = LightFMPModule(backbone="mlp", feature_spec=SPEC.to_dict(), weight_decay=0.1, target_fields=0.5)
     opt = module.configure_optimizers()
-    wd = [g["weight_decay"] for g in opt.param_groups]
-    assert wd == [0.1, 0.0, 0.0] and opt.param_groups[2]["maximize"] is True
-    assert opt.param_groups[1]["params"][0] is module.gate.log_alpha
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[1]["params"] == [module.gate.log_alpha]
     assert math.isclose(opt.param_groups[1]["lr"], module.hparams.gate_lr)
+    backbone = {id(p) for p in opt.param_groups[0]["params"]}
+    assert backbone == {id(p) for p in module.net.parameters()}

@@ -1,0 +1,137 @@
+"""The ``lightfmp`` command: LightningCLI with one subcommand per stage and ``pipeline`` for all three.
+
+::
+
+    lightfmp pipeline --output_dir out/                                   # built-in UCI Adult data
+    lightfmp pipeline --data.format criteo --data.path train.txt --output_dir out/
+    lightfmp pretrain --config configs/adult.yaml --output_dir out/
+    lightfmp prune    --config configs/adult.yaml --output_dir out/ --top_k 8
+    lightfmp finetune --config configs/adult.yaml --output_dir out/
+
+``--model.*`` configures :class:`~lightfmp.module.LightFMPModule`, ``--data.*`` the
+:class:`~lightfmp.data.CTRDataModule`, ``--trainer.*`` Lightning's Trainer (one per fitting stage).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightfmp import pipeline as stages
+from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.module import LightFMPModule
+
+DEFAULT_OUTPUT_DIR = "lightfmp_out"
+_OVERRIDES = ("lr", "weight_decay", "dropout")
+
+
+class LightFMPTrainer(L.Trainer):
+    """A Lightning Trainer that also runs Light-FMP's stages (used as LightningCLI subcommands).
+
+    A stage that fits after another one gets a fresh Trainer built from the same arguments (a Trainer's
+    state, e.g. its epoch counter, is spent after ``fit``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._init_arguments = copy.deepcopy((args, kwargs))
+        super().__init__(*args, **kwargs)
+
+    def fresh(self, **overrides: Any) -> "LightFMPTrainer":
+        """A new trainer with this one's constructor arguments (deep copies) updated by ``overrides``."""
+        args, kwargs = copy.deepcopy(self._init_arguments)
+        kwargs.update(overrides)
+        return type(self)(*args, **kwargs)
+
+    def pretrain(self, model: LightFMPModule, datamodule: CTRDataModule, output_dir: str = DEFAULT_OUTPUT_DIR) -> None:
+        """Stage 1: fit the model and its field gates on the pretrain subset."""
+        entry = stages.pretrain(self, model, datamodule, output_dir)
+        rank_zero_info(f"pretrain: test AUC {entry['auc']:.4f}, expected open fields {entry['expected_fields']:.1f}")
+
+    def prune(
+        self,
+        model: LightFMPModule,
+        datamodule: CTRDataModule,
+        output_dir: str = DEFAULT_OUTPUT_DIR,
+        checkpoint: Optional[str] = None,
+        threshold: float = 0.5,
+        top_k: Optional[int] = None,
+    ) -> None:
+        """Stage 2: drop the fields whose gate is closed and save the smaller model.
+
+        Args:
+            checkpoint: stage-1 checkpoint (default: ``<output_dir>/pretrain.ckpt``).
+            threshold: keep a field when its keep probability ``P(z != 0)`` exceeds this.
+            top_k: keep exactly the ``top_k`` most probable fields instead.
+        """
+        if self.is_global_zero:
+            _, report, entry = stages.prune(output_dir, datamodule, checkpoint, threshold, top_k)
+            print(report.to_string(index=False))
+            print(f"kept {len(entry['kept_fields'])} of {entry['fields'] + len(entry['dropped_fields'])} fields: {entry['kept_fields']}")
+
+    def finetune(
+        self,
+        model: LightFMPModule,
+        datamodule: CTRDataModule,
+        output_dir: str = DEFAULT_OUTPUT_DIR,
+        checkpoint: Optional[str] = None,
+    ) -> None:
+        """Stage 3: continue training the pruned model on the rest of the data (``--model.lr`` etc. apply).
+
+        Args:
+            checkpoint: pruned checkpoint (default: ``<output_dir>/pruned.ckpt``).
+        """
+        overrides = {k: model.hparams[k] for k in _OVERRIDES}
+        entry = stages.finetune(self, datamodule, output_dir, checkpoint, overrides)
+        rank_zero_info(f"finetune: test AUC {entry['auc']:.4f} with {entry['fields']} fields")
+
+    def pipeline(
+        self,
+        model: LightFMPModule,
+        datamodule: CTRDataModule,
+        output_dir: str = DEFAULT_OUTPUT_DIR,
+        threshold: float = 0.5,
+        top_k: Optional[int] = None,
+        finetune_epochs: Optional[int] = None,
+    ) -> None:
+        """Run pretrain, prune and finetune; print the kept fields and the before/after table.
+
+        Args:
+            threshold: keep a field when its keep probability exceeds this.
+            top_k: keep exactly the ``top_k`` most probable fields instead.
+            finetune_epochs: epochs of stage 3 (default: the trainer's ``max_epochs``).
+        """
+        self.pretrain(model, datamodule, output_dir)
+        self.prune(model, datamodule, output_dir, None, threshold, top_k)
+        follow_up = self.fresh(**({"max_epochs": finetune_epochs} if finetune_epochs is not None else {}))
+        follow_up.finetune(model, datamodule, output_dir)
+        if self.is_global_zero:
+            print(f"\nLight-FMP results in {Path(output_dir).resolve()}")
+            print(stages.summary_table(output_dir).to_string(index=False))
+
+
+class LightFMPCLI(LightningCLI):
+    """LightningCLI whose subcommands are Light-FMP's stages."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: {"model", "datamodule"} for name in ("pretrain", "prune", "finetune", "pipeline")}
+
+
+def main(args: Optional[list[str]] = None) -> LightFMPCLI:
+    return LightFMPCLI(
+        LightFMPModule,
+        CTRDataModule,
+        trainer_class=LightFMPTrainer,
+        trainer_defaults={"max_epochs": 3, "logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+        save_config_callback=None,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
