@@ -148,16 +148,31 @@ def category_codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def multi_codes(col: pd.Series, separator: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, codes, keys)`` of a multi-valued column: token ``k`` of the flattened lists belongs to row
     ``rows[k]`` (ascending) and is ``keys[codes[k]]``. Elements are separator-joined strings or list-like;
-    missing values and empty tokens are dropped."""
+    missing values and empty tokens are dropped.
+
+    Strings are split once per distinct string (a genre list repeats across ratings), and the tokens are
+    spread back to the rows with the CSR gather of :meth:`EncodedFrame.batch`.
+    """
     col = col.reset_index(drop=True)
     first = col.dropna()
     if len(first) and isinstance(first.iloc[0], (list, tuple, np.ndarray)):
         exploded = col.explode()
-    else:
-        exploded = col.astype("string").str.split(separator, regex=False).explode()
-    codes, keys = category_codes(pd.Series(exploded.to_numpy(dtype=object)))
+        codes, keys = category_codes(pd.Series(exploded.to_numpy(dtype=object)))
+        present = codes >= 0
+        return exploded.index.to_numpy()[present].astype(np.int64), codes[present], keys
+    row_code, uniques = pd.factorize(col, use_na_sentinel=True)
+    tokens = pd.Series(uniques, dtype=object).astype("string").str.split(separator, regex=False).explode()
+    codes, keys = category_codes(pd.Series(tokens.to_numpy(dtype=object)))
     present = codes >= 0
-    return exploded.index.to_numpy()[present].astype(np.int64), codes[present], keys
+    owner, codes = tokens.index.to_numpy()[present].astype(np.int64), codes[present]  # unique string of each token
+    u_len = np.bincount(owner, minlength=len(uniques))
+    u_start = np.cumsum(u_len) - u_len
+    lens = np.where(row_code >= 0, u_len[np.maximum(row_code, 0)], 0)
+    starts = u_start[np.maximum(row_code, 0)]
+    out = np.cumsum(lens) - lens
+    total = int(lens.sum())
+    gather = np.arange(total, dtype=np.int64) + np.repeat(starts - out, lens)
+    return np.repeat(np.arange(len(col), dtype=np.int64), lens), codes[gather], keys
 
 
 # ------------------------------------------------------------------------------------------ preprocessor

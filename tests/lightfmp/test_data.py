@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightfmp.data import FieldSpec, Preprocessor, Schema, read_frame
-from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.data.datamodule import CTRDataModule, IndexBatches
 from lightfmp.data.preprocess import dense_transform
 from lightfmp.data.readers import check_field_counts
 from lightfmp.data.splits import split_indices, stage_subsets
@@ -616,3 +616,19 @@ def test_datamodule_arguments_parse_from_command_line():
     assert dm.hparams.fields == ["I1", "C3"] and dm.hparams.stage == "finetune" and dm.hparams.path == "train.txt"
     with pytest.raises(Exception, match="stage"):
         parser.parse_args(["--data.stage", "warmup"])
+
+
+def test_index_batches_epochs_and_rank_shards():
+    sampler = IndexBatches(103, 10, shuffle=True, seed=4)
+    first, second = torch.cat(list(sampler)), torch.cat(list(sampler))  # epochs 0 and 1 (counted)
+    assert sorted(first.tolist()) == list(range(103)) and not torch.equal(first, second)
+    sampler.set_epoch(0)
+    assert torch.equal(torch.cat(list(sampler)), first)  # Lightning's set_epoch makes epochs reproducible
+    shards = [IndexBatches(103, 10, shuffle=True, seed=4, num_replicas=3, rank=r) for r in range(3)]
+    for s in shards:
+        s.set_epoch(5)
+    rows = [torch.cat(list(s)) for s in shards]
+    assert [len(s) for s in shards] == [4, 4, 4] and [len(r) for r in rows] == [34, 34, 34]
+    assert len(set(torch.cat(rows).tolist())) == 102  # disjoint; one remainder row dropped this epoch
+    evals = [torch.cat(list(IndexBatches(103, 10, shuffle=False, num_replicas=3, rank=r))) for r in range(3)]
+    assert sorted(torch.cat(evals).tolist()) == list(range(103))
