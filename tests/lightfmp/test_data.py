@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from lightfmp.data.datamodule import CTRDataModule, IndexBatches
 from lightfmp.data.preprocess import dense_transform
 from lightfmp.data.readers import check_field_counts
 from lightfmp.data.splits import split_indices, stage_subsets
-from lightfmp.data.synthetic import SyntheticCTR, write_criteo_tsv
+from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.features import make_sparse
 
 
@@ -632,3 +631,39 @@ def test_index_batches_epochs_and_rank_shards():
     assert len(set(torch.cat(rows).tolist())) == 102  # disjoint; one remainder row dropped this epoch
     evals = [torch.cat(list(IndexBatches(103, 10, shuffle=False, num_replicas=3, rank=r))) for r in range(3)]
     assert sorted(torch.cat(evals).tolist()) == list(range(103))
+
+
+def test_builtin_format_schema_override(criteo_file):
+    schema = Schema("label", (FieldSpec("I2", kind="dense", transform="bucket", num_buckets=2), FieldSpec("C1", min_count=2)))
+    frame, got = read_frame("criteo", criteo_file, schema=schema)
+    assert got == schema and sorted(frame.columns) == ["C1", "I2", "label"]
+    prep = Preprocessor(got).fit(frame)
+    assert prep.feature_spec.dense == () and prep.feature_spec.sparse_names == ("I2", "C1")
+    assert prep.states["C1"]["vocab"] == ["68fd1e64"]  # seen twice; "05db9164" once
+    with pytest.raises(ValueError, match="must keep label 'label'"):
+        read_frame("criteo", criteo_file, schema=Schema("y", (FieldSpec("C1"),)))
+    with pytest.raises(KeyError, match="C77"):
+        read_frame("criteo", criteo_file, schema=Schema("label", (FieldSpec("C77"),)))
+
+
+def test_datamodule_parquet_list_valued_field_matches_csv_strings(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 300
+    tag_lists = [list(rng.choice(["a", "b", "c", "d"], size=k, replace=False)) for k in rng.integers(0, 4, n)]
+    frame = pd.DataFrame({"x": rng.normal(size=n), "u": rng.integers(0, 9, n).astype(str),
+                          "tags": tag_lists, "y": rng.integers(0, 2, n)})
+    frame.to_parquet(tmp_path / "d.parquet")
+    frame.assign(tags=["|".join(t) for t in tag_lists]).to_csv(tmp_path / "d.csv", index=False)
+    write(tmp_path / "s.yaml", """
+        label: y
+        fields: [{name: x, kind: dense}, u, {name: tags, kind: multi}]
+        """)
+    loaders = []
+    for fmt in ("parquet", "csv"):
+        dm = CTRDataModule(format=fmt, path=str(tmp_path / f"d.{fmt}"), schema=str(tmp_path / "s.yaml"), batch_size=64)
+        dm.setup()
+        loaders.append(list(dm.val_dataloader()))
+    for a, b in zip(*loaders):
+        assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+        torch.testing.assert_close(a.dense, b.dense)
+    assert loaders[0][0].sparse["tags"].lengths().sum() > 0
