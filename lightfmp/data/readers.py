@@ -208,20 +208,28 @@ def _read_chunks(path: Path, chunksize: int, nrows: Optional[int], **kwargs: Any
     try:
         reader = pd.read_csv(path, chunksize=chunksize, nrows=nrows, **kwargs)
         yield from reader
-    except ValueError as e:
-        if any(m in str(e) for m in ("could not convert", "Unable to parse", "cannot safely convert")):
-            raise _NotNumeric(str(e)) from None
-        if isinstance(e, pd.errors.EmptyDataError):
-            raise ValueError(f"data file {str(path)!r} is empty (no rows): {e}") from None
-        if isinstance(e, pd.errors.ParserError):
-            raise ValueError(f"malformed row in {str(path)!r}: {e}") from None
-        raise
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"data file {str(path)!r} is empty (no rows): {e}") from None
     except pd.errors.ParserError as e:
         raise ValueError(f"malformed row in {str(path)!r}: {e}") from None
+    except ValueError as e:
+        if any(m in str(e) for m in ("could not convert", "Unable to parse", "cannot safely convert")):
+            raise _NotNumeric(str(e)) from None
+        raise
+
+
+def _header(path: Path) -> list[str]:
+    """Column names of a CSV file with a header line."""
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
+        raise ValueError(f"{str(path)!r} is not valid UTF-8 text: {e}") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data file {str(path)!r} is empty") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"malformed header in {str(path)!r}: {e}") from None
 
 
 def _fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.DataFrame]:
@@ -352,7 +360,7 @@ def read_avazu(path: PathLike, columns: Optional[Iterable[str]] = None, chunksiz
                max_rows: Optional[int] = None, schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
     """Avazu CSV with header (see the module docstring)."""
     path = _check_file(path)
-    header = pd.read_csv(path, nrows=0).columns.tolist()
+    header = _header(path)
     missing = [c for c in ("click", "hour") if c not in header]
     if missing:
         raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing} "
@@ -390,7 +398,7 @@ def read_adult(path: Optional[PathLike] = None, columns: Optional[Iterable[str]]
     if path is None:
         path = adult_path()
     path = _check_file(path)
-    raw_header = list(pd.read_csv(path, nrows=0).columns)
+    raw_header = _header(path)
     header = [c.strip() for c in raw_header]
     missing = [c for c in ADULT_COLUMNS if c not in header]
     if missing:
@@ -531,7 +539,7 @@ def read_table(path: PathLike, schema: Union[Schema, PathLike, None], columns: O
             raise ValueError(f"{str(path)!r} is not a readable Parquet file: {e}") from None
         available = pfile.schema_arrow.names
     else:
-        available = [c for c in pd.read_csv(path, nrows=0).columns]
+        available = _header(path)
         check_field_counts(path, ",", expected=len(available), skip_lines=1, quote='"')
     missing = [c for c in wanted if c not in available]
     if missing:
