@@ -427,6 +427,7 @@ def test_synthetic_shapes_and_determinism(tmp_path):
 def test_synthetic_label_depends_only_on_informative_fields():
     gen = SyntheticCTR(num_rows=20_000, seed=0)
     frame = gen.generate()
+    assert abs(frame["label"].mean() - gen.base_rate) < 0.02  # the bias is fitted on a pilot draw
     informative = list(gen.informative_fields)
     noise = [c for c in gen.field_names if c not in informative]
     # the generating logit ignores the noise columns: replace them all with another draw's
