@@ -142,7 +142,7 @@ class CTRDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         pretrain_fraction: float = 0.2,
         stage: Stage = "full",
-        split: Literal["random", "chronological"] = "random",
+        split: Literal["random", "chronological", "sequential"] = "random",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -166,8 +166,8 @@ class CTRDataModule(L.LightningDataModule):
             raise ValueError(f"unknown data format {format!r}; expected one of {list(DATA_FORMATS)}")
         if stage not in ("pretrain", "finetune", "full"):
             raise ValueError(f"stage must be 'pretrain', 'finetune' or 'full', got {stage!r}")
-        if split not in ("random", "chronological"):
-            raise ValueError(f"split must be 'random' or 'chronological', got {split!r}")
+        if split not in ("random", "chronological", "sequential"):
+            raise ValueError(f"split must be 'random', 'chronological' or 'sequential', got {split!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -235,7 +235,7 @@ class CTRDataModule(L.LightningDataModule):
         if h.split == "chronological":
             if schema.time_column is None:
                 raise ValueError(f"split='chronological' needs a time column, and format {h.format!r} has none "
-                                 "(set time_column in a schema YAML)")
+                                 "(set time_column in a schema YAML, or use split='sequential' for file order)")
             time = frame[schema.time_column].to_numpy()
         splits = split_indices(len(frame), h.val_fraction, h.test_fraction, h.seed, h.split, time)
         pretrain, finetune = stage_subsets(splits.train, h.pretrain_fraction, h.seed)

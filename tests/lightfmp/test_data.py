@@ -401,6 +401,8 @@ def test_splits_reproducible_and_chronological():
     assert np.array_equal(stage_subsets(a.train, 0.2, seed=3)[0], pre)
     with pytest.raises(ValueError, match="needs a time column"):
         split_indices(10, kind="chronological")
+    seq = split_indices(10, 0.2, 0.3, kind="sequential")
+    assert seq.train.tolist() == [0, 1, 2, 3, 4] and seq.val.tolist() == [5, 6] and seq.test.tolist() == [7, 8, 9]
 
 
 # ------------------------------------------------------------------------------------------- synthetic
