@@ -1,8 +1,8 @@
 """``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
 
 The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader
-draws index batches (a sampler yields whole index tensors, the DataLoader runs with ``batch_size=None``)
-and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader serves the part of the
+draws index batches (:class:`IndexBatches` yields whole index tensors, sharded across DDP ranks; the
+DataLoader runs with ``batch_size=None``) and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader serves the part of the
 training split chosen by ``stage``: ``"pretrain"`` (a seeded ``pretrain_fraction`` subset, Light-FMP
 stage 1), ``"finetune"`` (the rest, stage 3) or ``"full"``; validation and test loaders serve the same
 splits in every stage. Stage 3 reuses stage 1's vocabularies (``preprocessor=`` a saved file, or
@@ -18,7 +18,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.readers import DEFAULT_CHUNKSIZE, FORMATS, read_frame
@@ -31,19 +32,66 @@ Stage = Literal["pretrain", "finetune", "full"]
 DATA_FORMATS = FORMATS + ("synthetic",)
 
 
-class IndexBatches(Sampler[torch.Tensor]):
-    """Yields index tensors of ``batch_size`` positions in ``0 .. n - 1``: a fresh permutation per epoch
-    from ``generator`` when shuffling, in order otherwise; the last batch may be smaller."""
+class IndexBatches(DistributedSampler):
+    """Index tensors of ``batch_size`` positions in ``0 .. n - 1``; the last batch may be smaller.
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator] = None) -> None:
-        self.n, self.batch_size, self.shuffle, self.generator = n, batch_size, shuffle, generator
+    Shuffled: a permutation seeded by ``(seed, epoch)``, the epoch set by Lightning through ``set_epoch``
+    (or counted by this sampler's iterations when nobody sets it), so runs are reproducible and epochs
+    differ. Across ``num_replicas`` ranks (default: the initialised process group, else 1) rank ``r``
+    takes every ``num_replicas``-th position from ``r``; when shuffling, the remainder is dropped so every
+    rank runs the same number of steps. Evaluation (no shuffle) keeps every row once, so ranks may differ
+    by one row.
+
+    It subclasses ``DistributedSampler`` only so that Lightning keeps it under DDP (Lightning replaces
+    other samplers by a per-row ``DistributedSampler``) and calls ``set_epoch``; it does not use its
+    parent's constructor, which needs a process group.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        Sampler.__init__(self)
+        if num_replicas is not None and not 0 <= (rank or 0) < num_replicas:
+            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.dataset = None
+        self.drop_last = False
+        self._replicas, self._rank = num_replicas, rank
+        self.epoch: Optional[int] = None
+        self._iterations = 0
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        if self._replicas is not None:
+            return self._replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        if self._replicas is not None:
+            return self._rank or 0
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_rows(self) -> int:
+        world, rank = self.num_replicas, self.rank
+        return self.n // world if self.shuffle else len(range(rank, self.n, world))
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(self._num_rows() / self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
-        yield from order.split(self.batch_size)
+        world, rank = self.num_replicas, self.rank
+        if self.shuffle:
+            epoch = self.epoch if self.epoch is not None else self._iterations
+            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            rows = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+            rows = rows[rank::world][: self._num_rows()]
+        else:
+            rows = torch.arange(rank, self.n, world)
+        self._iterations += 1
+        yield from rows.split(self.batch_size)
 
 
 class EncodedRows(Dataset):
@@ -94,7 +142,7 @@ class CTRDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         pretrain_fraction: float = 0.2,
         stage: Stage = "full",
-        split: Literal["random", "chronological"] = "random",
+        split: Literal["random", "chronological", "sequential"] = "random",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -118,8 +166,8 @@ class CTRDataModule(L.LightningDataModule):
             raise ValueError(f"unknown data format {format!r}; expected one of {list(DATA_FORMATS)}")
         if stage not in ("pretrain", "finetune", "full"):
             raise ValueError(f"stage must be 'pretrain', 'finetune' or 'full', got {stage!r}")
-        if split not in ("random", "chronological"):
-            raise ValueError(f"split must be 'random' or 'chronological', got {split!r}")
+        if split not in ("random", "chronological", "sequential"):
+            raise ValueError(f"split must be 'random', 'chronological' or 'sequential', got {split!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -187,7 +235,7 @@ class CTRDataModule(L.LightningDataModule):
         if h.split == "chronological":
             if schema.time_column is None:
                 raise ValueError(f"split='chronological' needs a time column, and format {h.format!r} has none "
-                                 "(set time_column in a schema YAML)")
+                                 "(set time_column in a schema YAML, or use split='sequential' for file order)")
             time = frame[schema.time_column].to_numpy()
         splits = split_indices(len(frame), h.val_fraction, h.test_fraction, h.seed, h.split, time)
         pretrain, finetune = stage_subsets(splits.train, h.pretrain_fraction, h.seed)
@@ -227,10 +275,9 @@ class CTRDataModule(L.LightningDataModule):
     # -- loaders
     def _loader(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = EncodedRows(self._require_setup(), indices)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(
             dataset,
-            sampler=IndexBatches(len(dataset), batch_size, shuffle, generator),
+            sampler=IndexBatches(len(dataset), batch_size, shuffle, seed=self.hparams.seed),
             batch_size=None,
             collate_fn=_identity,
             num_workers=self.hparams.num_workers,

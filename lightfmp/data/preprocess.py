@@ -119,42 +119,60 @@ def dense_transform(x: np.ndarray, transform: str) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x)) if transform == "log" else x
 
 
-def category_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``(keys, present)``: the non-missing values of ``col`` as strings, and the (N,) mask of present rows.
-
-    Missing = NaN/None or the empty string. Integral floats become integer strings ("3.0" -> "3").
-    """
-    col = col.reset_index(drop=True)
-    present = col.notna().to_numpy()
-    vals = col[present]
-    if pd.api.types.is_bool_dtype(vals.dtype):
-        vals = vals.astype(np.int64)
-    elif pd.api.types.is_float_dtype(vals.dtype):
-        arr = vals.to_numpy(dtype=np.float64)
+def _unique_keys(uniques: pd.Series) -> np.ndarray:
+    """Distinct raw values as strings; integral floats as integers ("3.0" -> "3"), booleans as 0/1."""
+    if pd.api.types.is_bool_dtype(uniques.dtype):
+        uniques = uniques.astype(np.int64)
+    elif pd.api.types.is_float_dtype(uniques.dtype):
+        arr = uniques.to_numpy(dtype=np.float64)
         if np.all(arr == np.round(arr)):
-            vals = pd.Series(arr.astype(np.int64))
-    keys = vals.astype(str).to_numpy(dtype=object)
-    empty = keys == ""
-    if empty.any():
-        present[np.flatnonzero(present)[empty]] = False
-        keys = keys[~empty]
-    return keys, present
+            uniques = pd.Series(arr.astype(np.int64))
+    return uniques.astype(str).to_numpy(dtype=object)
 
 
-def multi_tokens(col: pd.Series, separator: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, tokens)`` of a multi-valued column: token ``k`` belongs to row ``rows[k]`` (rows ascending).
+def category_codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, keys)``: row ``i`` holds the string ``keys[codes[i]]``, or is missing when ``codes[i] == -1``.
 
-    Elements are separator-joined strings or list-like; missing values and empty tokens are dropped.
+    Missing = NaN/None/NA or the empty string. ``pd.factorize`` finds the distinct values in one hashed pass,
+    so string conversion, vocabulary lookup and hashing run once per distinct value, not per row.
+    """
+    codes, uniques = pd.factorize(col.reset_index(drop=True), use_na_sentinel=True)
+    keys = _unique_keys(pd.Series(uniques))
+    codes = codes.astype(np.int64)
+    empty = np.flatnonzero(keys == "")
+    if len(empty):
+        codes[np.isin(codes, empty)] = -1
+    return codes, keys
+
+
+def multi_codes(col: pd.Series, separator: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, codes, keys)`` of a multi-valued column: token ``k`` of the flattened lists belongs to row
+    ``rows[k]`` (ascending) and is ``keys[codes[k]]``. Elements are separator-joined strings or list-like;
+    missing values and empty tokens are dropped.
+
+    Strings are split once per distinct string (a genre list repeats across ratings), and the tokens are
+    spread back to the rows with the CSR gather of :meth:`EncodedFrame.batch`.
     """
     col = col.reset_index(drop=True)
     first = col.dropna()
     if len(first) and isinstance(first.iloc[0], (list, tuple, np.ndarray)):
         exploded = col.explode()
-    else:
-        exploded = col.astype("string").str.split(separator, regex=False).explode()
-    keys, present = category_keys(pd.Series(exploded.to_numpy(dtype=object)))
-    rows = exploded.index.to_numpy()[present].astype(np.int64)
-    return rows, keys
+        codes, keys = category_codes(pd.Series(exploded.to_numpy(dtype=object)))
+        present = codes >= 0
+        return exploded.index.to_numpy()[present].astype(np.int64), codes[present], keys
+    row_code, uniques = pd.factorize(col, use_na_sentinel=True)
+    tokens = pd.Series(uniques, dtype=object).astype("string").str.split(separator, regex=False).explode()
+    codes, keys = category_codes(pd.Series(tokens.to_numpy(dtype=object)))
+    present = codes >= 0
+    owner, codes = tokens.index.to_numpy()[present].astype(np.int64), codes[present]  # unique string of each token
+    u_len = np.bincount(owner, minlength=len(uniques))
+    u_start = np.cumsum(u_len) - u_len
+    lens = np.where(row_code >= 0, u_len[np.maximum(row_code, 0)], 0)
+    starts = u_start[np.maximum(row_code, 0)]
+    out = np.cumsum(lens) - lens
+    total = int(lens.sum())
+    gather = np.arange(total, dtype=np.int64) + np.repeat(starts - out, lens)
+    return np.repeat(np.arange(len(col), dtype=np.int64), lens), codes[gather], keys
 
 
 # ------------------------------------------------------------------------------------------ preprocessor
@@ -205,11 +223,13 @@ class Preprocessor:
             mean = float(t.mean()) if len(t) else 0.0
             std = float(t.std()) if len(t) else 1.0
             return {"type": "dense", "mean": mean, "std": std if std > 0 else 1.0}
-        keys = multi_tokens(col, f.separator)[1] if f.kind == "multi" else category_keys(col)[0]
         if f.hash_buckets is not None:
             return {"type": "hash", "buckets": int(f.hash_buckets)}
+        codes, keys = multi_codes(col, f.separator)[1:] if f.kind == "multi" else category_codes(col)
+        counts = pd.Series(np.bincount(codes[codes >= 0], minlength=len(keys)), index=pd.Index(keys, dtype=object))
+        if not counts.index.is_unique:  # e.g. 3 and "3" in one object column
+            counts = counts.groupby(level=0).sum()
         min_count = f.min_count if f.min_count is not None else self.min_count
-        counts = pd.Series(keys, dtype=object).value_counts()
         counts = counts[counts >= min_count]
         if self.hash_threshold is not None and len(counts) > self.hash_threshold:
             return {"type": "hash", "buckets": int(self.hash_threshold)}
@@ -287,14 +307,12 @@ class Preprocessor:
             z = (dense_transform(x, f.transform) - st["mean"]) / st["std"]
             return np.where(missing, 0.0, z).astype(np.float32)
         if f.kind == "multi":
-            rows, keys = multi_tokens(col, f.separator)
+            rows, codes, keys = multi_codes(col, f.separator)
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
-            return offsets, self._ids(name, keys)
-        keys, present = category_keys(col)
-        ids = np.zeros(n, dtype=np.int64)
-        ids[present] = self._ids(name, keys)
-        return ids
+            return offsets, self._ids(name, keys)[codes]
+        codes, keys = category_codes(col)
+        return np.where(codes >= 0, self._ids(name, keys)[np.maximum(codes, 0)], 0).astype(np.int64)
 
     def encode_labels(self, col: pd.Series) -> np.ndarray:
         y = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)

@@ -1,6 +1,6 @@
 """Readers: raw files -> a pandas DataFrame with the columns of a :class:`~lightfmp.data.schema.Schema`.
 
-:func:`read_frame` returns ``(frame, schema)``. The frame has one column per schema field (dense fields as
+:func:`read_frame` returns ``(frame, schema)``. The frame has one column per schema field (in no particular order) (dense fields as
 float64 with NaN for missing; sparse fields as strings with NaN for missing; multi-valued fields as
 separator-joined strings or lists), the label as int8 in {0, 1}, and the time column when the schema has
 one. Files are read with pandas in chunks; ``columns`` restricts the read to some fields (plus the label
@@ -114,7 +114,7 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None, skip_lines: int = 0,
-                       quote: Optional[str] = None, block_bytes: int = 1 << 26) -> int:
+                       quote: Optional[str] = None, block_bytes: int = 1 << 24) -> int:
     """Check that every record of a delimited file has the same number of fields; vectorised with numpy.
 
     ``expected``: the field count every record must have (the first checked record's count when None).
@@ -143,7 +143,8 @@ def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None,
                     data += b"\n"
             arr = np.frombuffer(data, dtype=np.uint8)
             newline = arr == 10
-            if quote_b is not None:
+            quoted = quote_b is not None and (inside or quote_b in data)
+            if quoted:
                 in_quotes = ((np.cumsum(arr == quote_b) + inside) % 2) == 1
                 ends_mask = newline & ~in_quotes
             else:
@@ -156,7 +157,7 @@ def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None,
                     continue
                 cut = int(ends[-1]) + 1
                 carry, arr = data[cut:], arr[:cut]
-                newline, ends_mask = newline[:cut], ends_mask[:cut]
+                newline = newline[:cut]
                 if in_quotes is not None:
                     in_quotes = in_quotes[:cut]
             if len(sep_b) == 1:
@@ -167,14 +168,17 @@ def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None,
                 is_sep[: len(win)] = (win == np.frombuffer(sep_b, dtype=np.uint8)).all(axis=1)
             if in_quotes is not None:
                 is_sep &= ~in_quotes
-            csum = np.concatenate([[0], np.cumsum(is_sep)])
             starts = np.concatenate([[0], ends[:-1] + 1])
-            counts = csum[ends] - csum[starts] + 1
+            # each segment [starts[i], ends[i]] is non-empty (it holds its newline): reduceat sums it
+            counts = np.add.reduceat(is_sep.view(np.uint8), starts, dtype=np.int64) + 1
             blank = (ends - starts) == 0
             blank |= (ends - starts == 1) & (arr[np.maximum(ends - 1, 0)] == 13)  # "\r\n"
             numbers = records + 1 + np.arange(len(ends))
-            line_csum = np.concatenate([[0], np.cumsum(newline)])
-            first_line = lines + 1 + line_csum[starts]
+            if quoted:
+                line_csum = np.concatenate([[0], np.cumsum(newline)])
+                first_line = lines + 1 + line_csum[starts]
+            else:
+                first_line = lines + numbers - records
             check = numbers > skip_lines
             if expected is None and check.any():
                 expected = int(counts[check][0])
@@ -188,8 +192,7 @@ def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None,
                 )
             records += len(ends)
             lines += int(newline.sum())
-            if in_quotes is not None and len(arr):
-                inside = int(in_quotes[-1])
+            inside = int(in_quotes[-1]) if in_quotes is not None and len(arr) else 0
             if final:
                 break
     if expected is None or records <= skip_lines:
@@ -197,16 +200,45 @@ def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None,
     return expected
 
 
+class _NotNumeric(Exception):
+    """The C parser met a non-number in a column typed float64: re-read it as text to name the line."""
+
+
 def _read_chunks(path: Path, chunksize: int, nrows: Optional[int], **kwargs: Any) -> Iterator[pd.DataFrame]:
     try:
         reader = pd.read_csv(path, chunksize=chunksize, nrows=nrows, **kwargs)
         yield from reader
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"data file {str(path)!r} is empty (no rows): {e}") from None
     except pd.errors.ParserError as e:
         raise ValueError(f"malformed row in {str(path)!r}: {e}") from None
+    except ValueError as e:
+        if any(m in str(e) for m in ("could not convert", "Unable to parse", "cannot safely convert")):
+            raise _NotNumeric(str(e)) from None
+        raise
+
+
+def _header(path: Path) -> list[str]:
+    """Column names of a CSV file with a header line."""
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
+        raise ValueError(f"{str(path)!r} is not valid UTF-8 text: {e}") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data file {str(path)!r} is empty") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"malformed header in {str(path)!r}: {e}") from None
+
+
+def _fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.DataFrame]:
+    """``collect(np.float64)`` (dense columns parsed by pandas' C parser); if a dense value is not a number,
+    ``collect(str)``, whose text columns let :func:`_to_numeric` name the bad value and its line."""
+    try:
+        return collect(np.float64)
+    except _NotNumeric:
+        return collect(str)
 
 
 def _to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) -> pd.Series:
@@ -236,21 +268,23 @@ def binary_labels(raw: pd.Series, path: Path, lines: np.ndarray, name: str,
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
         raise ValueError(f"missing label {name!r} in {str(path)!r} at line {int(lines[i])}")
-    as_str = raw.astype(str).str.strip()
+    codes, uniques = pd.factorize(raw)  # map the few distinct raw labels, not every row
+    as_str = pd.Series(uniques).astype(str).str.strip()
     if positive is not None:
-        return as_str.isin([str(p) for p in positive]).astype(np.int8)
+        return pd.Series(as_str.isin([str(p) for p in positive]).to_numpy()[codes].astype(np.int8), index=raw.index)
     low = as_str.str.lower()
-    out = pd.Series(np.full(len(raw), -1, dtype=np.int8), index=raw.index)
-    out[low.isin(["1", "1.0", "true"])] = 1
-    out[low.isin(["0", "0.0", "false"])] = 0
-    bad = (out < 0).to_numpy()
+    per_unique = np.full(len(uniques), -1, dtype=np.int8)
+    per_unique[low.isin(["1", "1.0", "true"]).to_numpy()] = 1
+    per_unique[low.isin(["0", "0.0", "false"]).to_numpy()] = 0
+    out = per_unique[codes]
+    bad = out < 0
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"non-binary label {raw.iloc[i]!r} in column {name!r} of {str(path)!r} at line {int(lines[i])}: "
             "expected 0/1 (or list the positive values in the schema's 'positive')"
         )
-    return out
+    return pd.Series(out, index=raw.index)
 
 
 def _override(full: Schema, schema: Optional[Schema]) -> Schema:
@@ -271,7 +305,11 @@ def _select(schema: Schema, columns: Optional[Iterable[str]]) -> Schema:
 def _finish(frame: pd.DataFrame, schema: Schema, path: PathLike) -> tuple[pd.DataFrame, Schema]:
     if len(frame) == 0:
         raise ValueError(f"data file {str(path)!r} has no data rows")
-    frame = frame[list(schema.columns)].reset_index(drop=True)
+    wanted = list(schema.columns)
+    if set(frame.columns) != set(wanted):  # select without copying when the columns are already the right ones
+        frame = frame[wanted]
+    if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0:
+        frame = frame.reset_index(drop=True)
     return frame, schema
 
 
@@ -302,21 +340,27 @@ def read_criteo(path: PathLike, columns: Optional[Iterable[str]] = None, chunksi
     schema = _select(full, columns)
     names = ["label"] + [f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)] + [f"C{i}" for i in range(1, n - CRITEO_NUM_DENSE)]
     usecols = ["label"] + list(schema.names)
-    chunks, offset = [], 0
-    for chunk in _read_chunks(path, chunksize, max_rows, sep="\t", header=None, names=names, usecols=usecols,
-                              dtype=str, keep_default_na=False, na_values=[""], quoting=3):
-        lines = offset + 1 + np.arange(len(chunk))
-        chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
-        chunks.append(_convert_fields(chunk, schema, path, lines))
-        offset += len(chunk)
-    return _finish(_concat(chunks, path), schema, path)
+
+    def collect(dense_dtype: Any) -> list[pd.DataFrame]:
+        dtypes = {c: (dense_dtype if c in dense else str) for c in usecols}
+        chunks, offset = [], 0
+        for chunk in _read_chunks(path, chunksize, max_rows, sep="\t", header=None, names=names, usecols=usecols,
+                                  dtype=dtypes, keep_default_na=False, na_values=[""], quoting=3):
+            lines = offset + 1 + np.arange(len(chunk))
+            chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
+            chunks.append(_convert_fields(chunk, schema, path, lines))
+            offset += len(chunk)
+        return chunks
+
+    dense = {f.name for f in schema.fields if f.kind == "dense"}
+    return _finish(_concat(_fast_then_exact(collect), path), schema, path)
 
 
 def read_avazu(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
                max_rows: Optional[int] = None, schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
     """Avazu CSV with header (see the module docstring)."""
     path = _check_file(path)
-    header = pd.read_csv(path, nrows=0).columns.tolist()
+    header = _header(path)
     missing = [c for c in ("click", "hour") if c not in header]
     if missing:
         raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing} "
@@ -354,7 +398,8 @@ def read_adult(path: Optional[PathLike] = None, columns: Optional[Iterable[str]]
     if path is None:
         path = adult_path()
     path = _check_file(path)
-    header = [c.strip() for c in pd.read_csv(path, nrows=0).columns]
+    raw_header = _header(path)
+    header = [c.strip() for c in raw_header]
     missing = [c for c in ADULT_COLUMNS if c not in header]
     if missing:
         raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing}; the file has {header}")
@@ -362,24 +407,30 @@ def read_adult(path: Optional[PathLike] = None, columns: Optional[Iterable[str]]
     full = adult_schema()
     full = _override(full, schema)
     schema = _select(full, columns)
-    chunks, offset = [], 0
-    for chunk in _read_chunks(path, chunksize, max_rows, usecols=lambda c: c.strip() in schema.columns, dtype=str,
-                              keep_default_na=False, na_values=["", "?"], skipinitialspace=True):
-        chunk.columns = [c.strip() for c in chunk.columns]
-        lines = offset + 2 + np.arange(len(chunk))
-        raw = chunk["income"].str.strip().str.rstrip(".")
-        known = raw.isin([">50K", "<=50K"]).to_numpy()
-        if not known.all():
-            i = int(np.flatnonzero(~known)[0])
-            raise ValueError(f"non-binary label {chunk['income'].iloc[i]!r} in column 'income' of {str(path)!r} "
-                             f"at line {int(lines[i])}: expected '>50K' or '<=50K' (optionally with a final '.')")
-        chunk["income"] = (raw == ">50K").astype(np.int8)
-        for f in schema.fields:
-            if f.kind != "dense":
-                chunk[f.name] = chunk[f.name].str.strip()
-        chunks.append(_convert_fields(chunk, schema, path, lines))
-        offset += len(chunk)
-    return _finish(_concat(chunks, path), schema, path)
+
+    def collect(dense_dtype: Any) -> list[pd.DataFrame]:
+        dtypes = {raw: (dense_dtype if raw.strip() in dense else str) for raw in raw_header}
+        chunks, offset = [], 0
+        for chunk in _read_chunks(path, chunksize, max_rows, usecols=lambda c: c.strip() in schema.columns,
+                                  dtype=dtypes, keep_default_na=False, na_values=["", "?"], skipinitialspace=True):
+            chunk.columns = [c.strip() for c in chunk.columns]
+            lines = offset + 2 + np.arange(len(chunk))
+            raw = chunk["income"].str.strip().str.rstrip(".")
+            known = raw.isin([">50K", "<=50K"]).to_numpy()
+            if not known.all():
+                i = int(np.flatnonzero(~known)[0])
+                raise ValueError(f"non-binary label {chunk['income'].iloc[i]!r} in column 'income' of {str(path)!r} "
+                                 f"at line {int(lines[i])}: expected '>50K' or '<=50K' (optionally with a final '.')")
+            chunk["income"] = (raw == ">50K").astype(np.int8)
+            for f in schema.fields:
+                if f.kind != "dense":
+                    chunk[f.name] = chunk[f.name].str.strip()
+            chunks.append(_convert_fields(chunk, schema, path, lines))
+            offset += len(chunk)
+        return chunks
+
+    dense = {f.name for f in schema.fields if f.kind == "dense"}
+    return _finish(_concat(_fast_then_exact(collect), path), schema, path)
 
 
 def adult_path() -> Path:
@@ -488,34 +539,36 @@ def read_table(path: PathLike, schema: Union[Schema, PathLike, None], columns: O
             raise ValueError(f"{str(path)!r} is not a readable Parquet file: {e}") from None
         available = pfile.schema_arrow.names
     else:
-        available = [c for c in pd.read_csv(path, nrows=0).columns]
+        available = _header(path)
         check_field_counts(path, ",", expected=len(available), skip_lines=1, quote='"')
     missing = [c for c in wanted if c not in available]
     if missing:
         raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing}; the file has {available}")
-    chunks, offset = [], 0
-    if file_format == "parquet":
-        row_base = 0  # Parquet has no lines: report 0-based row numbers as "line row+1"
-        remaining = max_rows
-        it: Iterable[pd.DataFrame] = (b.to_pandas() for b in pfile.iter_batches(batch_size=chunksize, columns=wanted))
-    else:
-        row_base = 1  # header line
-        remaining = None
-        dtypes = {f.name: str for f in schema.fields if f.kind != "dense"}
-        dtypes[schema.label] = str
-        it = _read_chunks(path, chunksize, max_rows, usecols=wanted, dtype=dtypes, keep_default_na=False,
-                          na_values=["", "NA", "NaN", "nan", "null"])
-    for chunk in it:
-        if remaining is not None:
-            chunk = chunk.iloc[:remaining]
-            remaining -= len(chunk)
-        lines = offset + row_base + 1 + np.arange(len(chunk))
-        chunk[schema.label] = binary_labels(chunk[schema.label], path, lines, schema.label, schema.positive)
-        chunks.append(_convert_fields(chunk, schema, path, lines))
-        offset += len(chunk)
-        if remaining is not None and remaining <= 0:
-            break
-    return _finish(_concat(chunks, path), schema, path)
+    row_base = 0 if file_format == "parquet" else 1  # Parquet rows are reported as "line" row + 1
+
+    def collect(dense_dtype: Any) -> list[pd.DataFrame]:
+        remaining = max_rows if file_format == "parquet" else None  # read_csv applies max_rows itself
+        chunks, offset = [], 0
+        if file_format == "parquet":
+            it: Iterable[pd.DataFrame] = (b.to_pandas() for b in pfile.iter_batches(batch_size=chunksize, columns=wanted))
+        else:
+            dtypes = {f.name: (dense_dtype if f.kind == "dense" else str) for f in schema.fields}
+            dtypes[schema.label] = str
+            it = _read_chunks(path, chunksize, max_rows, usecols=wanted, dtype=dtypes, keep_default_na=False,
+                              na_values=["", "NA", "NaN", "nan", "null"])
+        for chunk in it:
+            if remaining is not None:
+                chunk = chunk.iloc[:remaining]
+                remaining -= len(chunk)
+            lines = offset + row_base + 1 + np.arange(len(chunk))
+            chunk[schema.label] = binary_labels(chunk[schema.label], path, lines, schema.label, schema.positive)
+            chunks.append(_convert_fields(chunk, schema, path, lines))
+            offset += len(chunk)
+            if remaining is not None and remaining <= 0:
+                break
+        return chunks
+
+    return _finish(_concat(_fast_then_exact(collect), path), schema, path)
 
 
 _READERS: dict[str, Callable[..., tuple[pd.DataFrame, Schema]]] = {

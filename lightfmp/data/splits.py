@@ -5,6 +5,8 @@
 * chronological: rows sorted by the time column (stable, so ties keep file order); the earliest rows
   train, then validation, then the latest rows test; every training time <= every validation time <=
   every test time.
+* sequential: file order (first rows train, last rows test), the protocol of ERASE-style benchmarks on
+  Criteo, whose rows are in time order without a time column.
 
 :func:`stage_subsets` splits the training rows into a ``pretrain_fraction`` subset (Light-FMP stage 1,
 mask pretraining) and the rest (stage 3, fine-tuning), disjoint and together covering the training rows.
@@ -18,7 +20,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-SplitKind = Literal["random", "chronological"]
+SplitKind = Literal["random", "chronological", "sequential"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ def split_indices(n: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
     if kind == "random":
         order = np.random.default_rng(seed).permutation(n)
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    elif kind == "chronological":
+    elif kind in ("chronological", "sequential"):
+        if kind == "sequential":
+            time = np.arange(n)
         if time is None:
             raise ValueError("a chronological split needs a time column (set time_column in the schema)")
         time = np.asarray(time)
@@ -51,7 +55,7 @@ def split_indices(n: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
         order = np.argsort(time, kind="stable")
         train, val, test = order[: n - n_val - n_test], order[n - n_val - n_test : n - n_test], order[n - n_test :]
     else:
-        raise ValueError(f"split must be 'random' or 'chronological', got {kind!r}")
+        raise ValueError(f"split must be 'random', 'chronological' or 'sequential', got {kind!r}")
     return Split(*(np.sort(a).astype(np.int64) for a in (train, val, test)))
 
 

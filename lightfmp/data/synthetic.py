@@ -1,9 +1,9 @@
 """Synthetic click-through data with the Criteo layout and a known set of informative fields.
 
 :class:`SyntheticCTR` draws ``num_rows`` rows with columns ``label, I1..I{num_dense}, C1..C{num_sparse}``
-(Criteo order). Dense fields are count-like integers ``floor(exp(N(mu_j, 1)))`` (about 5 % missing);
-categorical fields are Zipf-distributed ids in ``0 .. cardinality - 1`` (about 2 % missing), stored as
-integers. The label is Bernoulli(sigmoid(logit)) with
+(Criteo order). Dense fields are count-like integers ``max(floor(exp(N(mu_j, 1))) - 1, 0)`` (about 5 %
+missing); categorical fields are Zipf-distributed ids in ``0 .. cardinality - 1`` (which ids are frequent is
+a fixed random permutation; about 2 % missing), stored as nullable integers. The label is Bernoulli(sigmoid(logit)) with
 
     logit = b + sum_{dense j in S} w_j z_j + sum_{sparse f in S} E_f[c_f]
             + interaction_strength * ( sum_{pairs (f, g) of sparse fields in S} s_f[c_f] s_g[c_g]
@@ -126,6 +126,7 @@ class SyntheticCTR:
         for name, card in zip(self.sparse_names, self.cardinalities):
             params[f"E_{name}"] = self.main_strength * rng.standard_normal(card)
             params[f"s_{name}"] = rng.choice([-1.0, 1.0], size=card)
+            params[f"popular_{name}"] = rng.permutation(card)  # which ids are frequent: no signal in id order
         return params
 
     def _dense_z(self, frame: pd.DataFrame, name: str, mu: float) -> np.ndarray:
@@ -187,8 +188,7 @@ class SyntheticCTR:
             p = (np.arange(card) + 1.0) ** -self.zipf_exponent
             cdf = np.cumsum(p / p.sum())
             ids = np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), card - 1)
-            # shuffle which ids are popular, so that id order carries no signal
-            ids = rng.permutation(card)[ids] if card > 1 else ids
+            ids = params[f"popular_{name}"][ids]
             col = pd.array(ids, dtype="Int64")
             col[rng.random(n) < self.missing_sparse] = pd.NA
             cols[name] = col
