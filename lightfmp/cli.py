@@ -47,9 +47,19 @@ class LightFMPTrainer(L.Trainer):
         kwargs.update(overrides)
         return type(self)(*args, **kwargs)
 
-    def pretrain(self, model: LightFMPModule, datamodule: CTRDataModule, output_dir: str = DEFAULT_OUTPUT_DIR) -> None:
-        """Stage 1: fit the model and its field gates on the pretrain subset."""
-        entry = stages.pretrain(self, model, datamodule, output_dir)
+    def pretrain(
+        self,
+        model: LightFMPModule,
+        datamodule: CTRDataModule,
+        output_dir: str = DEFAULT_OUTPUT_DIR,
+        ckpt_path: Optional[str] = None,
+    ) -> None:
+        """Stage 1: fit the model and its field gates on the pretrain subset.
+
+        Args:
+            ckpt_path: resume an interrupted stage-1 fit from this Lightning checkpoint.
+        """
+        entry = stages.pretrain(self, model, datamodule, output_dir, ckpt_path)
         rank_zero_info(f"pretrain: test AUC {entry['auc']:.4f}, expected open fields {entry['expected_fields']:.1f}")
 
     def prune(

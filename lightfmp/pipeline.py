@@ -140,11 +140,13 @@ def _entry(module: LightFMPModule, scores: dict[str, float], throughput: Optiona
     return entry
 
 
-def _fit(trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningDataModule) -> TrainingThroughput:
+def _fit(
+    trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None
+) -> TrainingThroughput:
     throughput = TrainingThroughput()
     trainer.callbacks.append(throughput)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         trainer.callbacks.remove(throughput)
     if trainer.interrupted:
@@ -152,8 +154,14 @@ def _fit(trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningData
     return throughput
 
 
-def pretrain(trainer: L.Trainer, module: LightFMPModule, datamodule, output_dir: str | Path) -> dict[str, Any]:
-    """Stage 1: fit backbone and field gates on the datamodule's pretrain subset."""
+def pretrain(
+    trainer: L.Trainer, module: LightFMPModule, datamodule, output_dir: str | Path, ckpt_path: Optional[str] = None
+) -> dict[str, Any]:
+    """Stage 1: fit backbone and field gates on the datamodule's pretrain subset.
+
+    ``ckpt_path``: resume an interrupted stage-1 fit from a full Lightning checkpoint (e.g. one written by a
+    ``ModelCheckpoint`` callback); the default starts from scratch.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_from(out, "pretrain")
@@ -161,7 +169,7 @@ def pretrain(trainer: L.Trainer, module: LightFMPModule, datamodule, output_dir:
         raise ValueError("pretrain needs a model with field_mask=True")
     if datamodule.hparams.stage != "pretrain":
         datamodule = datamodule.for_stage("pretrain")
-    throughput = _fit(trainer, module, datamodule)
+    throughput = _fit(trainer, module, datamodule, ckpt_path)
     scores = evaluate(module, datamodule.test_dataloader())
     preprocessor = datamodule.preprocessor.state_dict()
     _atomic(out / "preprocessor.json", lambda p: p.write_text(json.dumps(preprocessor)))
