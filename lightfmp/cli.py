@@ -132,7 +132,8 @@ class LightFMPCLI(LightningCLI):
         return {name: {"model", "datamodule"} for name in ("pretrain", "prune", "finetune", "pipeline")}
 
 
-def main(args: Optional[list[str]] = None) -> LightFMPCLI:
+def run_cli(args: Optional[list[str]] = None) -> LightFMPCLI:
+    """Parse ``args`` (default: ``sys.argv[1:]``) and run the chosen stage; returns the CLI object."""
     return LightFMPCLI(
         LightFMPModule,
         CTRDataModule,
@@ -141,6 +142,11 @@ def main(args: Optional[list[str]] = None) -> LightFMPCLI:
         save_config_callback=None,
         args=args,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point ``lightfmp``."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

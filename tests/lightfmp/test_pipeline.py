@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightfmp import pipeline
-from lightfmp.cli import main
+from lightfmp.cli import run_cli as main
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.module import LightFMPModule
@@ -112,3 +112,23 @@ def test_bad_inputs_fail_clearly_and_leave_no_complete_looking_output(tmp_path):
     other[other.index("--data.synthetic_sparse") + 1] = "5"
     with pytest.raises(ValueError, match="disagree on the fields|differ"):
         cli("pretrain", *other, "--output_dir", str(tmp_path / "o2"), "--ckpt_path", str(out / "pretrain.ckpt"))
+
+
+@pytest.mark.parametrize("name", ["adult", "movielens", "criteo", "avazu", "synthetic"])
+def test_shipped_configs_parse(name, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli("pipeline", "--config", str(config), "--print_config")
+    assert exit_info.value.code in (0, None)
+    assert f"format: {name}" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  format: adult\n  batchsize: 12\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli("pipeline", "--config", str(bad))
+    assert exit_info.value.code != 0
+    assert "batchsize" in capsys.readouterr().err
