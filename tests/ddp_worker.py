@@ -2,7 +2,7 @@
 
 Usage: ``python tests/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
 port. Lightning's ``ddp`` launcher (popen) re-runs this command as rank 1; both ranks run every scenario
-in order, catching the expected errors so that one launch covers them all, and write
+in order (rank ``r`` trains on samples ``r, r + 2, ...``), catching the expected errors so that one launch covers them all, and write
 ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
 strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from grain_lightning import Chunks, GrainConfig, GrainDDPStrategy, GrainMixin
 
@@ -31,6 +32,29 @@ def make_data() -> TensorDataset:
     w = torch.randn(D, CLASSES, generator=g, dtype=torch.float64)
     y = (x @ w + 0.7 * torch.randn(N, CLASSES, generator=g, dtype=torch.float64)).argmax(1)
     return TensorDataset(x, y)
+
+
+class RankSamples(Sampler[int]):
+    """Samples ``r, r + R, r + 2R, ...`` for rank ``r`` of ``R``, read when iterated (after the launch)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _rank_world(self) -> tuple[int, int]:
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        return len(range(rank, self.n, world))
+
+
+def make_loader(batch_size: int = BATCH) -> DataLoader:
+    ds = make_data()
+    return DataLoader(ds, batch_size=batch_size, sampler=RankSamples(len(ds)))
 
 
 def make_net() -> torch.nn.Module:
@@ -94,7 +118,7 @@ class Recorder(L.Callback):
 def make_trainer(strategy: GrainDDPStrategy, callbacks: list, **kw) -> L.Trainer:
     base = dict(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, callbacks=callbacks)
+                num_sanity_val_steps=0, callbacks=callbacks, use_distributed_sampler=False)
     base.update(kw)
     return L.Trainer(**base)
 
@@ -107,8 +131,8 @@ SCENARIOS = {
     "sharded": dict(strategy=dict(mode="sharded")),
     "allgather": dict(strategy=dict(mode="allgather")),
     "blockwise": dict(strategy=dict(mode="blockwise")),
-    "accum_clip": dict(strategy=dict(mode="sharded"), trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05,
-                                                                 max_epochs=2)),
+    "accum_clip": dict(strategy=dict(mode="sharded"), batch_size=BATCH // 2,
+                       trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05)),
     "mixin_hierarchical": dict(strategy=dict(mixin_groups="hierarchical"), mixin=True),
     "mixin_global": dict(strategy=dict(mixin_groups="global"), mixin=True),
     "mixin_global_allgather": dict(strategy=dict(mixin_groups="global", mode="allgather"), mixin=True),
@@ -127,6 +151,8 @@ def run_scenario(name: str, out: Path, data: DataLoader) -> None:
     module = WithMixin() if spec.get("mixin") else Plain(**spec.get("module", {}))
     strat, rec = strategy(**spec["strategy"]), Recorder()
     trainer = make_trainer(strat, [rec], **spec.get("trainer", {}))
+    if "batch_size" in spec:
+        data = make_loader(spec["batch_size"])
     error = None
     try:
         trainer.fit(module, data)
@@ -159,7 +185,7 @@ def save(out: Path, name: str, trainer: L.Trainer, strat: GrainDDPStrategy, para
 
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
-    data = DataLoader(make_data(), batch_size=BATCH, shuffle=False)
+    data = make_loader()
     for name in argv[1:]:
         try:
             run_scenario(name, out, data)

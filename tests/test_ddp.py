@@ -1,0 +1,207 @@
+"""``grain_ddp``: two gloo processes on the CPU against single-process references.
+
+One launch of ``tests/ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
+scenario; the tests below check its records. The data of rank ``r`` are samples ``r, r + 2, ...``, so the references are computed here from the
+recorded parameters before each step with an independent autograd pass and a brute-force min-norm solver.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import vector_to_parameters
+
+from tests import ddp_worker as W
+from tests.reference import brute_force_min_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = [*W.SCENARIOS, "resume"]
+TOL = 1e-9  # float64 model: the references agree to rounding
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_worker(out: Path, scenarios: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the worker with a fresh free port; retry with another port if the chosen one was taken."""
+    for _ in range(3):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
+        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+            env.pop(key, None)
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out), *scenarios],
+                              env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+        if "address already in use" not in (proc.stderr + proc.stdout).lower():
+            return proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grain_ddp")
+    proc = launch_worker(out, SCENARIOS)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: [torch.load(out / f"{name}_rank{r}.pt") for r in range(2)] for name in SCENARIOS}
+
+
+# ---------------------------------------------------------------------- single-process references
+def rank_batch(rank: int, step: int, batch: int = W.BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = W.make_data().tensors
+    x, y = x[rank::2], y[rank::2]
+    return x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+
+
+def grad_at(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    net = W.make_net()
+    vector_to_parameters(theta.clone(), net.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def min_norm_point(rows: torch.Tensor) -> torch.Tensor:
+    w, _ = brute_force_min_norm((rows @ rows.T).numpy())
+    return torch.from_numpy(w) @ rows
+
+
+def blockwise_min_norm_point(rows: torch.Tensor) -> torch.Tensor:
+    sizes = [p.numel() for p in W.make_net().parameters()]
+    return torch.cat([min_norm_point(block) for block in rows.split(sizes, dim=1)])
+
+
+def rank_grads(theta: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.stack([grad_at(theta, *rank_batch(r, step)) for r in range(2)])
+
+
+def chunk_grads(theta: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    x, y = rank_batch(rank, step)
+    return torch.stack([grad_at(theta, x[:4], y[:4]), grad_at(theta, x[4:], y[4:])])
+
+
+def applied_direction(params: list[torch.Tensor], before: int, after: int) -> torch.Tensor:
+    return (params[before] - params[after]) / W.LR
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise"])
+def test_update_equals_single_process_grain_over_the_two_ranks_batches(records, mode):
+    rec = records[mode]
+    combine = blockwise_min_norm_point if mode == "blockwise" else min_norm_point
+    assert len(rec[0]["params"]) == 4  # before training, then three steps
+    for step in range(3):
+        theta = rec[0]["params"][step]
+        g = rank_grads(theta, step)
+        d = applied_direction(rec[0]["params"], step, step + 1)
+        assert torch.allclose(d, combine(g), atol=TOL, rtol=0), (d - combine(g)).abs().max()
+        assert (g @ d >= (d @ d) - 1e-9).all()  # <d, g_r> >= ||d||^2 >= 0 for both ranks' gradients
+    assert rec[0]["num_combines"] == 3 and rec[0]["skipped_steps"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise", "accum_clip", "mixin_hierarchical",
+                                  "mixin_global", "nonfinite_skip", "resume"])
+def test_parameters_are_bit_identical_across_ranks(records, mode):
+    a, b = records[mode]
+    assert len(a["params"]) == len(b["params"]) > 1
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+@pytest.mark.slow
+def test_sharded_equals_allgather_and_sends_ring_allreduce_bytes(records):
+    sharded, allgather = records["sharded"][0], records["allgather"][0]
+    for x, y in zip(sharded["params"], allgather["params"]):
+        assert torch.allclose(x, y, atol=1e-12, rtol=0)
+    p = sharded["params"][0].numel()
+    padded = 2 * -(-p // 2)
+    ring = 2 * (2 - 1) / 2 * padded * 8  # float64 gradient, R = 2
+    per_step = sharded["bytes_sent"] / 3
+    assert ring < per_step <= ring + 200  # plus the 2 x 2 Gram and a few flags, all float64
+    assert sharded["calls"] == {"all_to_all": 3, "all_reduce": 3, "all_gather": 3}
+
+
+@pytest.mark.slow
+def test_accumulation_communicates_once_per_step_and_clips_the_combined_gradient(records):
+    rec = records["accum_clip"][0]
+    params = rec["params"]  # before, then after each of 6 micro-batches of 4: steps after micro-batches 2, 4, 6
+    assert rec["num_combines"] == 3 and rec["calls"]["all_to_all"] == 3
+    for step in range(3):
+        assert torch.equal(params[2 * step], params[2 * step + 1])  # first micro-batch: no step
+        d = min_norm_point(rank_grads(params[2 * step], step))  # 2 micro-batches of 4 = the batch of 8
+        clipped = d * min(1.0, 0.05 / (float(d.norm()) + 1e-6))
+        applied = applied_direction(params, 2 * step, 2 * step + 2)
+        assert float(d.norm()) > 0.05  # clipping is active
+        assert torch.allclose(applied, clipped, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_mixin_global_equals_single_process_grain_over_all_groups(records):
+    for name in ("mixin_global", "mixin_global_allgather"):
+        params = records[name][0]["params"]
+        for step in range(3):
+            groups = torch.cat([chunk_grads(params[step], r, step) for r in range(2)])  # 4 groups
+            d = applied_direction(params, step, step + 1)
+            assert torch.allclose(d, min_norm_point(groups), atol=TOL, rtol=0)
+            assert (groups @ d >= (d @ d) - 1e-9).all()  # exact: no group of any rank is pushed up
+
+
+@pytest.mark.slow
+def test_mixin_hierarchical_is_min_norm_of_the_ranks_grain_directions(records):
+    params = records["mixin_hierarchical"][0]["params"]
+    for step in range(3):
+        local = torch.stack([min_norm_point(chunk_grads(params[step], r, step)) for r in range(2)])
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(local), atol=TOL, rtol=0)
+        assert (local @ d >= (d @ d) - 1e-9).all()
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(records):
+    a, b = records["nonfinite_skip"]
+    for rec in (a, b):
+        params = rec["params"]
+        assert rec["skipped_steps"] == 1
+        assert not torch.equal(params[0], params[1])
+        assert torch.equal(params[1], params[2])  # rank 1's NaN at batch 1: nobody steps
+        assert not torch.equal(params[2], params[3])
+        assert torch.isfinite(params[3]).all()
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_raises_on_every_rank(records):
+    for rec in records["nonfinite_raise"]:
+        assert rec["error"] is not None and rec["error"].startswith("FloatingPointError")
+        assert "rank(s) [1]" in rec["error"] and "every rank raises" in rec["error"]
+
+
+@pytest.mark.slow
+def test_different_parameters_across_ranks_is_a_clear_error(records):
+    for rec in records["mismatch"]:
+        assert rec["error"] is not None and rec["error"].startswith("ValueError")
+        assert "same parameters on every rank" in rec["error"] and "rank 1" in rec["error"]
+
+
+@pytest.mark.slow
+def test_plain_module_fit_checkpoint_resume_equals_uninterrupted_fit(records):
+    rec = records["resume"][0]
+    assert len(rec["straight"]) == 7 and len(rec["params"]) == 4  # resumed: before + 3 steps of epoch 2
+    assert torch.equal(rec["params"][0], rec["straight"][3])
+    for x, y in zip(rec["params"], rec["straight"][3:]):
+        assert torch.allclose(x, y, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+def test_diagnostics_are_logged(records):
+    metrics = records["sharded"][0]["metrics"]
+    assert metrics["grain_ddp/weight_rank0"] + metrics["grain_ddp/weight_rank1"] == pytest.approx(1.0)
+    assert metrics["grain_ddp/worst_alignment"] >= 0 and 0 < metrics["grain_ddp/norm_ratio"] <= 1 + 1e-9
+    assert records["blockwise"][0]["metrics"]["grain_ddp/num_blocks"] == 4
