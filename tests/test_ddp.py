@@ -1,8 +1,9 @@
 """``grain_ddp``: two gloo processes on the CPU against single-process references.
 
 One launch of ``tests/ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
-scenario; the tests below check its records. The data of rank ``r`` are samples ``r, r + 2, ...``, so the references are computed here from the
-recorded parameters before each step with an independent autograd pass and a brute-force min-norm solver.
+scenario; the tests below check its records. The data of rank ``r`` are samples ``r, r + 2, ...``, so the
+references are computed here from the recorded parameters before each step with an independent autograd
+pass and a brute-force min-norm solver.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,81 @@ def test_diagnostics_are_logged(records):
     assert metrics["grain_ddp/weight_rank0"] + metrics["grain_ddp/weight_rank1"] == pytest.approx(1.0)
     assert metrics["grain_ddp/worst_alignment"] >= 0 and 0 < metrics["grain_ddp/norm_ratio"] <= 1 + 1e-9
     assert records["blockwise"][0]["metrics"]["grain_ddp/num_blocks"] == 4
+
+
+# ---------------------------------------------------------------------- in-process: registry, CLI, one device
+def test_registry_names_and_lightning_names_untouched():
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+    import grain_lightning
+    from grain_lightning import GrainDDPStrategy
+    from grain_lightning.ddp import _register
+
+    _register()  # a second registration (re-import) is a no-op
+    expected = {"grain_ddp": "popen", "grain_ddp_spawn": "spawn", "grain_ddp_fork": "fork", "grain_ddp_notebook": "fork"}
+    for name, start in expected.items():
+        assert StrategyRegistry[name]["strategy"] is GrainDDPStrategy
+        assert StrategyRegistry[name]["init_params"] == {"start_method": start}
+    assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy and StrategyRegistry["ddp_spawn"]["strategy"] is DDPStrategy
+    assert grain_lightning.GrainDDPStrategy.supports_grain_mixin
+
+
+@pytest.mark.parametrize("bad, match", [(dict(mode="mean"), "mode must be one of"),
+                                        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
+                                        (dict(mixin_groups="all"), "mixin_groups must be one of"),
+                                        (dict(block_size_mb=0), "block_size_mb must be > 0")])
+def test_constructor_rejects_bad_options(bad, match):
+    from grain_lightning import GrainDDPStrategy
+
+    with pytest.raises(ValueError, match=match):
+        GrainDDPStrategy(**bad)
+
+
+class TinyModule(W.Plain):
+    """No-argument module for LightningCLI."""
+
+    def __init__(self, lr: float = 0.5):
+        super().__init__()
+
+
+@pytest.mark.parametrize("args, mode", [
+    (["--trainer.strategy", "grain_ddp"], "sharded"),
+    (["--trainer.strategy", '{"class_path": "grain_lightning.GrainDDPStrategy", "init_args": {"mode": "allgather"}}'],
+     "allgather"),
+])
+def test_lightning_cli_accepts_grain_ddp(args, mode):
+    from lightning.pytorch.cli import LightningCLI
+
+    from grain_lightning import GrainDDPStrategy
+
+    cli = LightningCLI(TinyModule, run=False, save_config_callback=None,
+                       args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"])
+    assert isinstance(cli.trainer.strategy, GrainDDPStrategy) and cli.trainer.strategy.mode == mode
+
+
+@pytest.fixture
+def restore_environ():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_one_device_is_plain_training(restore_environ):
+    """``devices=1``: no communication and the same parameters as Lightning's default strategy, bit for bit."""
+    import lightning as L
+
+    from grain_lightning import GrainDDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    runs = {}
+    for name, strat in (("auto", "auto"), ("grain_ddp", GrainDDPStrategy(timeout=timedelta(seconds=30)))):
+        rec = W.Recorder()
+        trainer = W.make_trainer(strat, [rec], devices=1)
+        trainer.fit(W.Plain(momentum=0.9), W.make_loader())
+        runs[name] = (rec.params, trainer.strategy)
+    assert len(runs["auto"][0]) == 7  # one rank: all 48 samples, 6 batches
+    assert all(torch.equal(a, b) for a, b in zip(runs["auto"][0], runs["grain_ddp"][0]))
+    assert runs["grain_ddp"][1].bytes_sent == 0
