@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every configuration, in rotating order")
     ap.add_argument("--run", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,23 +166,30 @@ def main() -> None:
         return run_one(args.run, args, args.out)
     import tempfile
 
-    results = {}
+    runs: dict[str, list] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, config in enumerate(CONFIGS):
-            out = Path(tmp) / f"c{i}"
-            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-            cmd = [sys.executable, __file__, "--run", config, "--out", str(out), "--width", str(args.width),
-                   "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
-            results[config] = [json.loads((Path(tmp) / f"c{i}.rank{r}.json").read_text()) for r in range(2)]
+        for rnd in range(args.rounds):
+            for i in range(len(CONFIGS)):
+                config = CONFIGS[(i + rnd) % len(CONFIGS)]
+                out = Path(tmp) / f"r{rnd}c{i}"
+                env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+                cmd = [sys.executable, __file__, "--run", config, "--out", str(out), "--width", str(args.width),
+                       "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
+                runs[config].append([json.loads((Path(tmp) / f"r{rnd}c{i}.rank{r}.json").read_text()) for r in range(2)])
+    results = {}
+    for config, per_round in runs.items():  # median over rounds of each rank's figures
+        results[config] = [{k: (statistics.median(run[r][k] for run in per_round)
+                                if isinstance(per_round[0][r][k], (int, float)) else per_round[0][r][k])
+                            for k in per_round[0][r]} for r in range(2)]
     base = results["ddp"][0]
     print(f"model: MLP 512-{args.width}x{args.depth}-10, {base['params'] / 1e6:.2f} M parameters "
           f"({base['params'] * 4 / 2**20:.1f} MiB of float32 gradient); 2 ranks, gloo, batch {args.batch} per rank, "
-          f"median of {base['steps']} steps after {args.warmup} warm-up steps")
+          f"median of {base['steps']:.0f} steps after {args.warmup} warm-up steps; median of {args.rounds} rounds")
     print(f"{'config':22s} {'step ms':>8s} {'x ddp':>6s} {'MB sent/rank/step':>18s} {'x ddp':>6s} "
           f"{'lo MB/rank/step':>16s} {'peak RSS MiB r0/r1':>19s} {'growth MiB r0':>14s}")
     for config, (r0, r1) in results.items():

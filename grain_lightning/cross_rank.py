@@ -116,6 +116,7 @@ class CrossRankMinNorm:
         self.mode, self.tol, self.group = mode, tol, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self._nccl = dist.get_backend(group) == "nccl"  # NCCL: collectives on CUDA tensors only
         self.counter = CommCounter()
         self.blocks: Optional[list[tuple[int, int]]] = None
         self.set_blocks(blocks)
@@ -186,7 +187,7 @@ class CrossRankMinNorm:
         world, rank = self.world, self.rank
         mine = out[rank * shard:(rank + 1) * shard]
         self.counter.add("all_gather", (world - 1) * mine.numel() * mine.element_size())
-        if dist.get_backend(self.group) == "nccl":
+        if self._nccl:
             dist.all_gather_into_tensor(out, mine, group=self.group)
             return
         ops = []
@@ -215,10 +216,11 @@ class CrossRankMinNorm:
     # ------------------------------------------------------------------ public API
     def exchange_counts(self, values: Sequence[int]) -> torch.Tensor:
         """``(R, m)`` int64 table of every rank's ``values`` (row counts, flags), via one all_gather."""
-        mine = torch.tensor(list(values), dtype=torch.int64)
-        out = torch.empty(self.world * mine.numel(), dtype=torch.int64)
+        device = torch.device("cuda", torch.cuda.current_device()) if self._nccl else torch.device("cpu")
+        mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+        out = torch.empty(self.world * mine.numel(), dtype=torch.int64, device=device)
         self.counter.all_gather(out, mine, self.world, self.group)
-        return out.view(self.world, -1)
+        return out.view(self.world, -1).cpu()
 
     def combine(self, rows: torch.Tensor, out: torch.Tensor, counts: Optional[Sequence[int]] = None,
                 extras: Optional[torch.Tensor] = None,

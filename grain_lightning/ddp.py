@@ -170,6 +170,11 @@ class GrainDDPStrategy(DDPStrategy):
     # ------------------------------------------------------------------ set-up
     def configure_ddp(self) -> None:
         """Check that every rank has the same parameters, broadcast rank 0's state; no DDP wrapper."""
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                "grain_ddp does not support fp16 loss scaling (precision='16-mixed' on GPU): a skipped step would "
+                "never lower the scale. Use precision='bf16-mixed' or '32-true'"
+            )
         if self.world_size > 1:
             self._check_same_parameters()
             _sync_module_states(self.model)

@@ -55,7 +55,8 @@ class GrainConfig:
             (weights ``(1 - collapse_mix) w* + collapse_mix * pi``, still a convex combination).
         collapse_mix: mixing coefficient for ``on_collapse="mix"``, in ``[0, 1]``.
         on_nonfinite: non-finite losses or gradients: ``"raise"`` (``FloatingPointError``) or ``"skip"``
-            the step with a warning; they never reach the weights.
+            the step with a warning; they never reach the weights. Under ``grain_ddp`` with several ranks,
+            the strategy's ``on_nonfinite`` applies instead, so that every rank takes the same action.
         log_every_n_steps: log the diagnostics every this many optimizer steps (0: never).
         log_loss_as: name under which the batch's mean loss is logged (``None``: not logged).
         plateau_monitor: the logged metric a ``ReduceLROnPlateau`` scheduler steps on (Lightning ignores the
@@ -212,7 +213,8 @@ class GrainMixin:
         if trainer.world_size > 1 and not getattr(trainer.strategy, "supports_grain_mixin", False):
             raise RuntimeError(
                 f"GrainMixin computes group gradients itself; under {type(trainer.strategy).__name__} with "
-                f"world_size={trainer.world_size} the ranks would not be synchronised. Use devices=1."
+                f"world_size={trainer.world_size} the ranks would not be synchronised. Use strategy='grain_ddp' "
+                "(grain_lightning.GrainDDPStrategy) or devices=1."
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise RuntimeError(

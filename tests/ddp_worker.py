@@ -91,13 +91,14 @@ class Plain(L.LightningModule):
 class WithMixin(GrainMixin, L.LightningModule):
     """GrainMixin module: two chunks of each rank's batch are its groups."""
 
-    def __init__(self):
-        super().__init__(grain=GrainConfig(grouping=Chunks(2), log_loss_as=None))
-        self.net = make_net()
+    def __init__(self, accumulate: int = 1, nan_at: tuple[int, int] | None = None):
+        super().__init__(grain=GrainConfig(grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate))
+        self.net, self.nan_at = make_net(), nan_at
 
     def grain_losses(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net(x), y, reduction="none")
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        return losses * float("nan") if self.nan_at == (self.global_rank, batch_idx) else losses
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR)
@@ -136,6 +137,9 @@ SCENARIOS = {
     "mixin_hierarchical": dict(strategy=dict(mixin_groups="hierarchical"), mixin=True),
     "mixin_global": dict(strategy=dict(mixin_groups="global"), mixin=True),
     "mixin_global_allgather": dict(strategy=dict(mixin_groups="global", mode="allgather"), mixin=True),
+    "mixin_global_accumulate": dict(strategy=dict(mixin_groups="global"), mixin=True, batch_size=BATCH // 2,
+                                    module=dict(accumulate=2)),
+    "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), mixin=True, module=dict(nan_at=(1, 1))),
     "nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), module=dict(nan_at=(1, 1))),
     "nonfinite_raise": dict(strategy=dict(), module=dict(nan_at=(1, 1))),
     "mismatch": dict(strategy=dict(), module=dict(extra_on_rank1=True)),
@@ -148,7 +152,7 @@ def run_scenario(name: str, out: Path, data: DataLoader) -> None:
         return run_resume(out, data)
     if spec is None:
         raise SystemExit(f"unknown scenario {name!r}; known: {sorted(SCENARIOS) + ['resume']}")
-    module = WithMixin() if spec.get("mixin") else Plain(**spec.get("module", {}))
+    module = (WithMixin if spec.get("mixin") else Plain)(**spec.get("module", {}))
     strat, rec = strategy(**spec["strategy"]), Recorder()
     trainer = make_trainer(strat, [rec], **spec.get("trainer", {}))
     if "batch_size" in spec:

@@ -157,6 +157,23 @@ def test_mixin_global_equals_single_process_grain_over_all_groups(records):
 
 
 @pytest.mark.slow
+def test_mixin_global_with_accumulation_uses_every_group_of_every_micro_batch_and_rank(records):
+    rec = records["mixin_global_accumulate"][0]
+    params = rec["params"]  # before, then after each of 6 micro-batches of 4 (2 groups of 2 each)
+    assert rec["num_combines"] == 3
+    for step in range(3):
+        groups = []
+        for rank in range(2):
+            for micro in range(2):
+                x, y = rank_batch(rank, 2 * step + micro, batch=4)
+                groups += [grad_at(params[2 * step], x[:2], y[:2]), grad_at(params[2 * step], x[2:], y[2:])]
+        groups = torch.stack(groups)  # 8 groups
+        d = applied_direction(params, 2 * step, 2 * step + 2)
+        assert torch.equal(params[2 * step], params[2 * step + 1])
+        assert torch.allclose(d, min_norm_point(groups), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
 def test_mixin_hierarchical_is_min_norm_of_the_ranks_grain_directions(records):
     params = records["mixin_hierarchical"][0]["params"]
     for step in range(3):
@@ -167,8 +184,10 @@ def test_mixin_hierarchical_is_min_norm_of_the_ranks_grain_directions(records):
 
 
 @pytest.mark.slow
-def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(records):
-    a, b = records["nonfinite_skip"]
+@pytest.mark.parametrize("name", ["nonfinite_skip", "mixin_nonfinite_skip"])
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(records, name):
+    a, b = records[name]
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     for rec in (a, b):
         params = rec["params"]
         assert rec["skipped_steps"] == 1
