@@ -25,7 +25,9 @@ same deterministic kernels.
 parameter, or a bucket of consecutive parameters): ``d_b = sum_i w*_{b,i} g_{i,b}``. Since
 ``<d_b, g_{i,b}> >= ||d_b||^2`` for every block, summing gives ``<d, g_i> >= ||d||^2 >= 0`` as well.
 
-Bytes are counted per collective from the sizes passed and the standard algorithms: ring all-reduce
+The all-gathers run as ``all_gather_into_tensor`` on NCCL and as direct sends and receives on other
+backends (the same bytes; gloo's all-gather is several times slower than its sends). Bytes are counted
+per collective from the sizes passed and the standard algorithms: ring all-reduce
 ``2 (R-1)/R n``, ring all-gather ``(R-1) n_in``, all-to-all the parts sent to other ranks, broadcast
 ``(R-1) n`` from the source.
 """
@@ -179,7 +181,7 @@ class CrossRankMinNorm:
                 target.add_(rows[i, s:e], alpha=w[b][i])
 
     def _exchange_shards(self, out: torch.Tensor, shard: int) -> None:
-        """Every rank's slot ``out[r S:(r+1) S]`` to every rank: an all-gather in place.
+        """Every rank's slot ``out[r S:(r+1) S]`` to every rank: an all-gather in place (``S = shard``).
 
         NCCL: ``all_gather_into_tensor``. Other backends: direct sends and receives of the slots (same
         ``(R-1) S`` elements per rank; gloo's all-gather runs at a third of the speed of its sends here).
@@ -293,8 +295,10 @@ class CrossRankMinNorm:
         k_max = max(counts)
         if k_r < k_max:
             rows = torch.cat([rows, rows.new_zeros(k_max - k_r, length)])
-        out = torch.empty(world * k_max * length, dtype=rows.dtype, device=rows.device)
-        self.counter.all_gather(out, rows.reshape(-1).contiguous(), world, self.group)
+        slot = k_max * length
+        out = torch.empty(world * slot, dtype=rows.dtype, device=rows.device)
+        out[self.rank * slot:(self.rank + 1) * slot] = rows.reshape(-1)
+        self._exchange_shards(out, slot)
         out = out.view(world, k_max, length)
         gathered = out.reshape(world * k_max, length) if min(counts) == k_max else torch.cat(
             [out[r, :c] for r, c in enumerate(counts)])
