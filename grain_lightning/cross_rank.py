@@ -35,7 +35,7 @@ per collective from the sizes passed and the standard algorithms: ring all-reduc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -68,11 +68,6 @@ class CommCounter:
         self.add("all_gather", (world - 1) * t.numel() * t.element_size())
         dist.all_gather_single(out, t, group=group)
 
-    def all_to_all(self, out: torch.Tensor, t: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                   rank: int, group=None) -> None:
-        self.add("all_to_all", (sum(in_splits) - in_splits[rank]) * t.element_size())
-        dist.all_to_all_single(out, t, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
-
     def broadcast(self, t: torch.Tensor, world: int, rank: int, src: int = 0, group=None) -> None:
         self.add("broadcast", (world - 1) * t.numel() * t.element_size() if rank == src else 0)
         dist.broadcast(t, src=src, group=group)
@@ -101,6 +96,21 @@ class CrossRankResult:
     kkt_gap: float = 0.0
 
 
+@dataclass
+class _Exchange:
+    """State of one sharded combination: buckets complete, sent, and their received pieces."""
+
+    rows: torch.Tensor
+    counts: list[int]
+    buckets: list[tuple[int, int]]
+    complete: list[bool] = field(default_factory=list)
+    sent: list = field(default_factory=list)
+    next: int = 0  # buckets sent so far, in descending order
+
+    def __post_init__(self) -> None:
+        self.complete = [False] * len(self.buckets)
+
+
 class CrossRankMinNorm:
     """Min-norm combination of rows spread over the ranks of a process group (see module docstring).
 
@@ -121,11 +131,26 @@ class CrossRankMinNorm:
         self._nccl = dist.get_backend(group) == "nccl"  # NCCL: collectives on CUDA tensors only
         self.counter = CommCounter()
         self.blocks: Optional[list[tuple[int, int]]] = None
+        self.buckets: Optional[list[tuple[int, int]]] = None
         self.set_blocks(blocks)
 
     def set_blocks(self, blocks: Optional[Sequence[tuple[int, int]]]) -> None:
         """Set the block boundaries (flat coordinates) used by ``mode="blockwise"``."""
         self.blocks = None if blocks is None else [(int(a), int(b)) for a, b in blocks]
+
+    def set_buckets(self, buckets: Optional[Sequence[tuple[int, int]]]) -> None:
+        """Communication buckets ``[(start, end), ...]`` (ascending, disjoint, lengths divisible by ``R``).
+
+        Rank ``r`` owns the ``r``-th of the ``R`` equal pieces of every bucket. Buckets are exchanged in
+        descending order (the order in which a backward pass finishes them), the same on every rank.
+        ``None``: one bucket, the whole row.
+        """
+        if buckets is not None:
+            buckets = [(int(a), int(b)) for a, b in buckets]
+            for a, b in buckets:
+                if b <= a or (b - a) % self.world:
+                    raise ValueError(f"bucket ({a}, {b}) must be non-empty with a length divisible by {self.world}")
+        self.buckets = buckets
 
     def padded_length(self, numel: int) -> int:
         """``R * S`` with ``S = ceil(numel / R)``: the row length :meth:`combine` expects."""
@@ -180,28 +205,6 @@ class CrossRankMinNorm:
             for i in range(1, rows.shape[0]):
                 target.add_(rows[i, s:e], alpha=w[b][i])
 
-    def _exchange_shards(self, out: torch.Tensor, shard: int) -> None:
-        """Every rank's slot ``out[r S:(r+1) S]`` to every rank: an all-gather in place (``S = shard``).
-
-        NCCL: ``all_gather_into_tensor``. Other backends: direct sends and receives of the slots (same
-        ``(R-1) S`` elements per rank; gloo's all-gather runs at a third of the speed of its sends here).
-        """
-        world, rank = self.world, self.rank
-        mine = out[rank * shard:(rank + 1) * shard]
-        self.counter.add("all_gather", (world - 1) * mine.numel() * mine.element_size())
-        if self._nccl:
-            dist.all_gather_into_tensor(out, mine, group=self.group)
-            return
-        ops = []
-        for peer in range(world):
-            if peer != rank:
-                ops.append(dist.P2POp(dist.isend, mine, dist.get_global_rank(self.group, peer) if self.group else peer,
-                                      self.group))
-                ops.append(dist.P2POp(dist.irecv, out[peer * shard:(peer + 1) * shard],
-                                      dist.get_global_rank(self.group, peer) if self.group else peer, self.group))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
     def _solve(self, gram: torch.Tensor) -> tuple[torch.Tensor, float]:
         ws, gap = [], 0.0
         for g in gram.cpu():
@@ -224,6 +227,76 @@ class CrossRankMinNorm:
         self.counter.all_gather(out, mine, self.world, self.group)
         return out.view(self.world, -1).cpu()
 
+    def start(self, rows: torch.Tensor, counts: Optional[Sequence[int]] = None) -> "_Exchange":
+        """Begin a sharded combination of ``rows``; buckets are sent as :meth:`ready` marks them complete.
+
+        ``rows`` may still be filled in after this call, bucket by bucket, before each is marked ready.
+        """
+        if self.mode == "allgather":
+            raise ValueError("start/ready/finish are for the sharded modes; use combine() with mode='allgather'")
+        k_r, length = rows.shape
+        counts = self._check_rows(rows, counts)
+        buckets = self.buckets if self.buckets is not None else [(0, length)]
+        if buckets[-1][1] > length:
+            raise ValueError(f"buckets end at {buckets[-1][1]} beyond the row length {length}")
+        return _Exchange(rows, counts, buckets)
+
+    def ready(self, ex: "_Exchange", bucket: int) -> None:
+        """Mark ``bucket`` complete in ``rows``; send every complete bucket whose turn has come."""
+        ex.complete[bucket] = True
+        while ex.next < len(ex.buckets) and ex.complete[len(ex.buckets) - 1 - ex.next]:
+            self._send_bucket(ex, len(ex.buckets) - 1 - ex.next)
+            ex.next += 1
+
+    def _send_bucket(self, ex: "_Exchange", b: int) -> None:
+        world, rank = self.world, self.rank
+        a, e = ex.buckets[b]
+        shard = (e - a) // world
+        k_r = ex.rows.shape[0]
+        piece = ex.rows[:, a:e]
+        send = piece.reshape(-1) if k_r == 1 else piece.reshape(k_r, world, shard).transpose(0, 1).contiguous()
+        recv = torch.empty(sum(ex.counts) * shard, dtype=ex.rows.dtype, device=ex.rows.device)
+        self.counter.add("all_to_all", (world - 1) * k_r * shard * ex.rows.element_size())
+        work = dist.all_to_all_single(recv, send.reshape(-1), [c * shard for c in ex.counts], [k_r * shard] * world,
+                                      group=self.group, async_op=True)
+        ex.sent.append((b, recv, send, work))
+
+    def finish(self, ex: "_Exchange", out: torch.Tensor, extras: Optional[torch.Tensor] = None,
+               decide: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
+               ) -> CrossRankResult:
+        """Send the remaining buckets, then Gram, solve and combine as :meth:`combine` does."""
+        for b in range(len(ex.buckets)):
+            if not ex.complete[b]:
+                self.ready(ex, b)
+        world, rank = self.world, self.rank
+        k = sum(ex.counts)
+        length = ex.rows.shape[1]
+        blocks = self._block_list(length)
+        gram = torch.zeros(len(blocks), k, k, dtype=torch.float64, device=ex.rows.device)
+        pieces = []
+        for b, recv, _send, work in ex.sent:
+            work.wait()
+            a, e = ex.buckets[b]
+            shard = (e - a) // world
+            lo = a + rank * shard
+            segments = self._segments(blocks, lo, lo + shard)
+            shard_rows = recv.view(k, shard)
+            gram += self._partial_gram(shard_rows, segments, len(blocks))
+            pieces.append((lo, shard, shard_rows, segments))
+        ex.sent.clear()
+        extras = self._extras(extras)
+        packed = torch.cat([gram.reshape(-1), extras.to(gram.device)])
+        self.counter.all_reduce(packed, world, self.group)
+        n = gram.numel()
+        gram, extras_sum = packed[:n].view_as(gram).cpu(), packed[n:].cpu()
+        result = self._decide(gram, extras_sum, ex.counts, decide)
+        if result.weights is None:
+            return result
+        for lo, shard, shard_rows, segments in pieces:  # this rank's pieces of rows were sent already
+            self._combine_rows(shard_rows, result.weights, segments, out[lo:lo + shard])
+        self._exchange_pieces(out, ex.buckets)
+        return result
+
     def combine(self, rows: torch.Tensor, out: torch.Tensor, counts: Optional[Sequence[int]] = None,
                 extras: Optional[torch.Tensor] = None,
                 decide: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
@@ -241,6 +314,18 @@ class CrossRankMinNorm:
 
         Rows are numbered rank by rank: rank 0's rows first.
         """
+        if self.mode != "allgather":
+            return self.finish(self.start(rows, counts), out, extras, decide)
+        counts = self._check_rows(rows, counts)
+        length = rows.shape[1]
+        blocks = self._block_list(length)
+        gram, extras_sum, gathered = self._gram_allgather(rows, counts, blocks, self._extras(extras))
+        result = self._decide(gram, extras_sum, counts, decide)
+        if result.weights is not None:
+            self._combine_rows(gathered, result.weights, self._segments(blocks, 0, length), out)
+        return result
+
+    def _check_rows(self, rows: torch.Tensor, counts: Optional[Sequence[int]]) -> list[int]:
         world, rank = self.world, self.rank
         k_r, length = rows.shape
         if length % world:
@@ -248,46 +333,45 @@ class CrossRankMinNorm:
         counts = [k_r] * world if counts is None else [int(c) for c in counts]
         if len(counts) != world or counts[rank] != k_r:
             raise ValueError(f"counts {counts} do not match {k_r} rows on rank {rank} of {world}")
-        extras = torch.zeros(0, dtype=torch.float64) if extras is None else extras.detach().double().reshape(-1).cpu()
-        blocks = self._block_list(length)
-        num_blocks, k = len(blocks), sum(counts)
-        if self.mode == "allgather":
-            gram, extras_sum, gathered = self._gram_allgather(rows, counts, blocks, extras)
-        else:
-            gram, extras_sum, shard_rows = self._gram_sharded(rows, counts, blocks, extras)
+        return counts
+
+    @staticmethod
+    def _extras(extras: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.float64) if extras is None else extras.detach().double().reshape(-1).cpu()
+
+    def _decide(self, gram: torch.Tensor, extras_sum: torch.Tensor, counts: list[int], decide) -> CrossRankResult:
         bad_rows = self._bad_rows(gram)
         if bad_rows:
             starts = torch.cumsum(torch.tensor([0] + counts), 0).tolist()
-            bad_ranks = sorted({next(r for r in range(world) if starts[r] <= i < starts[r + 1]) for i in bad_rows})
+            bad_ranks = sorted({next(r for r in range(self.world) if starts[r] <= i < starts[r + 1]) for i in bad_rows})
             return CrossRankResult(gram, None, extras_sum, bad_ranks)
         solved, gap = self._solve(gram)
         weights = solved if decide is None else decide(gram, solved, extras_sum)
-        if weights is None:
-            return CrossRankResult(gram, None, extras_sum, [], solved, gap)
-        if self.mode == "allgather":
-            self._combine_rows(gathered, weights, self._segments(blocks, 0, length), out)
-        else:
-            shard = length // world
-            mine = out[rank * shard:(rank + 1) * shard]  # this rank's slot of rows was sent already
-            self._combine_rows(shard_rows, weights, self._segments(blocks, rank * shard, (rank + 1) * shard), mine)
-            self._exchange_shards(out, shard)
-        assert gram.shape == (num_blocks, k, k)
         return CrossRankResult(gram, weights, extras_sum, [], solved, gap)
 
-    def _gram_sharded(self, rows, counts, blocks, extras):
+    def _exchange_pieces(self, out: torch.Tensor, buckets: list[tuple[int, int]]) -> None:
+        """All-gather in place: every rank's piece of every bucket of ``out`` to every rank.
+
+        NCCL: ``all_gather_into_tensor`` per bucket. Other backends: direct sends and receives of the
+        pieces (the same ``(R-1)`` pieces per rank; gloo's all-gather runs several times slower here).
+        """
         world, rank = self.world, self.rank
-        k_r, length = rows.shape
-        shard = length // world
-        send = rows.reshape(world, shard) if k_r == 1 else rows.reshape(k_r, world, shard).transpose(0, 1).contiguous()
-        recv = torch.empty(sum(counts) * shard, dtype=rows.dtype, device=rows.device)
-        self.counter.all_to_all(recv, send.reshape(-1), [c * shard for c in counts], [k_r * shard] * world,
-                                rank, self.group)
-        shard_rows = recv.view(sum(counts), shard)
-        gram = self._partial_gram(shard_rows, self._segments(blocks, rank * shard, (rank + 1) * shard), len(blocks))
-        packed = torch.cat([gram.reshape(-1), extras.to(gram.device)])
-        self.counter.all_reduce(packed, world, self.group)
-        n = gram.numel()
-        return packed[:n].view_as(gram).cpu(), packed[n:].cpu(), shard_rows
+        ops = []
+        for a, e in buckets:
+            shard = (e - a) // world
+            mine = out[a + rank * shard:a + (rank + 1) * shard]
+            self.counter.add("all_gather", (world - 1) * mine.numel() * mine.element_size())
+            if self._nccl:
+                dist.all_gather_into_tensor(out[a:e], mine, group=self.group)
+                continue
+            for peer in range(world):
+                if peer != rank:
+                    dst = dist.get_global_rank(self.group, peer) if self.group else peer
+                    ops.append(dist.P2POp(dist.isend, mine, dst, self.group))
+                    ops.append(dist.P2POp(dist.irecv, out[a + peer * shard:a + (peer + 1) * shard], dst, self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def _gram_allgather(self, rows, counts, blocks, extras):
         world = self.world
@@ -298,7 +382,7 @@ class CrossRankMinNorm:
         slot = k_max * length
         out = torch.empty(world * slot, dtype=rows.dtype, device=rows.device)
         out[self.rank * slot:(self.rank + 1) * slot] = rows.reshape(-1)
-        self._exchange_shards(out, slot)
+        self._exchange_pieces(out, [(0, world * slot)])
         out = out.view(world, k_max, length)
         gathered = out.reshape(world * k_max, length) if min(counts) == k_max else torch.cat(
             [out[r, :c] for r, c in enumerate(counts)])

@@ -8,10 +8,12 @@ all-reduce).
 
 Design: the module is *not* wrapped in ``DistributedDataParallel``; its reducer would average the
 gradients during backward. Every rank runs a plain local backward; when the backward is not inside
-``block_backward_sync`` (Lightning's gradient accumulation, or the user's), the strategy copies the
-local gradient into one flat buffer, combines it across ranks and points every ``.grad`` at its slice of
-``d``: before ``on_after_backward``, clipping and the optimizer step, as DDP's synchronised gradients
-would be. This is plain collectives, with no comm-hook path, so it runs the same on gloo and NCCL.
+``block_backward_sync`` (Lightning's gradient accumulation, or the user's), post-accumulate-grad hooks
+copy each finished gradient into one flat buffer and send each complete bucket's shards at once (as DDP
+overlaps its all-reduce with the backward); after the backward the strategy finishes the combination
+and points every ``.grad`` at its slice of ``d``: before ``on_after_backward``, clipping and the
+optimizer step, as DDP's synchronised gradients would be. This is plain collectives, with no comm-hook
+path, so it runs the same on gloo and NCCL.
 
 With :class:`~grain_lightning.GrainMixin` (manual optimization), the mixin drives the step at the end of
 each accumulation cycle (:meth:`GrainDDPStrategy.grain_mixin_step`):
@@ -30,7 +32,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -61,15 +63,32 @@ _CHOICES = {
 
 @dataclass
 class _Layout:
-    """Flat layout of the trainable parameters: ``p`` occupies ``[offset, offset + numel)``."""
+    """Flat layout of the trainable parameters: ``p`` occupies ``[offset, offset + numel)``.
+
+    Consecutive parameters form communication buckets of about ``bucket_cap_mb``, each padded with zeros
+    to a multiple of the world size (``gaps``).
+    """
 
     params: list[Tensor]
     offsets: list[int]
     numels: list[int]
-    total: int
-    length: int  # padded to a multiple of the world size
+    length: int
+    buckets: list[tuple[int, int]]
+    param_bucket: list[int]
+    gaps: list[tuple[int, int]]
     blocks: list[tuple[int, int]]
     buffer: Tensor  # (length,): local gradient in, combined gradient out; .grad are views of it
+    hooks: list = field(default_factory=list)
+
+
+@dataclass
+class _Overlap:
+    """One backward pass whose buckets are sent as soon as their gradients are complete."""
+
+    exchange: Any
+    index: dict[int, int]  # id(param) -> position in the layout
+    pending: list[int]  # parameters still to come, per bucket
+    done: list[bool]
 
 
 class GrainDDPStrategy(DDPStrategy):
@@ -81,7 +100,10 @@ class GrainDDPStrategy(DDPStrategy):
             gradient, ``R`` gradients of memory) or ``"blockwise"`` (sharded, one min-norm problem per
             block).
         block_size_mb: ``"blockwise"`` only: ``None`` for one block per parameter tensor, else blocks of
-            consecutive parameters of about this many MiB (like DDP buckets).
+            consecutive parameters of about this many MiB.
+        bucket_cap_mb: communication buckets (``"sharded"``, ``"blockwise"``): consecutive parameters of
+            about this many MiB, sent during the backward pass as soon as their gradients are complete
+            (last bucket first), as DDP overlaps its all-reduce with the backward.
         mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (one vector per rank:
             its own GRAIN direction) or ``"global"`` (every group of every rank; exact; ``k x P`` memory).
         on_nonfinite: a NaN/Inf gradient (or, with the mixin, loss) on any rank: every rank
@@ -108,6 +130,7 @@ class GrainDDPStrategy(DDPStrategy):
         mode: str = "sharded",
         *,
         block_size_mb: Optional[float] = None,
+        bucket_cap_mb: float = 25.0,
         mixin_groups: str = "hierarchical",
         on_nonfinite: str = "raise",
         collapse_eps: float = 1e-3,
@@ -138,6 +161,8 @@ class GrainDDPStrategy(DDPStrategy):
             value = locals()[name]
             if value not in allowed:
                 raise ValueError(f"GrainDDPStrategy {name} must be one of {allowed}, got {value!r}")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"GrainDDPStrategy bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         if block_size_mb is not None and not block_size_mb > 0:
             raise ValueError(f"GrainDDPStrategy block_size_mb must be > 0 or None, got {block_size_mb!r}")
         if not collapse_eps >= 0:
@@ -145,6 +170,7 @@ class GrainDDPStrategy(DDPStrategy):
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
             raise ValueError(f"GrainDDPStrategy log_every_n_steps must be an int >= 0, got {log_every_n_steps!r}")
         self.mode, self.block_size_mb, self.mixin_groups = mode, block_size_mb, mixin_groups
+        self.bucket_cap_mb = bucket_cap_mb
         self.on_nonfinite, self.collapse_eps, self.on_collapse = on_nonfinite, collapse_eps, on_collapse
         self.solver_tol, self.log_every_n_steps, self.broadcast_buffers = solver_tol, log_every_n_steps, broadcast_buffers
         self.comm = CommCounter()
@@ -154,6 +180,7 @@ class GrainDDPStrategy(DDPStrategy):
         self._collapsed = False
         self._aggregator: Optional[CrossRankMinNorm] = None
         self._layout: Optional[_Layout] = None
+        self._overlap: Optional[_Overlap] = None
 
     # ------------------------------------------------------------------ registry
     @classmethod
@@ -225,17 +252,24 @@ class GrainDDPStrategy(DDPStrategy):
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
         """Local backward, then (unless sync is blocked or the module uses GrainMixin) the combination."""
         module = self.lightning_module
+        sync = not self._sync_blocked and self.world_size > 1 and not isinstance(module, GrainMixin)
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if not self._sync_blocked and self.world_size > 1 and not isinstance(module, GrainMixin):
-            self.combine_gradients()
+        if sync and self.mode != "allgather":
+            self._begin_overlap(self._layout_for(self._trainable()))
+        try:
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+            if sync:
+                self.combine_gradients()
+        finally:
+            self._overlap = None
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
 
     def teardown(self) -> None:
-        self._layout, self._aggregator = None, None
+        self._drop_layout()
+        self._aggregator = None
         super().teardown()
 
     # ------------------------------------------------------------------ the combination
@@ -255,18 +289,63 @@ class GrainDDPStrategy(DDPStrategy):
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"grain_ddp needs one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
+        self._drop_layout()
+        world, element = self.world_size, params[0].element_size()
+        cap = self.bucket_cap_mb * 2 ** 20 / element
+        offsets, param_bucket, buckets, gaps = [], [], [], []
+        start = position = 0
+        for i, p in enumerate(params):
+            offsets.append(position)
+            param_bucket.append(len(buckets))
+            position += p.numel()
+            if position - start >= cap or i == len(params) - 1:
+                end = start + world * math.ceil((position - start) / world)
+                if end > position:
+                    gaps.append((position, end))
+                buckets.append((start, end))
+                start = position = end
         numels = [p.numel() for p in params]
-        offsets = [0]
-        for n in numels[:-1]:
-            offsets.append(offsets[-1] + n)
-        total = sum(numels)
+        blocks = self._blocks(offsets, numels, element)
         assert self._aggregator is not None
-        length = self._aggregator.padded_length(total)
-        blocks = self._blocks(offsets, numels, params[0].element_size())
         self._aggregator.set_blocks(blocks)
-        buffer = torch.zeros(length, dtype=params[0].dtype, device=params[0].device)
-        self._layout = _Layout(params, offsets, numels, total, length, blocks, buffer)
-        return self._layout
+        self._aggregator.set_buckets(buckets)
+        buffer = torch.zeros(position, dtype=params[0].dtype, device=params[0].device)
+        layout = _Layout(params, offsets, numels, position, buckets, param_bucket, gaps, blocks, buffer)
+        layout.hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in params]
+        self._layout = layout
+        return layout
+
+    def _drop_layout(self) -> None:
+        if self._layout is not None:
+            for handle in self._layout.hooks:
+                handle.remove()
+        self._layout, self._overlap = None, None
+
+    def _begin_overlap(self, layout: _Layout) -> None:
+        assert self._aggregator is not None
+        for a, b in layout.gaps:
+            layout.buffer[a:b].zero_()
+        pending = [0] * len(layout.buckets)
+        for b in layout.param_bucket:
+            pending[b] += 1
+        self._overlap = _Overlap(self._aggregator.start(layout.buffer.view(1, -1)),
+                                 {id(p): i for i, p in enumerate(layout.params)}, pending, [False] * len(layout.params))
+
+    def _gradient_ready(self, param: Tensor) -> None:
+        """Post-accumulate-grad hook: copy the finished gradient into its bucket; send complete buckets."""
+        ov, layout = self._overlap, self._layout
+        if ov is None or layout is None:
+            return
+        i = ov.index.get(id(param))
+        if i is None or ov.done[i]:
+            return
+        self._copy_in(layout, i)
+        ov.done[i] = True
+        b = layout.param_bucket[i]
+        ov.pending[b] -= 1
+        if ov.pending[b] == 0:
+            assert self._aggregator is not None
+            self._aggregator.ready(ov.exchange, b)
 
     def _blocks(self, offsets: list[int], numels: list[int], element_size: int) -> list[tuple[int, int]]:
         spans = [(o, o + n) for o, n in zip(offsets, numels)]
@@ -281,19 +360,25 @@ class GrainDDPStrategy(DDPStrategy):
                 blocks.append((a, b))
         return blocks
 
+    def _copy_in(self, layout: _Layout, i: int) -> None:
+        p, o, n = layout.params[i], layout.offsets[i], layout.numels[i]
+        g, slot = p.grad, layout.buffer[o:o + n]
+        if g is None:
+            slot.zero_()
+        elif g.is_sparse:
+            raise ValueError(f"grain_ddp does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        elif g.data_ptr() != slot.data_ptr():
+            slot.copy_(g.reshape(-1))
+
     def _pack(self, layout: _Layout) -> list[bool]:
-        buf, has = layout.buffer, []
-        for p, o, n in zip(layout.params, layout.offsets, layout.numels):
-            g = p.grad
-            has.append(g is not None)
-            if g is None:
-                buf[o:o + n].zero_()
-            elif g.is_sparse:
-                raise ValueError(f"grain_ddp does not support sparse gradients (parameter of shape {tuple(p.shape)})")
-            elif g.data_ptr() != buf[o:o + n].data_ptr():
-                buf[o:o + n].copy_(g.reshape(-1))
-        buf[layout.total:].zero_()
-        return has
+        """Copy the gradients not copied yet (all, without overlap) into the buffer; which ones exist."""
+        done = self._overlap.done if self._overlap is not None else [False] * len(layout.params)
+        for i, finished in enumerate(done):
+            if not finished:
+                self._copy_in(layout, i)
+        for a, b in layout.gaps:
+            layout.buffer[a:b].zero_()
+        return [p.grad is not None for p in layout.params]
 
     def _unpack(self, layout: _Layout, reached: Tensor) -> None:
         for p, o, n, r in zip(layout.params, layout.offsets, layout.numels, reached.tolist()):
@@ -329,7 +414,11 @@ class GrainDDPStrategy(DDPStrategy):
             return self._collapse(gram, weights, pi, self.collapse_eps, self.on_collapse, 0.0)
 
         assert self._aggregator is not None
-        res = self._aggregator.combine(layout.buffer.view(1, -1), layout.buffer, extras=extras, decide=decide)
+        if self._overlap is not None:
+            exchange, self._overlap = self._overlap.exchange, None
+            res = self._aggregator.finish(exchange, layout.buffer, extras=extras, decide=decide)
+        else:
+            res = self._aggregator.combine(layout.buffer.view(1, -1), layout.buffer, extras=extras, decide=decide)
         invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
         return self._finish(res, layout, res.extras[world + 1:], pi, [1] * world, invalid_ranks)
 

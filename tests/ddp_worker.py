@@ -132,6 +132,10 @@ SCENARIOS = {
     "sharded": dict(strategy=dict(mode="sharded")),
     "allgather": dict(strategy=dict(mode="allgather")),
     "blockwise": dict(strategy=dict(mode="blockwise")),
+    # buckets of 26 float64 numbers: the net's 4 parameters (48, 8, 24, 3) make 3 buckets, 2 of them padded
+    "sharded_buckets": dict(strategy=dict(mode="sharded", bucket_cap_mb=2e-4)),
+    "blockwise_buckets": dict(strategy=dict(mode="blockwise", bucket_cap_mb=2e-4)),
+    "mixin_global_buckets": dict(strategy=dict(mixin_groups="global", bucket_cap_mb=2e-4), mixin=True),
     "accum_clip": dict(strategy=dict(mode="sharded"), batch_size=BATCH // 2,
                        trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05)),
     "mixin_hierarchical": dict(strategy=dict(mixin_groups="hierarchical"), mixin=True),

@@ -95,10 +95,10 @@ def applied_direction(params: list[torch.Tensor], before: int, after: int) -> to
 
 # ---------------------------------------------------------------------- tests
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise"])
+@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise", "sharded_buckets", "blockwise_buckets"])
 def test_update_equals_single_process_grain_over_the_two_ranks_batches(records, mode):
     rec = records[mode]
-    combine = blockwise_min_norm_point if mode == "blockwise" else min_norm_point
+    combine = blockwise_min_norm_point if mode.startswith("blockwise") else min_norm_point
     assert len(rec[0]["params"]) == 4  # before training, then three steps
     for step in range(3):
         theta = rec[0]["params"][step]
@@ -110,8 +110,9 @@ def test_update_equals_single_process_grain_over_the_two_ranks_batches(records, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise", "accum_clip", "mixin_hierarchical",
-                                  "mixin_global", "nonfinite_skip", "resume"])
+@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise", "sharded_buckets", "accum_clip",
+                                  "mixin_hierarchical", "mixin_global", "mixin_global_buckets", "nonfinite_skip",
+                                  "resume"])
 def test_parameters_are_bit_identical_across_ranks(records, mode):
     a, b = records[mode]
     assert len(a["params"]) == len(b["params"]) > 1
@@ -129,6 +130,9 @@ def test_sharded_equals_allgather_and_sends_ring_allreduce_bytes(records):
     per_step = sharded["bytes_sent"] / 3
     assert ring < per_step <= ring + 200  # plus the 2 x 2 Gram and a few flags, all float64
     assert sharded["calls"] == {"all_to_all": 3, "all_reduce": 3, "all_gather": 3}
+    buckets = records["sharded_buckets"][0]
+    assert buckets["calls"] == {"all_to_all": 9, "all_reduce": 3, "all_gather": 9}  # 3 buckets per step
+    assert buckets["bytes_sent"] == sharded["bytes_sent"]  # buckets of 48, 32 and 4 (3 padded to 4): 84 in all
 
 
 @pytest.mark.slow
@@ -147,7 +151,7 @@ def test_accumulation_communicates_once_per_step_and_clips_the_combined_gradient
 
 @pytest.mark.slow
 def test_mixin_global_equals_single_process_grain_over_all_groups(records):
-    for name in ("mixin_global", "mixin_global_allgather"):
+    for name in ("mixin_global", "mixin_global_allgather", "mixin_global_buckets"):
         params = records[name][0]["params"]
         for step in range(3):
             groups = torch.cat([chunk_grads(params[step], r, step) for r in range(2)])  # 4 groups
