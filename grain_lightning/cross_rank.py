@@ -273,7 +273,7 @@ class CrossRankMinNorm:
         length = ex.rows.shape[1]
         blocks = self._block_list(length)
         gram = torch.zeros(len(blocks), k, k, dtype=torch.float64, device=ex.rows.device)
-        pieces = []
+        pieces, order = [], list(ex.sent)
         for b, recv, _send, work in ex.sent:
             work.wait()
             a, e = ex.buckets[b]
@@ -292,9 +292,13 @@ class CrossRankMinNorm:
         result = self._decide(gram, extras_sum, ex.counts, decide)
         if result.weights is None:
             return result
-        for lo, shard, shard_rows, segments in pieces:  # this rank's pieces of rows were sent already
+        works = []
+        for (lo, shard, shard_rows, segments), (b, *_rest) in zip(pieces, order):
+            # this rank's pieces of rows were sent already; each bucket leaves as soon as it is combined
             self._combine_rows(shard_rows, result.weights, segments, out[lo:lo + shard])
-        self._exchange_pieces(out, ex.buckets)
+            works += self._exchange_pieces(out, [ex.buckets[b]], wait=False)
+        for work in works:
+            work.wait()
         return result
 
     def combine(self, rows: torch.Tensor, out: torch.Tensor, counts: Optional[Sequence[int]] = None,
@@ -349,20 +353,22 @@ class CrossRankMinNorm:
         weights = solved if decide is None else decide(gram, solved, extras_sum)
         return CrossRankResult(gram, weights, extras_sum, [], solved, gap)
 
-    def _exchange_pieces(self, out: torch.Tensor, buckets: list[tuple[int, int]]) -> None:
+    def _exchange_pieces(self, out: torch.Tensor, buckets: list[tuple[int, int]], wait: bool = True) -> list:
         """All-gather in place: every rank's piece of every bucket of ``out`` to every rank.
+
+        With ``wait=False`` the operations are left running and their works are returned.
 
         NCCL: ``all_gather_into_tensor`` per bucket. Other backends: direct sends and receives of the
         pieces (the same ``(R-1)`` pieces per rank; gloo's all-gather runs several times slower here).
         """
         world, rank = self.world, self.rank
-        ops = []
+        ops, works = [], []
         for a, e in buckets:
             shard = (e - a) // world
             mine = out[a + rank * shard:a + (rank + 1) * shard]
             self.counter.add("all_gather", (world - 1) * mine.numel() * mine.element_size())
             if self._nccl:
-                dist.all_gather_into_tensor(out[a:e], mine, group=self.group)
+                works.append(dist.all_gather_into_tensor(out[a:e], mine, group=self.group, async_op=True))
                 continue
             for peer in range(world):
                 if peer != rank:
@@ -370,8 +376,12 @@ class CrossRankMinNorm:
                     ops.append(dist.P2POp(dist.isend, mine, dst, self.group))
                     ops.append(dist.P2POp(dist.irecv, out[a + peer * shard:a + (peer + 1) * shard], dst, self.group))
         if ops:
-            for work in dist.batch_isend_irecv(ops):
+            works += dist.batch_isend_irecv(ops)
+        if wait:
+            for work in works:
                 work.wait()
+            return []
+        return works
 
     def _gram_allgather(self, rows, counts, blocks, extras):
         world = self.world
