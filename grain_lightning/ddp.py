@@ -286,6 +286,8 @@ class GrainDDPStrategy(DDPStrategy):
         if layout is not None and len(layout.params) == len(params) and all(a is b for a, b in zip(layout.params, params)):
             return layout
         self._check_same_parameters()  # the trainable set changed (e.g. unfreezing): check it again
+        if not params:
+            raise ValueError("grain_ddp found no trainable parameters (requires_grad=True) to combine")
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"grain_ddp needs one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
