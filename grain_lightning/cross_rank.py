@@ -133,6 +133,7 @@ class CrossRankMinNorm:
         self.counter = CommCounter()
         self.blocks: Optional[list[tuple[int, int]]] = None
         self.buckets: Optional[list[tuple[int, int]]] = None
+        self._recv: dict[int, torch.Tensor] = {}
         self.set_blocks(blocks)
 
     def set_blocks(self, blocks: Optional[Sequence[tuple[int, int]]]) -> None:
@@ -151,7 +152,7 @@ class CrossRankMinNorm:
             for a, b in buckets:
                 if b <= a or (b - a) % self.world:
                     raise ValueError(f"bucket ({a}, {b}) must be non-empty with a length divisible by {self.world}")
-        self.buckets = buckets
+        self.buckets, self._recv = buckets, {}
 
     def padded_length(self, numel: int) -> int:
         """``R * S`` with ``S = ceil(numel / R)``: the row length :meth:`combine` expects."""
@@ -256,11 +257,18 @@ class CrossRankMinNorm:
         k_r = ex.rows.shape[0]
         piece = ex.rows[:, a:e]
         send = piece.reshape(-1) if k_r == 1 else piece.reshape(k_r, world, shard).transpose(0, 1).contiguous()
-        recv = torch.empty(sum(ex.counts) * shard, dtype=ex.rows.dtype, device=ex.rows.device)
+        recv = self._receive_buffer(b, sum(ex.counts) * shard, ex.rows)
         self.counter.add("all_to_all", (world - 1) * k_r * shard * ex.rows.element_size())
         work = dist.all_to_all_single(recv, send.reshape(-1), [c * shard for c in ex.counts], [k_r * shard] * world,
                                       group=self.group, async_op=True)
         ex.sent.append((b, recv, send, work))
+
+    def _receive_buffer(self, bucket: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """Receive buffer of ``bucket``, kept from step to step (as DDP keeps its buckets)."""
+        buf = self._recv.get(bucket)
+        if buf is None or buf.numel() != numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._recv[bucket] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf
 
     def finish(self, ex: "_Exchange", out: torch.Tensor, extras: Optional[torch.Tensor] = None,
                decide: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
