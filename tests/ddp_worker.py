@@ -69,9 +69,13 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 class Plain(L.LightningModule):
     """An ordinary automatic-optimization module: nothing changed for grain_ddp."""
 
-    def __init__(self, momentum: float = 0.0, nan_at: tuple[int, int] | None = None, extra_on_rank1: bool = False):
+    def __init__(self, momentum: float = 0.0, nan_at: tuple[int, int] | None = None, extra_on_rank1: bool = False,
+                 batch_norm: bool = False):
         super().__init__()
         self.net, self.momentum, self.nan_at, self.extra_on_rank1 = make_net(), momentum, nan_at, extra_on_rank1
+        if batch_norm:
+            self.net.insert(1, torch.nn.BatchNorm1d(8).double())
+        self.buffers_seen: list[torch.Tensor] = []  # running statistics at the start of each training step
 
     def configure_model(self) -> None:
         if self.extra_on_rank1 and self.global_rank == 1 and not hasattr(self, "extra"):
@@ -79,6 +83,8 @@ class Plain(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if len(self.net) == 4:
+            self.buffers_seen.append(torch.cat([self.net[1].running_mean, self.net[1].running_var]).clone())
         loss = F.cross_entropy(self.net(x), y)
         if self.nan_at == (self.global_rank, batch_idx):
             loss = loss * float("nan")
@@ -144,6 +150,7 @@ SCENARIOS = {
     "mixin_global_accumulate": dict(strategy=dict(mixin_groups="global"), mixin=True, batch_size=BATCH // 2,
                                     module=dict(accumulate=2)),
     "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), mixin=True, module=dict(nan_at=(1, 1))),
+    "batch_norm": dict(strategy=dict(), module=dict(batch_norm=True)),
     "nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), module=dict(nan_at=(1, 1))),
     "nonfinite_raise": dict(strategy=dict(), module=dict(nan_at=(1, 1))),
     "mismatch": dict(strategy=dict(), module=dict(extra_on_rank1=True)),
@@ -166,7 +173,7 @@ def run_scenario(name: str, out: Path, data: DataLoader) -> None:
         trainer.fit(module, data)
     except (FloatingPointError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    save(out, name, trainer, strat, rec.params, error)
+    save(out, name, trainer, strat, rec.params, error, buffers=getattr(module, "buffers_seen", []))
 
 
 def run_resume(out: Path, data: DataLoader) -> None:

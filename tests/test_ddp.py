@@ -225,6 +225,14 @@ def test_plain_module_fit_checkpoint_resume_equals_uninterrupted_fit(records):
 
 
 @pytest.mark.slow
+def test_buffers_are_broadcast_from_rank_0_before_each_training_step(records):
+    a, b = records["batch_norm"]
+    assert len(a["buffers"]) == 3 and all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"]))
+    assert not torch.equal(a["buffers"][0], a["buffers"][1])  # the statistics do move
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+@pytest.mark.slow
 def test_diagnostics_are_logged(records):
     metrics = records["sharded"][0]["metrics"]
     assert metrics["grain_ddp/weight_rank0"] + metrics["grain_ddp/weight_rank1"] == pytest.approx(1.0)
