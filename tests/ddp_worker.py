@@ -97,8 +97,9 @@ class Plain(L.LightningModule):
 class WithMixin(GrainMixin, L.LightningModule):
     """GrainMixin module: two chunks of each rank's batch are its groups."""
 
-    def __init__(self, accumulate: int = 1, nan_at: tuple[int, int] | None = None):
-        super().__init__(grain=GrainConfig(grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate))
+    def __init__(self, accumulate: int = 1, nan_at: tuple[int, int] | None = None, aggregation: str = "grain"):
+        super().__init__(grain=GrainConfig(grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate,
+                                           aggregation=aggregation))
         self.net, self.nan_at = make_net(), nan_at
 
     def grain_losses(self, batch, batch_idx):
@@ -149,6 +150,7 @@ SCENARIOS = {
     "mixin_global_allgather": dict(strategy=dict(mixin_groups="global", mode="allgather"), mixin=True),
     "mixin_global_accumulate": dict(strategy=dict(mixin_groups="global"), mixin=True, batch_size=BATCH // 2,
                                     module=dict(accumulate=2)),
+    "mixin_mean": dict(strategy=dict(), mixin=True, module=dict(aggregation="mean")),
     "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), mixin=True, module=dict(nan_at=(1, 1))),
     "batch_norm": dict(strategy=dict(), module=dict(batch_norm=True)),
     "nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), module=dict(nan_at=(1, 1))),

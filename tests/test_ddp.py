@@ -178,6 +178,14 @@ def test_mixin_global_with_accumulation_uses_every_group_of_every_micro_batch_an
 
 
 @pytest.mark.slow
+def test_mixin_mean_aggregation_combines_the_ranks_mean_gradients(records):
+    params = records["mixin_mean"][0]["params"]
+    for step in range(3):
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(rank_grads(params[step], step)), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
 def test_mixin_hierarchical_is_min_norm_of_the_ranks_grain_directions(records):
     params = records["mixin_hierarchical"][0]["params"]
     for step in range(3):
