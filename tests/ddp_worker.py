@@ -1,7 +1,7 @@
 """Two-process CPU (gloo) fits under ``grain_ddp``, for tests/test_ddp.py.
 
 Usage: ``python tests/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
-port. Lightning's ``ddp`` launcher (popen) re-runs this command as rank 1; both ranks run every scenario
+port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp`` launcher (popen) re-runs this command as rank 1; both ranks run every scenario
 in order (rank ``r`` trains on samples ``r, r + 2, ...``), catching the expected errors so that one launch covers them all, and write
 ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
 strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
@@ -124,7 +124,8 @@ class Recorder(L.Callback):
 
 
 def make_trainer(strategy: GrainDDPStrategy, callbacks: list, **kw) -> L.Trainer:
-    base = dict(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
+    devices = int(os.environ.get("GRAIN_TEST_DEVICES", "2"))
+    base = dict(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, logger=False,
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 num_sanity_val_steps=0, callbacks=callbacks, use_distributed_sampler=False)
     base.update(kw)
