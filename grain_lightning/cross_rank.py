@@ -10,10 +10,10 @@ group), all of length ``P`` (padded to ``R * S``). With ``K = sum_r k_r`` rows `
 Modes (``mode=``):
 
 ``"sharded"`` (default): ``all_to_all`` of gradient shards, so that rank ``r`` holds shard ``r`` (``S``
-numbers) of every row (per bucket, when buckets are set: piece ``r`` of every bucket, each bucket sent as
-soon as it is complete, see :meth:`CrossRankMinNorm.start`); a partial ``K x K`` Gram on that shard; ``all_reduce`` of the partial Grams;
-every rank solves the same problem from the same reduced Gram; each combines its shard with the
-weights; ``all_gather`` of the combined shards. Bytes sent per rank for ``k_r = 1``:
+numbers) of every row (per bucket, when buckets are set: piece ``r`` of every bucket, each bucket sent
+as soon as it is complete, see :meth:`CrossRankMinNorm.start`); a partial ``K x K`` Gram on that shard;
+``all_reduce`` of the partial Grams; every rank solves the same problem from the same reduced Gram; each
+combines its shard with the weights; ``all_gather`` of the combined shards. Bytes sent per rank for ``k_r = 1``:
 ``(R-1)/R P`` (all_to_all) ``+ (R-1)/R P`` (all_gather) ``= 2 (R-1)/R P`` elements, the volume of a ring
 all-reduce, plus ``R^2`` float64 for the Gram. Parameters are identical on every rank *by construction*:
 each shard of ``d`` is computed by exactly one rank and then copied everywhere.

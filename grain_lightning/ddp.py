@@ -378,8 +378,9 @@ class GrainDDPStrategy(DDPStrategy):
         for i, finished in enumerate(done):
             if not finished:
                 self._copy_in(layout, i)
-        for a, b in layout.gaps:
-            layout.buffer[a:b].zero_()
+        if self._overlap is None:  # with overlap, _begin_overlap zeroed them (some buckets are in flight now)
+            for a, b in layout.gaps:
+                layout.buffer[a:b].zero_()
         return [p.grad is not None for p in layout.params]
 
     def _unpack(self, layout: _Layout, reached: Tensor) -> None:
@@ -441,7 +442,8 @@ class GrainDDPStrategy(DDPStrategy):
         """Apply the outcome on this rank; every rank sees the same ``res`` and takes the same branch."""
         self.num_combines += 1
         if res.bad_ranks or invalid:
-            what = f"non-finite gradient on rank(s) {res.bad_ranks}" if res.bad_ranks else f"non-finite loss on rank(s) {invalid}"
+            what = (f"non-finite gradient on rank(s) {res.bad_ranks}" if res.bad_ranks
+                    else f"non-finite loss on rank(s) {invalid}")
             self._nonfinite(what, layout)
             return False
         if res.weights is None:

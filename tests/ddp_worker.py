@@ -1,8 +1,9 @@
 """Two-process CPU (gloo) fits under ``grain_ddp``, for tests/test_ddp.py.
 
 Usage: ``python tests/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
-port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp`` launcher (popen) re-runs this command as rank 1; both ranks run every scenario
-in order (rank ``r`` trains on samples ``r, r + 2, ...``), catching the expected errors so that one launch covers them all, and write
+port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp`` launcher (popen) re-runs this
+command as the other ranks; every rank runs every scenario in order (rank ``r`` of ``R`` trains on samples
+``r, r + R, ...``), catching the expected errors so that one launch covers them all, and writes
 ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
 strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
 """
