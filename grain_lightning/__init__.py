@@ -5,6 +5,8 @@ The update is the min-norm point of the convex hull of the group gradients,
 ``<d, g_k> >= ||d||^2 >= 0`` for every group.
 """
 
+from grain_lightning.cross_rank import CommCounter, CrossRankMinNorm
+from grain_lightning.ddp import GrainDDPStrategy  # registers the "grain_ddp" strategy names
 from grain_lightning.diagnostics import grain_diagnostics
 from grain_lightning.engine import (
     GrainBackwardResult,
@@ -24,8 +26,11 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ByKey",
     "Chunks",
+    "CommCounter",
+    "CrossRankMinNorm",
     "GrainBackwardResult",
     "GrainConfig",
+    "GrainDDPStrategy",
     "GhostEngine",
     "GrainMixin",
     "GroupAssignment",

@@ -55,7 +55,8 @@ class GrainConfig:
             (weights ``(1 - collapse_mix) w* + collapse_mix * pi``, still a convex combination).
         collapse_mix: mixing coefficient for ``on_collapse="mix"``, in ``[0, 1]``.
         on_nonfinite: non-finite losses or gradients: ``"raise"`` (``FloatingPointError``) or ``"skip"``
-            the step with a warning; they never reach the weights.
+            the step with a warning; they never reach the weights. Under ``grain_ddp`` with several ranks,
+            the strategy's ``on_nonfinite`` applies instead, so that every rank takes the same action.
         log_every_n_steps: log the diagnostics every this many optimizer steps (0: never).
         log_loss_as: name under which the batch's mean loss is logged (``None``: not logged).
         plateau_monitor: the logged metric a ``ReduceLROnPlateau`` scheduler steps on (Lightning ignores the
@@ -196,7 +197,9 @@ class GrainMixin:
             self._grain_accumulate(losses, batch, groups)
         st.micro += 1
         if last:
-            if st.skip_cycle:
+            if self._grain_distributed():  # grain_ddp: every rank joins the cross-rank step, even a skipping one
+                self.trainer.strategy.grain_mixin_step(self, opts)
+            elif st.skip_cycle:
                 self._grain_skip()
             elif cfg.aggregation == "mean":
                 self._grain_apply(opts)
@@ -210,13 +213,18 @@ class GrainMixin:
         if trainer.world_size > 1 and not getattr(trainer.strategy, "supports_grain_mixin", False):
             raise RuntimeError(
                 f"GrainMixin computes group gradients itself; under {type(trainer.strategy).__name__} with "
-                f"world_size={trainer.world_size} the ranks would not be synchronised. Use devices=1."
+                f"world_size={trainer.world_size} the ranks would not be synchronised. Use strategy='grain_ddp' "
+                "(grain_lightning.GrainDDPStrategy) or devices=1."
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise RuntimeError(
                 "GrainMixin writes gradients itself and does not support fp16 loss scaling "
                 "(precision='16-mixed' on GPU): use precision='bf16-mixed' or '32-true'"
             )
+
+    def _grain_distributed(self) -> bool:
+        """Whether a distributed GRAIN strategy (``grain_ddp``) combines this module's ranks."""
+        return self.trainer.world_size > 1 and getattr(self.trainer.strategy, "supports_grain_mixin", False)
 
     def _grain_optimizers(self) -> list:
         opts = self.optimizers()
@@ -247,6 +255,13 @@ class GrainMixin:
         st.keys.append(torch.stack([torch.full_like(key, st.micro), key], 1))
 
     def _grain_solve_and_apply(self, opts: list) -> None:
+        if self._grain_set_direction(opts):
+            self._grain_apply(opts)
+        else:
+            self._grain_skip()
+
+    def _grain_set_direction(self, opts: list) -> bool:
+        """Solve over the buffered groups and write ``d`` into ``.grad``; ``False``: skip this step."""
         cfg, st = self.grain_config, self._grain
         grads = st.buffer
         pi = torch.cat(st.fractions)
@@ -255,8 +270,8 @@ class GrainMixin:
         gram = grads.gram()
         if not torch.isfinite(gram).all():
             self._grain_nonfinite(self._grain_nonfinite_where(grads))
-            self._grain_skip()
-            return
+            st.skip_cycle = True
+            return False
         init = None
         if cfg.warm_start and st.prev_keys is not None and (keys >= 0).all() and torch.equal(st.prev_keys, keys):
             init = st.prev_weights
@@ -275,15 +290,14 @@ class GrainMixin:
             st.collapsed += 1
             if cfg.on_collapse == "skip":
                 self._grain_log(gram, weights, pi, collapsed=True)
-                self._grain_skip()
-                return
+                return False
             weights = pi if cfg.on_collapse == "mean" else (1.0 - cfg.collapse_mix) * weights + cfg.collapse_mix * pi
         params = self._grain_params(opts)
         for p, d in zip(params, combine_gradients(grads, weights)):
             p.grad = d
         st.prev_weights, st.prev_keys = res.weights, keys
         self._grain_log(gram, res.weights, pi, collapsed=collapsed, kkt_gap=res.kkt_gap)
-        self._grain_apply(opts)
+        return True
 
     def _grain_apply(self, opts: list) -> None:
         """Clip, step every optimizer and step-interval scheduler, zero grads, reset the cycle."""
@@ -315,6 +329,8 @@ class GrainMixin:
         st.micro, st.buffer, st.fractions, st.keys, st.skip_cycle = 0, None, [], [], False
 
     def _grain_nonfinite(self, what: str) -> None:
+        if self._grain_distributed():  # the strategy decides for every rank at the end of the cycle
+            return
         msg = f"GRAIN: {what} at global step {self.trainer.global_step}"
         if self.grain_config.on_nonfinite == "raise":
             self._grain_reset_cycle()
