@@ -41,15 +41,19 @@ LIGHTFMP_KEY = "lightfmp"
 
 
 class TrainingThroughput(Callback):
-    """Wall-clock seconds of ``fit``'s training loop and the number of training samples it consumed."""
+    """Seconds of ``fit``'s training loop (wall clock, and CPU time of this process, which is less sensitive to
+    other jobs on a shared machine) and the number of training samples it consumed."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.samples = 0
         self._start: Optional[float] = None
+        self._cpu_start = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         self.samples = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -58,6 +62,7 @@ class TrainingThroughput(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None:
             self.seconds = time.perf_counter() - self._start
+            self.cpu_seconds = time.process_time() - self._cpu_start
 
     @property
     def samples_per_second(self) -> float:
@@ -134,6 +139,7 @@ def _entry(module: LightFMPModule, scores: dict[str, float], throughput: Optiona
     if throughput is not None:
         entry.update(
             train_seconds=throughput.seconds,
+            train_cpu_seconds=throughput.cpu_seconds,
             train_samples=throughput.samples,
             samples_per_second=throughput.samples_per_second,
         )
