@@ -92,14 +92,15 @@ class _Tap(torch.autograd.Function):
     """Identity on a layer output; its backward hands ``dL/d output`` to ``sink`` (no weight gradients)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        ctx.sink = sink
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, rule: "_Rule",
+                sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.sink, ctx.ghost_rule = sink, rule
         return x.detach()  # shares storage, not an autograd view: in-place ops after the layer stay legal
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         ctx.sink(grad)
-        return grad, None, None
+        return grad, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- terms
@@ -261,7 +262,12 @@ class _Rule:
         self.calls: list[_Call] = []
 
     def counted(self, p: Optional[torch.Tensor]) -> bool:
-        return p is not None and id(p) in self.engine._ghost_ids
+        return p is not None and id(p) in self.engine._ghost_ids and id(p) not in self.engine._outside
+
+    def owns(self) -> set[int]:
+        """Ids of the parameters this rule's calls may use."""
+        mods = self.module.modules() if isinstance(self.module, nn.MultiheadAttention) else [self.module]
+        return {id(p) for m in mods for p in m.parameters(recurse=False)}
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -278,7 +284,7 @@ class _Rule:
     def record(self, x: torch.Tensor, output: torch.Tensor, info: Any = None) -> torch.Tensor:
         call = _Call(self.prepare(x), info)
         self.calls.append(call)
-        return _Tap.apply(output, self.engine._anchor, lambda g: self.engine._receive(self, call, g))
+        return _Tap.apply(output, self.engine._anchor, self, lambda g: self.engine._receive(self, call, g))
 
     def prepare(self, x: torch.Tensor) -> Any:
         return x.detach()
@@ -485,7 +491,6 @@ class BlockwiseResult:
     solves: dict[str, MinNormResult]
     grams: dict[str, torch.Tensor]
 
-    @property
     def gram(self) -> torch.Tensor:
         """The global ``(k, k)`` Gram (sum of the block Grams)."""
         return sum(self.grams.values())
@@ -507,6 +512,10 @@ class GhostGradients:
     def combine(self, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """``sum_j w_j g_j`` for every parameter of ``engine.params`` (``None`` for unreached ones)."""
         return self.engine._combine(weights)
+
+    def release(self) -> None:
+        """Drop the activations the engine keeps for :meth:`combine`."""
+        self.engine.release()
 
 
 class GhostEngine:
@@ -542,10 +551,15 @@ class GhostEngine:
         self.linear_gram, self.unsupported = linear_gram, unsupported
         trainable = [p for p in module.parameters() if p.requires_grad]
         if params is not None:
-            wanted = {id(p) for p in params}
-            trainable = [p for p in trainable if id(p) in wanted]
+            mine = {id(p) for p in trainable}
+            given = [p for p in dict.fromkeys(params) if p.requires_grad]
+            foreign = [tuple(p.shape) for p in given if id(p) not in mine]
+            if foreign:
+                raise ValueError(f"params of shapes {foreign} are not trainable parameters of the module")
+            trainable = given
         #: the parameters this engine writes, in order (ghost-handled and fallback ones)
         self.params: list[nn.Parameter] = trainable
+        self._named = list(module.named_parameters())
         counted = {id(p) for p in trainable}
 
         owners: dict[int, list[str]] = {}
@@ -600,6 +614,7 @@ class GhostEngine:
                 self.rules.append(_AttentionRule(self, name, sub))
         self._fallback_ids = fallback
         self._ghost_ids = counted - fallback
+        self._outside: set[int] = set()  # this step: parameters used outside their recorded calls
         if unsupported == "raise":
             self._check_coupling()
         self._anchor: Optional[torch.Tensor] = None
@@ -684,12 +699,45 @@ class GhostEngine:
         if coupled and self.unsupported == "raise":
             self._reset()
             self._check_coupling()
-        fb_ids = {id(p) for p in self.params} if coupled else self._fallback_ids
+        self._outside = set() if coupled else self._uses_outside_layers(losses)
+        if self._outside and self.unsupported == "raise":
+            names = {id(p): n for n, p in self._named}
+            bad = [names.get(i, "?") for i in self._outside]
+            self._reset()
+            raise UnsupportedModuleError(
+                f"parameters {bad} reach the losses outside their module's recorded forward (used functionally, "
+                "or their module was not called inside capture()); use unsupported='fallback' or the reference engine"
+            )
+        fb_ids = {id(p) for p in self.params} if coupled else self._fallback_ids | self._outside
         fb_params = [p for p in self.params if id(p) in fb_ids]
         fallback = None
         if fb_params:
             fallback = group_gradients(assignment.group_means(losses), fb_params, retain_graph=not coupled)
         return n, k, index, onehot, fb_params, fallback, coupled
+
+    def _uses_outside_layers(self, losses: torch.Tensor) -> set[int]:
+        """Ids of one-backward parameters whose gradient does not flow only through their own rule's taps.
+
+        Walks the autograd graph from the losses, remembering the last tap passed; reaching a parameter's
+        ``AccumulateGrad`` with no tap, or under another module's tap, means a use the rules do not see.
+        """
+        owned = {id(r): r.owns() for r in self.rules}
+        bad: set[int] = set()
+        seen: set = set()
+        stack: list = [(losses.grad_fn, None)]
+        while stack:
+            node, rule = stack.pop()
+            if node is None or (node, rule) in seen:
+                continue
+            seen.add((node, rule))
+            var = getattr(node, "variable", None)
+            if var is not None:
+                if id(var) in self._ghost_ids and (rule is None or id(var) not in owned[id(rule)]):
+                    bad.add(id(var))
+                continue
+            rule = getattr(node, "ghost_rule", rule)
+            stack.extend((fn, rule) for fn, _ in node.next_functions if fn is not None)
+        return bad
 
     def _run_backward(self, losses, assignment, index, coupled) -> None:
         if coupled or not any(rule.calls for rule in self.rules):

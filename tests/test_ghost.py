@@ -319,7 +319,7 @@ def test_blockwise_gives_nonnegative_inner_products_and_a_shorter_step():
     assert len(res.solves) == len(engine.rules)
     d = torch.cat([p.grad.reshape(-1) for p in params])
     g = torch.cat([t.reshape(12, -1) for t in ref.grads], 1)
-    assert rel_err(res.gram, ref.gram()) <= 1e-6
+    assert rel_err(res.gram(), ref.gram()) <= 1e-6
     inner = g @ d
     assert (inner >= (d @ d) * (1 - 1e-6)).all(), inner.min()  # <d, g_j> >= ||d||^2 >= 0
     w = min_norm_weights(ref.gram())
@@ -342,3 +342,29 @@ def test_errors_name_the_problem():
         losses = ce(model(torch.randn(6, 7)), labels(6))
     with pytest.raises(ValueError, match="assignment of 4 samples"):
         engine.backward(losses, PerSample().assign(4))
+
+
+class FunctionalUse(nn.Module):
+    """A Linear whose weight also enters the loss outside the Linear's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(7, 3)
+        self.other = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.lin(x) + x[:, :3] @ self.other.weight[:, :3].T  # `other` is never called as a module
+
+
+def test_parameters_used_outside_their_module_are_detected():
+    model = FunctionalUse().double()
+    x, y = torch.randn(12, 7, dtype=torch.float64), labels()
+    engine = GhostEngine(model, unsupported="raise")
+    with engine.capture():
+        losses = ce(model(x), y)
+    with pytest.raises(UnsupportedModuleError, match=r"\['other.weight'\]"):
+        engine.backward(losses, PerSample().assign(12))
+    params = [p for p in model.parameters()]
+    compare(model, lambda: ce(model(x), y), Chunks(4).assign(12), 1e-6,
+            engine=GhostEngine(model, unsupported="fallback"), params=params)
+    assert model.other.bias.grad is None  # never reached, as with autograd
