@@ -83,6 +83,11 @@ def _as_autocast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != torch.float64 else x
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the calls of a layer along ``T`` (no copy for a single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 def _group_sum(onehot: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(k, m)`` group sums of per-sample rows ``v`` (``(n, m)``), in ``v``'s dtype."""
     return onehot.T.to(v.dtype) @ v
@@ -154,6 +159,7 @@ class _MatTerm(_Term):
         super().__init__(param, where)
         self.a, self.b, self.mode, self.k = a, b, mode, k
         self.g: Optional[torch.Tensor] = None
+        self.store = True  # keep G or (A, B) for the combined gradient
 
     def _use_ghost(self) -> bool:
         n, t, d = self.a.shape
@@ -172,26 +178,34 @@ class _MatTerm(_Term):
                 kern = (torch.einsum("itd,jsd->ijts", a, a) * torch.einsum("itp,jsp->ijts", b, b)).sum((2, 3))
             o = onehot.to(kern.dtype)
             return (o.T @ kern @ o).double()
-        g = self.group_grads(onehot)
-        flat = g.reshape(g.shape[0], -1)
-        gram = (flat @ flat.T).double()
         n, t, d = self.a.shape
-        if self.k * g[0].numel() <= n * t * (d + self.b.shape[2]):
-            self.g, self.a, self.b = g, None, None  # keep the smaller of (G) and (A, B)
-        return gram
+        p = self.b.shape[2]
+        if self.store and self.k * p * d <= n * t * (d + p):  # keep the smaller of G and (A, B) for the combined gradient
+            g = self.group_grads(onehot)
+            flat = g.reshape(g.shape[0], -1)
+            self.g, self.a, self.b = g, None, None
+            return (flat @ flat.T).double()
+        # G_j in slices of output rows that stay in cache (about 2 MiB each): never the whole k x p x d
+        rows = max(1, 2**19 // (self.k * d))
+        gram = torch.zeros(self.k, self.k, dtype=self.a.dtype, device=self.a.device)
+        for start in range(0, p, rows):
+            flat = self.group_grads(onehot, self.b[:, :, start:start + rows]).reshape(self.k, -1)
+            gram.addmm_(flat, flat.T)
+        return gram.double()
 
-    def group_grads(self, onehot):
+    def group_grads(self, onehot, b: Optional[torch.Tensor] = None):
+        """``(k, p, d)`` group gradients (of the output columns in ``b``, default all)."""
         if self.g is not None:
             return self.g
-        a, b = self.a, self.b
+        a, b = self.a, (self.b if b is None else b)
         n, k = onehot.shape
         index = onehot.argmax(1)
         counts = torch.bincount(index, minlength=k)
         if bool((counts == counts[0]).all()):  # equal groups: one batched GEMM
-            order = torch.argsort(index, stable=True)
-            aa = a[order].reshape(k, -1, a.shape[2])
-            bb = b[order].reshape(k, -1, b.shape[2])
-            return torch.bmm(bb.transpose(1, 2), aa)
+            if not bool((index[1:] >= index[:-1]).all()):
+                order = torch.argsort(index, stable=True)
+                a, b = a[order], b[order]
+            return torch.bmm(b.reshape(k, -1, b.shape[2]).transpose(1, 2), a.reshape(k, -1, a.shape[2]))
         out = a.new_empty(k, b.shape[2], a.shape[2])
         for j in range(k):
             idx = (index == j).nonzero().squeeze(1)
@@ -315,8 +329,8 @@ class _LinearRule(_Rule):
 
     def terms(self, n, k):
         m = self.module
-        a = torch.cat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls], 1)
-        b = torch.cat([self.samples(c.grad, self.batch_dim, n) for c in self.calls], 1)
+        a = _cat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls])
+        b = _cat([self.samples(c.grad, self.batch_dim, n) for c in self.calls])
         out: list[_Term] = []
         if self.counted(m.weight):
             out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, self.engine.linear_gram, k))
@@ -344,8 +358,8 @@ class _ConvRule(_Rule):
 
     def terms(self, n, k):
         m = self.module
-        a = torch.cat([_work(c.inputs) for c in self.calls], 1)
-        b = torch.cat([_work(c.grad.reshape(n, c.grad.shape[1], -1).transpose(1, 2)) for c in self.calls], 1)
+        a = _cat([_work(c.inputs) for c in self.calls])
+        b = _cat([_work(c.grad.reshape(n, c.grad.shape[1], -1).transpose(1, 2)) for c in self.calls])
         out: list[_Term] = []
         if self.counted(m.weight):
             out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, self.engine.linear_gram, k))
@@ -359,8 +373,8 @@ class _EmbeddingRule(_Rule):
         m = self.module
         if not self.counted(m.weight):
             return []
-        ids = torch.cat([c.inputs.reshape(n, -1) for c in self.calls], 1)
-        b = torch.cat([_work(c.grad.reshape(n, -1, m.embedding_dim)) for c in self.calls], 1)
+        ids = _cat([c.inputs.reshape(n, -1) for c in self.calls])
+        b = _cat([_work(c.grad.reshape(n, -1, m.embedding_dim)) for c in self.calls])
         if m.padding_idx is not None:
             b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
         return [_EmbTerm(m.weight, ids, b, self.engine.linear_gram, k)]
@@ -474,8 +488,8 @@ class _AttentionRule(_Rule):
             if batch != n:
                 raise RuntimeError(f"module {self.name!r}: attention batch {batch} != {n} losses")
             rows = lambda t: t.view(-1, batch, t.shape[-1]) if t.ndim == 2 else t
-            a = torch.cat([self.samples(rows(c.inputs), 1, n) for c in calls], 1)
-            b = torch.cat([self.samples(rows(c.grad), 1, n) for c in calls], 1)
+            a = _cat([self.samples(rows(c.inputs), 1, n) for c in calls])
+            b = _cat([self.samples(rows(c.grad), 1, n) for c in calls])
             if self.counted(w):
                 out.append(_MatTerm(w, ws, a.to(b.dtype), b, self.engine.linear_gram, k))
             if bias is not None and self.counted(bias[0]):
@@ -536,6 +550,11 @@ class GhostEngine:
         linear_gram: ``"auto"`` (cheaper form per term), ``"ghost"`` or ``"materialize"``.
         unsupported: ``"raise"`` (:class:`UnsupportedModuleError` naming the module) or ``"fallback"``
             (reference engine for those parameters; every parameter if a module couples samples).
+        combine: how the combined gradient is formed: ``"bookkeeping"`` (from the stored ``A, B`` or ``G``
+            of every layer: no second backward, but that storage peaks at the end of the backward) or
+            ``"backward"`` (keep the graph, store nothing, and run one weighted backward
+            ``sum_i w_{group(i)} l_i / n_{group(i)}`` once the weights are known: peak memory of a plain
+            step, one extra backward in time).
 
     Every supported layer must see the batch in dim 0 of its input (dim 1 for the layers of a
     ``TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=False``; ``MultiheadAttention`` follows
@@ -543,7 +562,10 @@ class GhostEngine:
     """
 
     def __init__(self, module: nn.Module, *, params: Optional[Iterable[torch.Tensor]] = None,
-                 linear_gram: str = "auto", unsupported: str = "raise") -> None:
+                 linear_gram: str = "auto", unsupported: str = "raise", combine: str = "bookkeeping") -> None:
+        if combine not in ("bookkeeping", "backward"):
+            raise ValueError(f"combine must be 'bookkeeping' or 'backward', got {combine!r}")
+        self.combine = combine
         if linear_gram not in ("auto", "ghost", "materialize"):
             raise ValueError(f"linear_gram must be 'auto', 'ghost' or 'materialize', got {linear_gram!r}")
         if unsupported not in ("raise", "fallback"):
@@ -623,6 +645,7 @@ class GhostEngine:
         self._terms: list[_Term] = []
         self._reached: set[int] = set()
         self._state: Optional[tuple] = None
+        self._second: Optional[tuple] = None
         self._on_ready: Optional[Callable[[_Rule], None]] = None
 
     @staticmethod
@@ -739,13 +762,13 @@ class GhostEngine:
             stack.extend((fn, rule) for fn, _ in node.next_functions if fn is not None)
         return bad
 
-    def _run_backward(self, losses, assignment, index, coupled) -> None:
+    def _run_backward(self, losses, assignment, index, coupled, retain: bool = False) -> None:
         if coupled or not any(rule.calls for rule in self.rules):
             return
         scale = 1.0 / assignment.counts.to(device=losses.device, dtype=losses.dtype)[index]
         self._listening = True
         try:
-            torch.autograd.grad((losses * scale).sum(), [self._anchor], allow_unused=True)
+            torch.autograd.grad((losses * scale).sum(), [self._anchor], allow_unused=True, retain_graph=retain)
         finally:
             self._listening = False
 
@@ -768,15 +791,20 @@ class GhostEngine:
         terms: list[_Term] = []
         self._reached = set()
 
+        second = self.combine == "backward" and not coupled
+
         def on_ready(rule: _Rule) -> None:
             nonlocal gram
             for term in self._rule_terms(rule, n, k):
+                if second and isinstance(term, _MatTerm):
+                    term.store = False
                 gram += term.gram(onehot).cpu()
-                terms.append(term)
+                if not second:
+                    terms.append(term)
 
         self._on_ready = on_ready
         try:
-            self._run_backward(losses, assignment, index, coupled)
+            self._run_backward(losses, assignment, index, coupled, retain=second)
             if not coupled:
                 for rule in self.rules:  # layers whose outputs got no gradient, or partly
                     if rule.calls:
@@ -788,6 +816,7 @@ class GhostEngine:
             gram += fallback.gram()
         self._terms = [] if coupled else terms
         self._state = (assignment, onehot, fb_params, fallback)
+        self._second = (losses, self._reached) if second else None
         return GhostGradients(self, gram, k)
 
     def _combine(self, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:
@@ -799,22 +828,41 @@ class GhostEngine:
             raise ValueError(f"expected ({k},) weights, got shape {tuple(weights.shape)}")
         wk = weights.to(device=onehot.device, dtype=torch.float64)
         ws = wk[assignment.index.to(onehot.device)]
-        out: dict[int, torch.Tensor] = {}
-        for term in self._terms:
-            grad = out.get(id(term.param))
-            if grad is None:
-                grad = out[id(term.param)] = torch.zeros(term.param.shape, dtype=onehot.dtype, device=onehot.device)
-            term.slot(grad).add_(term.combine(ws, wk).reshape(term.slot(grad).shape))
+        if self._second is not None:  # weighted second backward: autograd's own weight gradients
+            losses, reached = self._second
+            self._second = None
+            scale = ws.to(losses.dtype) / assignment.counts.to(device=losses.device, dtype=losses.dtype)[
+                assignment.index.to(losses.device)]
+            wanted = [p for p in self.params if id(p) in reached]
+            grads = torch.autograd.grad((losses * scale).sum(), wanted, allow_unused=True) if wanted else []
+            out = {id(p): g for p, g in zip(wanted, grads) if g is not None}
+        else:
+            out = self._assemble(self._terms, ws, wk, onehot)
         result: list[Optional[torch.Tensor]] = []
         fb = dict(zip(map(id, fb_params), fallback.combine(weights))) if fallback is not None else {}
         for p in self.params:
             if id(p) in fb:
                 result.append(fb[id(p)])
-            elif id(p) in self._reached:
+            elif id(p) in self._reached and out.get(id(p)) is not None:
                 result.append(out[id(p)].to(p.dtype))
             else:
                 result.append(None)
         return result
+
+    @staticmethod
+    def _assemble(terms: list[_Term], ws, wk, onehot) -> dict[int, torch.Tensor]:
+        """``sum_j w_j g_j`` per parameter id, adding up the terms (slices) of each parameter."""
+        out: dict[int, torch.Tensor] = {}
+        for term in terms:
+            part = term.combine(ws, wk)
+            grad = out.get(id(term.param))
+            if grad is None and term.where is None:
+                out[id(term.param)] = part.reshape(term.param.shape)
+                continue
+            if grad is None:
+                grad = out[id(term.param)] = torch.zeros(term.param.shape, dtype=part.dtype, device=part.device)
+            term.slot(grad).add_(part.reshape(term.slot(grad).shape))
+        return out
 
     def write_gradients(self, weights: torch.Tensor) -> None:
         """Set ``p.grad = sum_j w_j g_j`` for every counted parameter (``None`` where no group reached it)."""
@@ -823,8 +871,8 @@ class GhostEngine:
         self.release()
 
     def release(self) -> None:
-        """Drop the activations kept for the combined gradient."""
-        self._terms, self._state = [], None
+        """Drop the activations (or the graph) kept for the combined gradient."""
+        self._terms, self._state, self._second = [], None, None
 
     def group_gradients(self, losses: torch.Tensor, assignment: GroupAssignment) -> GroupGradients:
         """The ``(k, *p.shape)`` group gradients of every counted parameter, from one backward.
@@ -880,10 +928,7 @@ class GhostEngine:
             solve = solve_min_norm(gram, tol=tol)
             wk = solve.weights.to(device=onehot.device, dtype=torch.float64)
             ws = wk[index]
-            grads: dict[int, torch.Tensor] = {}
-            for t in terms:
-                g = grads.setdefault(id(t.param), torch.zeros(t.param.shape, dtype=onehot.dtype, device=onehot.device))
-                t.slot(g).add_(t.combine(ws, wk).reshape(t.slot(g).shape))
+            grads = self._assemble(terms, ws, wk, onehot)
             for p in rule.params:
                 if id(p) in grads:
                     p.grad = grads[id(p)].to(p.dtype)

@@ -209,6 +209,19 @@ def test_both_gram_forms_match_reference(kind, path):
     compare(model, lambda: ce(model(x), y), Chunks(4).assign(12), 1e-6, engine=GhostEngine(model, linear_gram=path))
 
 
+@pytest.mark.parametrize("kind,unsupported", [("transformer", "raise"), ("attention", "raise"), ("lora", "raise"),
+                                              ("custom", "fallback")])
+def test_second_backward_combine_matches_reference(kind, unsupported):
+    if kind == "custom":
+        model, x = nn.Sequential(nn.Linear(7, 9), Custom(), nn.Tanh(), nn.Linear(9, 3)), torch.randn(12, 7)
+    else:
+        model, x = case(kind, torch.float64)
+    model, x = cast(model, x, torch.float64)
+    y = labels()
+    engine = GhostEngine(model, combine="backward", unsupported=unsupported)
+    compare(model, lambda: ce(model(x), y), PerSample().assign(12), 1e-6, engine=engine)
+
+
 def test_module_called_twice_is_exact():
     torch.manual_seed(0)
     lin, head = nn.Linear(4, 4).double(), nn.Linear(4, 2).double()
@@ -338,6 +351,8 @@ def test_errors_name_the_problem():
         GhostEngine(model, linear_gram="fast")
     with pytest.raises(ValueError, match="unsupported"):
         GhostEngine(model, unsupported="ignore")
+    with pytest.raises(ValueError, match="combine"):
+        GhostEngine(model, combine="later")
     with engine.capture():
         losses = ce(model(torch.randn(6, 7)), labels(6))
     with pytest.raises(ValueError, match="assignment of 4 samples"):
