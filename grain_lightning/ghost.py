@@ -776,6 +776,8 @@ class GhostEngine:
         if not rule.calls or not rule.ready():
             rule.calls = [c for c in rule.calls if c.grad is not None]
         terms = rule.terms(n, k) if rule.calls else []
+        for call in rule.calls:  # the taps in the graph still reference their calls: let go of the tensors
+            call.inputs = call.grad = None
         rule.calls = []
         self._reached.update(id(t.param) for t in terms)
         return terms
@@ -958,6 +960,8 @@ class GhostEngine:
 
     def _reset(self) -> None:
         for rule in self.rules:
+            for call in rule.calls:
+                call.inputs = call.grad = None
             rule.calls = []
         self._listening = False
         self._captured = False

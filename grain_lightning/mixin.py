@@ -34,6 +34,7 @@ _CHOICES = {
     "on_nonfinite": ("raise", "skip"),
     "engine": ("auto", "ghost", "reference"),
     "unsupported": ("fallback", "raise"),
+    "ghost_combine": ("bookkeeping", "backward"),
 }
 
 
@@ -75,6 +76,9 @@ class GrainConfig:
             modules) or ``"raise"``.
         blockwise: a separate min-norm solve per module (block) instead of one global solve (one-backward
             engine only, ``accumulate_grad_batches=1``); see :meth:`GhostEngine.blockwise_backward`.
+        ghost_combine: how the one-backward engine forms the combined gradient: ``"bookkeeping"`` (from
+            stored activations, no second backward) or ``"backward"`` (one weighted second backward, no
+            storage: the peak memory of a plain step).
     """
 
     grouping: Union[Grouping, str, int] = "sample"
@@ -96,6 +100,7 @@ class GrainConfig:
     engine: str = "auto"
     unsupported: str = "fallback"
     blockwise: bool = False
+    ghost_combine: str = "bookkeeping"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -266,7 +271,7 @@ class GrainMixin:
         engine = getattr(self, "_grain_engine", None)
         if engine is None or [id(p) for p in engine.params] != [id(p) for p in params]:
             unsupported = "fallback" if cfg.engine == "auto" else cfg.unsupported
-            engine = GhostEngine(self, params=params, unsupported=unsupported)
+            engine = GhostEngine(self, params=params, unsupported=unsupported, combine=cfg.ghost_combine)
             self._grain_engine = engine
         if cfg.engine == "auto" and not engine.fully_supported:
             if cfg.blockwise:
@@ -358,8 +363,6 @@ class GrainMixin:
         params = self._grain_params(opts)
         for p, d in zip(params, grads.combine(weights)):
             p.grad = d
-        if hasattr(grads, "release"):
-            grads.release()
         st.prev_weights, st.prev_keys = res.weights, keys
         self._grain_log(gram, res.weights, pi, collapsed=collapsed, kkt_gap=res.kkt_gap)
         self._grain_apply(opts)
@@ -391,6 +394,8 @@ class GrainMixin:
 
     def _grain_reset_cycle(self) -> None:
         st = self._grain
+        if hasattr(st.buffer, "release"):  # the one-backward engine's stored activations or graph
+            st.buffer.release()
         st.micro, st.buffer, st.fractions, st.keys, st.skip_cycle = 0, None, [], [], False
 
     def _grain_nonfinite(self, what: str) -> None:

@@ -262,12 +262,13 @@ class _MeanPool(torch.nn.Module):
         return h.mean(1)
 
 
-@pytest.mark.parametrize("accumulate,grouping", [(1, "sample"), (2, ByKey(1)), (1, Chunks(4))])
-def test_one_backward_engine_trains_like_the_reference_engine(accumulate, grouping):
+@pytest.mark.parametrize("accumulate,grouping,combine", [(1, "sample", "bookkeeping"), (2, ByKey(1), "bookkeeping"),
+                                                       (1, Chunks(4), "backward")])
+def test_one_backward_engine_trains_like_the_reference_engine(accumulate, grouping, combine):
     net, data = _seq_net(), loader(make_data(n=64))
     runs = {}
     for engine in ("ghost", "reference"):
-        cfg = GrainConfig(grouping=grouping, engine=engine, accumulate_grad_batches=accumulate)
+        cfg = GrainConfig(grouping=grouping, engine=engine, accumulate_grad_batches=accumulate, ghost_combine=combine)
         # momentum SGD: Adam would amplify roundoff in gradients that are exactly 0 in exact arithmetic
         # (the key bias of attention), so the comparison would measure float noise, not the engine
         runs[engine], _ = fit_and_record(_Transformer(net, "momentum", 0.05, grain=cfg), data)
