@@ -14,8 +14,10 @@ optimizer step); for the plain step, forward and ``loss.mean().backward()``.
 (bw) block-wise mode (``blockwise_backward``: one min-norm per module); (c) reference engine (one backward
 per group).
 
-Time: median over ``--repeats`` runs (10x as many for the MLP) after one warm-up, the methods interleaved
-in one process; the slow reference step is timed ``--reference-repeats`` times without its own warm-up.
+Time: the fastest of ``--repeats`` runs (10x as many for the MLP) after one warm-up, the methods
+interleaved in one process (the minimum, because the 2 shared cores of this machine are loaded by others:
+it estimates the uncontended cost); the slow reference step is timed ``--reference-repeats`` times
+without its own warm-up.
 Peak memory: each (model, method, grouping) runs in a fresh subprocess with glibc's mmap threshold fixed at
 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors return to the OS; after a warm-up step, a thread
 samples the resident set size every 0.5 ms during one more step; the figure is the peak minus the RSS
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -190,7 +191,7 @@ def main() -> None:
                     t = time.perf_counter()
                     fns[m](assignment)
                     times[m].append(time.perf_counter() - t)
-            ms = {m: statistics.median(times[m]) * 1e3 for m in methods}
+            ms = {m: min(times[m]) * 1e3 for m in methods}
             print(f"{gname:<12}{'ms':<6}" + "".join(f"{ms[m]:>10.1f}" for m in methods)
                   + "".join(f"{ms[m] / ms['a']:>8.2f}" for m in methods[1:]), flush=True)
             if not args.no_memory:

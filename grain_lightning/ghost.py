@@ -44,7 +44,7 @@ summed over terms in float64.
 
 from __future__ import annotations
 
-import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -109,23 +109,23 @@ class _Tap(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- terms
-class _Term:
+class _Term(ABC):
     """The gradient contribution of one parameter (or a slice of it) in the current batch."""
 
     def __init__(self, param: nn.Parameter, where: Optional[slice]) -> None:
         self.param, self.where = param, where
 
+    @abstractmethod
     def gram(self, onehot: torch.Tensor) -> torch.Tensor:
-        """``(k, k)`` float64 Gram of the group gradients of this term."""
-        raise TypeError(f"{type(self).__name__} must implement gram")
+        """``(k, k)`` Gram of the group gradients of this term (``onehot``: ``(n, k)`` groups)."""
 
+    @abstractmethod
     def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
         """``sum_j w_j g_j`` (``ws``: ``(n,)`` per-sample weights, ``wk``: ``(k,)`` group weights)."""
-        raise TypeError(f"{type(self).__name__} must implement combine")
 
+    @abstractmethod
     def group_grads(self, onehot: torch.Tensor) -> torch.Tensor:
         """``(k, *slice shape)`` materialised group gradients."""
-        raise TypeError(f"{type(self).__name__} must implement group_grads")
 
     def slot(self, grad: torch.Tensor) -> torch.Tensor:
         """The part of a full ``param``-shaped tensor this term writes."""
@@ -268,7 +268,7 @@ class _Call:
     grad: Optional[torch.Tensor] = None
 
 
-class _Rule:
+class _Rule(ABC):
     """How one module's trainable parameters are handled; one block of the block-wise mode."""
 
     def __init__(self, engine: "GhostEngine", name: str, module: nn.Module) -> None:
@@ -315,8 +315,9 @@ class _Rule:
             )
         return _work(t.movedim(batch_dim, 0).reshape(n, -1, t.shape[-1]))
 
+    @abstractmethod
     def terms(self, n: int, k: int) -> list[_Term]:
-        raise TypeError(f"{type(self).__name__} must implement terms")
+        """The gradient terms of this module's calls, once their output gradients have arrived."""
 
 
 class _LinearRule(_Rule):
