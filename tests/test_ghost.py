@@ -83,6 +83,20 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(1 if self.batch_first else 0))
 
 
+class TinyDecoder(nn.Module):
+    """TransformerDecoderLayer (self- and cross-attention), sequence-first, memory derived from the input."""
+
+    def __init__(self, vocab=13, dim=8, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.decoder = nn.TransformerDecoderLayer(dim, 2, 16, dropout=0.1)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(0, 1)  # (T, n, dim)
+        return self.head(self.decoder(h, torch.tanh(h[:3])).mean(0))
+
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -170,6 +184,8 @@ def case(kind, dtype):
         return TinyTransformer(), tokens(vocab=13)
     if kind == "transformer_seq_first":
         return TinyTransformer(batch_first=False, norm_first=True), tokens(vocab=13)
+    if kind == "decoder":
+        return TinyDecoder(), tokens(vocab=13)
     if kind == "conv":
         return ConvNet(), torch.randn(12, 2, 10, generator=g)
     if kind == "rmsnorm":
@@ -189,7 +205,7 @@ def assign(grouping, y):
     return ByKey(0).assign(len(y), (y,)) if grouping == "label" else grouping.assign(len(y))
 
 
-KINDS = ["mlp", "seq", "transformer", "transformer_seq_first", "conv", "rmsnorm", "attention", "lora"]
+KINDS = ["mlp", "seq", "transformer", "transformer_seq_first", "decoder", "conv", "rmsnorm", "attention", "lora"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
