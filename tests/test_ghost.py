@@ -281,6 +281,8 @@ def fallback_cases():
         "tied": (tied, "tied"),
         "grouped_conv": (nn.Sequential(nn.Unflatten(1, (7, 1)), nn.Conv1d(7, 7, 1, groups=7), nn.Flatten(),
                                        nn.Linear(7, 3)), "groups=7"),
+        "circular_conv": (nn.Sequential(nn.Unflatten(1, (7, 1)), nn.Conv1d(7, 5, 3, padding=1, padding_mode="circular"),
+                                        nn.Flatten(), nn.Linear(5, 3)), "padding_mode='circular'"),
     }
 
 
