@@ -17,7 +17,9 @@ Per layer and parameter ("term"), the Gram is computed in whichever form costs f
     ghost        (n T)^2 (d + p)                      keeps A, B for the combined gradient
     materialise  n T p d + k^2 p d                    the k group gradients G_j = sum_{i in j} B_i^T A_i
 
-and a materialised term keeps ``G`` (``k p d`` numbers) or ``A, B`` (``n T (d + p)``), whichever is smaller.
+and a materialised term keeps ``G`` (``k p d`` numbers) or ``A, B`` (``n T (d + p)``), whichever is smaller;
+when it keeps ``A, B``, the ``G_j`` are formed in cache-sized slices of output rows and never all at once.
+With ``combine="backward"`` nothing is kept: the combined gradient comes from one weighted second backward.
 
 Rules (all exact, samples independent):
 
@@ -32,7 +34,8 @@ Rules (all exact, samples independent):
 What it cannot do exactly is never computed silently: ``BatchNorm`` in training mode couples samples (the
 per-sample output gradients are then not per-sample gradients), parameters shared by several modules
 (tied weights), ``Conv`` with ``groups > 1`` or non-zero padding modes, attention ``bias_k``/``bias_v``, and
-modules of unknown type that own parameters. With ``unsupported="raise"`` the engine raises
+modules of unknown type that own parameters; and, checked at every step by walking the autograd graph,
+a parameter that reaches the losses other than through its own module's recorded calls. With ``unsupported="raise"`` the engine raises
 :class:`UnsupportedModuleError` naming the module; with ``"fallback"`` those parameters get exact per-group
 gradients from the reference engine (one extra backward per group, through the same graph) and join the
 Gram, and a sample-coupling module sends *every* parameter to the reference engine.
@@ -40,6 +43,9 @@ Gram, and a sample-coupling module sends *every* parameter to the reference engi
 Precision: per-term products in float32 (float64 for float64 models; bf16/fp16 activations are upcast, and
 under autocast the layer input is rounded to the autocast dtype as the layer itself sees it), the Gram
 summed over terms in float64.
+
+Block-wise mode (:meth:`GhostEngine.blockwise_backward`): one min-norm solve per module, done as soon as
+that module's output gradients arrive.
 """
 
 from __future__ import annotations
