@@ -16,7 +16,7 @@ from grain_lightning.engine import (
     group_gradients,
     trainable_parameters,
 )
-from grain_lightning.ghost import GhostEngine, UnsupportedModuleError
+from grain_lightning.ghost import BlockwiseResult, GhostEngine, GhostGradients, UnsupportedModuleError
 from grain_lightning.groups import ByKey, Chunks, GroupAssignment, Grouping, PerSample, as_grouping
 from grain_lightning.mixin import GrainConfig, GrainMixin
 from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_norm, validate_gram
@@ -24,6 +24,7 @@ from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_no
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BlockwiseResult",
     "ByKey",
     "Chunks",
     "CommCounter",
@@ -32,6 +33,7 @@ __all__ = [
     "GrainConfig",
     "GrainDDPStrategy",
     "GhostEngine",
+    "GhostGradients",
     "GrainMixin",
     "GroupAssignment",
     "GroupGradients",

@@ -125,6 +125,11 @@ class GrainDDPStrategy(DDPStrategy):
 
     supports_grain_mixin = True
 
+    @property
+    def needs_group_gradients(self) -> bool:
+        """Read by GrainMixin: ``mixin_groups="global"`` needs every group's gradient, not only the Gram."""
+        return self.mixin_groups == "global" and self.world_size > 1
+
     def __init__(
         self,
         mode: str = "sharded",

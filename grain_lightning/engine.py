@@ -58,6 +58,10 @@ class GroupGradients:
             gram += (flat @ flat.T).cpu()
         return gram
 
+    def combine(self, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        """``sum_j w_j g_j`` per parameter; see :func:`combine_gradients`."""
+        return combine_gradients(self, weights)
+
     def cat(self, other: "GroupGradients") -> "GroupGradients":
         """Stack the groups of ``other`` after this one's (same parameters)."""
         if len(other.grads) != len(self.grads):

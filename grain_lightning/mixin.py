@@ -10,6 +10,7 @@ makes the groups of all micro-batches (or the micro-batches themselves) the grou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any, Optional, Union
 import torch
 
 from grain_lightning.diagnostics import grain_diagnostics
-from grain_lightning.engine import GroupGradients, combine_gradients, group_gradients, trainable_parameters
+from grain_lightning.engine import GroupGradients, group_gradients, trainable_parameters
+from grain_lightning.ghost import GhostEngine
 from grain_lightning.groups import GroupAssignment, Grouping, as_grouping
 from grain_lightning.solver import solve_min_norm
 
@@ -30,6 +32,9 @@ _CHOICES = {
     "gradient_clip_algorithm": ("norm", "value"),
     "on_collapse": ("mean", "skip", "mix"),
     "on_nonfinite": ("raise", "skip"),
+    "engine": ("auto", "ghost", "reference"),
+    "unsupported": ("fallback", "raise"),
+    "ghost_combine": ("bookkeeping", "backward"),
 }
 
 
@@ -63,7 +68,18 @@ class GrainConfig:
             scheduler dict's ``monitor`` under manual optimization).
         solver_tol: KKT tolerance of the min-norm solver, relative to ``trace(G)``.
         warm_start: start the solver from the previous step's weights when the groups are the same.
-        batched_backward: compute the group gradients with one vmapped backward instead of ``k``.
+        batched_backward: compute the group gradients with one vmapped backward instead of ``k``
+            (reference engine).
+        engine: ``"auto"`` (the one-backward :class:`~grain_lightning.ghost.GhostEngine` when it handles every
+            trainable parameter exactly, else the reference engine), ``"ghost"`` (one-backward engine, with
+            ``unsupported`` deciding about the rest) or ``"reference"`` (one backward per group).
+        unsupported: with ``engine="ghost"``: ``"fallback"`` (reference engine for parameters of unsupported
+            modules) or ``"raise"``.
+        blockwise: a separate min-norm solve per module (block) instead of one global solve (one-backward
+            engine only, ``accumulate_grad_batches=1``); see :meth:`GhostEngine.blockwise_backward`.
+        ghost_combine: how the one-backward engine forms the combined gradient: ``"bookkeeping"`` (from
+            stored activations, no second backward) or ``"backward"`` (one weighted second backward, no
+            storage: the peak memory of a plain step).
     """
 
     grouping: Union[Grouping, str, int] = "sample"
@@ -82,6 +98,10 @@ class GrainConfig:
     solver_tol: float = 1e-12
     warm_start: bool = True
     batched_backward: bool = False
+    engine: str = "auto"
+    unsupported: str = "fallback"
+    blockwise: bool = False
+    ghost_combine: str = "bookkeeping"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -99,12 +119,17 @@ class GrainConfig:
             raise ValueError(f"GrainConfig.collapse_mix must be in [0, 1], got {self.collapse_mix!r}")
         if not isinstance(self.log_every_n_steps, int) or self.log_every_n_steps < 0:
             raise ValueError(f"GrainConfig.log_every_n_steps must be an int >= 0, got {self.log_every_n_steps!r}")
+        if self.blockwise and (self.engine == "reference" or self.accumulate_grad_batches > 1):
+            raise ValueError(
+                "GrainConfig.blockwise needs engine='auto' or 'ghost' and accumulate_grad_batches=1, got "
+                f"engine={self.engine!r}, accumulate_grad_batches={self.accumulate_grad_batches}"
+            )
 
 
 @dataclass
 class _GrainState:
     micro: int = 0  # micro-batches seen in the current accumulation cycle
-    buffer: Optional[GroupGradients] = None
+    buffer: Optional[Any] = None  # GroupGradients, GhostGradients or a BlockwiseResult
     fractions: list[torch.Tensor] = field(default_factory=list)  # mean weights of buffered groups
     keys: list[torch.Tensor] = field(default_factory=list)  # (k_i, 2) [micro-batch, group key]
     skip_cycle: bool = False  # a non-finite micro-batch was skipped: drop the whole cycle
@@ -156,7 +181,19 @@ class GrainMixin:
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.grain_step(self.grain_losses(batch, batch_idx), batch)
+        with self.grain_capture():
+            losses = self.grain_losses(batch, batch_idx)
+        return self.grain_step(losses, batch)
+
+    def grain_capture(self) -> contextlib.AbstractContextManager:
+        """Context for the forward that computes the losses, so the one-backward engine can record it.
+
+        ``training_step`` uses it around :meth:`grain_losses`; wrap your forward in it when you override
+        ``training_step``. Without it, the step falls back to the reference engine (``engine="auto"``) or
+        raises (``engine="ghost"``).
+        """
+        engine = self._grain_ghost_engine() if self.grain_config.aggregation == "grain" else None
+        return engine.capture() if engine is not None else contextlib.nullcontext()
 
     def grain_step(
         self, losses: torch.Tensor, batch: Any = None, groups: Optional[torch.Tensor] = None
@@ -233,6 +270,53 @@ class GrainMixin:
     def _grain_params(self, opts: list) -> list[torch.Tensor]:
         return trainable_parameters(p for opt in opts for group in opt.param_groups for p in group["params"])
 
+    def _grain_ghost_engine(self) -> Optional[GhostEngine]:
+        """The one-backward engine for the current parameters, or ``None`` when the reference engine is used."""
+        cfg = self.grain_config
+        if cfg.engine == "reference":
+            return None
+        params = self._grain_params(self._grain_optimizers())
+        engine = getattr(self, "_grain_engine", None)
+        if engine is None or [id(p) for p in engine.params] != [id(p) for p in params]:
+            unsupported = "fallback" if cfg.engine == "auto" else cfg.unsupported
+            engine = GhostEngine(self, params=params, unsupported=unsupported, combine=cfg.ghost_combine)
+            self._grain_engine = engine
+        if cfg.engine == "auto" and not engine.fully_supported:
+            if cfg.blockwise:
+                raise RuntimeError(
+                    f"GrainConfig(blockwise=True): modules {list(engine.fallback_reasons) or engine._coupled()} are "
+                    "not supported by the one-backward engine; use engine='ghost' (their parameters form one "
+                    "block solved by the reference engine)"
+                )
+            return None
+        return engine
+
+    def _grain_group_gradients(self, losses: torch.Tensor, assignment: GroupAssignment) -> Any:
+        """Group gradients (reference), a GhostGradients (one backward) or a BlockwiseResult."""
+        cfg = self.grain_config
+        engine = self._grain_ghost_engine()
+        if engine is not None and not engine.captured:
+            if cfg.engine == "ghost" or cfg.blockwise:
+                raise RuntimeError(
+                    "GrainConfig(engine='ghost'/blockwise) needs the forward recorded: compute the losses inside "
+                    "`with self.grain_capture():` when you override training_step"
+                )
+            engine = None
+        if engine is None:
+            return group_gradients(assignment.group_means(losses), self._grain_params(self._grain_optimizers()),
+                                   batched=cfg.batched_backward)
+        if cfg.blockwise:
+            return engine.blockwise_backward(losses, assignment, tol=cfg.solver_tol)
+        if cfg.accumulate_grad_batches > 1 or self._grain_strategy_needs_group_gradients():
+            # groups of other micro-batches (or of other ranks) need these gradients
+            return engine.group_gradients(losses, assignment)
+        return engine.backward(losses, assignment)
+
+    def _grain_strategy_needs_group_gradients(self) -> bool:
+        """``grain_ddp`` with ``mixin_groups="global"`` solves over every group of every rank."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return bool(getattr(strategy, "needs_group_gradients", False))
+
     def _grain_accumulate(self, losses: torch.Tensor, batch: Any, groups: Optional[torch.Tensor]) -> None:
         cfg, st = self.grain_config, self._grain
         n = losses.shape[0]
@@ -244,9 +328,7 @@ class GrainMixin:
                 raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
         else:
             assignment = cfg.grouping.assign(n, batch)
-        grads = group_gradients(
-            assignment.group_means(losses), self._grain_params(self._grain_optimizers()), batched=cfg.batched_backward
-        )
+        grads = self._grain_group_gradients(losses, assignment)
         st.buffer = grads if st.buffer is None else st.buffer.cat(grads)
         st.fractions.append(assignment.fractions / cfg.accumulate_grad_batches)
         key = assignment.keys.reshape(-1).long() if cfg.grouping.stable_keys or groups is not None else None
@@ -272,6 +354,11 @@ class GrainMixin:
             self._grain_nonfinite(self._grain_nonfinite_where(grads))
             st.skip_cycle = True
             return False
+        if cfg.blockwise:  # gradients already written, block by block
+            if cfg.log_every_n_steps and st.steps % cfg.log_every_n_steps == 0:
+                self.log_dict({"grain/num_groups": float(gram.shape[0]), "grain/blocks": float(len(grads.solves))},
+                              on_step=True, on_epoch=False)
+            return True
         init = None
         if cfg.warm_start and st.prev_keys is not None and (keys >= 0).all() and torch.equal(st.prev_keys, keys):
             init = st.prev_weights
@@ -293,7 +380,7 @@ class GrainMixin:
                 return False
             weights = pi if cfg.on_collapse == "mean" else (1.0 - cfg.collapse_mix) * weights + cfg.collapse_mix * pi
         params = self._grain_params(opts)
-        for p, d in zip(params, combine_gradients(grads, weights)):
+        for p, d in zip(params, grads.combine(weights)):
             p.grad = d
         st.prev_weights, st.prev_keys = res.weights, keys
         self._grain_log(gram, res.weights, pi, collapsed=collapsed, kkt_gap=res.kkt_gap)
@@ -326,6 +413,8 @@ class GrainMixin:
 
     def _grain_reset_cycle(self) -> None:
         st = self._grain
+        if hasattr(st.buffer, "release"):  # the one-backward engine's stored activations or graph
+            st.buffer.release()
         st.micro, st.buffer, st.fractions, st.keys, st.skip_cycle = 0, None, [], [], False
 
     def _grain_nonfinite(self, what: str) -> None:
@@ -338,6 +427,8 @@ class GrainMixin:
         warnings.warn(msg + ": skipping this optimizer step", RuntimeWarning, stacklevel=3)
 
     def _grain_nonfinite_where(self, grads: GroupGradients) -> str:
+        if not isinstance(grads, GroupGradients):
+            return "non-finite Gram matrix (non-finite gradients or overflow)"
         names = {id(p): n for n, p in self.named_parameters()}
         params = self._grain_params(self._grain_optimizers())
         for p, g in zip(params, grads.grads):
