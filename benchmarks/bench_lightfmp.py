@@ -123,13 +123,16 @@ def main() -> None:
     ap.add_argument("--movielens", default=None, help="GroupLens ml-100k or ml-1m directory (not shipped)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--csv", default="benchmarks/results/lightfmp.csv")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="override every data set's stage-1 epochs")
     args = ap.parse_args()
     datasets = args.datasets or [d for d in DATASETS if d != "movielens" or args.movielens]
     if "movielens" in datasets and not args.movielens:
         ap.error("--movielens PATH is needed for the movielens data set")
     rows = []
     for name in datasets:
-        cfg = DATASETS[name]
+        cfg = dict(DATASETS[name])
+        if args.pretrain_epochs is not None:
+            cfg["pretrain_epochs"] = args.pretrain_epochs
         data = dict(cfg["data"], **({"path": args.movielens} if name == "movielens" else {}))
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
