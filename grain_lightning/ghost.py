@@ -338,12 +338,17 @@ class _LinearRule(_Rule):
         m = self.module
         a = _cat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls])
         b = _cat([self.samples(c.grad, self.batch_dim, n) for c in self.calls])
-        out: list[_Term] = []
-        if self.counted(m.weight):
-            out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, self.engine.linear_gram, k))
-        if self.counted(m.bias):
-            out.append(_VecTerm(m.bias, None, b.sum(1)))
-        return out
+        return _weight_bias_terms(self, m, a, b, k)
+
+
+def _weight_bias_terms(rule: "_Rule", m: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int) -> list["_Term"]:
+    """Terms of a Linear-like layer from inputs ``a`` (n, T, d) and output gradients ``b`` (n, T, p)."""
+    out: list[_Term] = []
+    if rule.counted(m.weight):
+        out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, rule.engine.linear_gram, k))
+    if rule.counted(m.bias):
+        out.append(_VecTerm(m.bias, None, b.sum(1)))
+    return out
 
 
 class _ConvRule(_Rule):
@@ -367,12 +372,7 @@ class _ConvRule(_Rule):
         m = self.module
         a = _cat([_work(c.inputs) for c in self.calls])
         b = _cat([_work(c.grad.reshape(n, c.grad.shape[1], -1).transpose(1, 2)) for c in self.calls])
-        out: list[_Term] = []
-        if self.counted(m.weight):
-            out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, self.engine.linear_gram, k))
-        if self.counted(m.bias):
-            out.append(_VecTerm(m.bias, None, b.sum(1)))
-        return out
+        return _weight_bias_terms(self, m, a, b, k)
 
 
 class _EmbeddingRule(_Rule):

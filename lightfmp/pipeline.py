@@ -121,6 +121,20 @@ def _save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path:
     _atomic(path, write)
 
 
+def _stage_input(
+    output_dir: str | Path, checkpoint: Optional[str | Path], default_name: str, previous_stage: str
+) -> tuple[Path, Path, dict[str, Any]]:
+    """The output directory, the input checkpoint (default: the previous stage's) and its Light-FMP entry."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else out / default_name
+    if not ckpt_path.exists():
+        raise FileNotFoundError(
+            f"no {default_name} at {ckpt_path}; run `lightfmp {previous_stage}` first or pass --checkpoint"
+        )
+    return out, ckpt_path, _lightfmp_extra(ckpt_path)
+
+
 def _lightfmp_extra(path: Path) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if LIGHTFMP_KEY not in ckpt:
@@ -198,12 +212,7 @@ def prune(
     Returns the pruned module, the per-field report and the metrics entry (the pruned model's test scores,
     which equal those of the stage-1 model with its gates fixed to 0/1).
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else out / "pretrain.ckpt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"no stage-1 checkpoint at {ckpt_path}; run `lightfmp pretrain` first or pass --checkpoint")
-    extra = _lightfmp_extra(ckpt_path)
+    out, ckpt_path, extra = _stage_input(output_dir, checkpoint, "pretrain.ckpt", "pretrain")
     _clear_from(out, "prune")
     masked = LightFMPModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     if masked.gate is None:
@@ -244,12 +253,7 @@ def finetune(
 
     ``overrides``: optimisation hyper-parameters (lr, weight_decay, dropout) to replace the checkpoint's.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else out / "pruned.ckpt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"no pruned checkpoint at {ckpt_path}; run `lightfmp prune` first or pass --checkpoint")
-    extra = _lightfmp_extra(ckpt_path)
+    out, ckpt_path, extra = _stage_input(output_dir, checkpoint, "pruned.ckpt", "prune")
     if "kept_fields" not in extra:
         raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")
     _clear_from(out, "finetune")
