@@ -160,9 +160,18 @@ def _entry(module: LightFMPModule, scores: dict[str, float], throughput: Optiona
     return entry
 
 
+def _single_process(trainer: L.Trainer) -> None:
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"Light-FMP's stages run in one process (they write the output directory from it); got a trainer with "
+            f"world_size={trainer.world_size}. Use --trainer.devices 1 --trainer.num_nodes 1"
+        )
+
+
 def _fit(
     trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None
 ) -> TrainingThroughput:
+    _single_process(trainer)
     throughput = TrainingThroughput()
     trainer.callbacks.append(throughput)
     try:
@@ -182,6 +191,7 @@ def pretrain(
     ``ckpt_path``: resume an interrupted stage-1 fit from a full Lightning checkpoint (e.g. one written by a
     ``ModelCheckpoint`` callback); the default starts from scratch.
     """
+    _single_process(trainer)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_from(out, "pretrain")
@@ -253,6 +263,7 @@ def finetune(
 
     ``overrides``: optimisation hyper-parameters (lr, weight_decay, dropout) to replace the checkpoint's.
     """
+    _single_process(trainer)
     out, ckpt_path, extra = _stage_input(output_dir, checkpoint, "pruned.ckpt", "prune")
     if "kept_fields" not in extra:
         raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")

@@ -132,3 +132,11 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
         cli("pipeline", "--config", str(bad))
     assert exit_info.value.code != 0
     assert "batchsize" in capsys.readouterr().err
+
+
+def test_multi_process_trainer_is_rejected_before_anything_is_written(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    dm = CTRDataModule(format="synthetic", synthetic_rows=500, synthetic_dense=2, synthetic_sparse=2)
+    with pytest.raises(ValueError, match="world_size=2"):
+        pipeline.pretrain(trainer, LightFMPModule(backbone="mlp"), dm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
