@@ -21,7 +21,7 @@ def test_logloss_matches_formula_over_uneven_batches():
     assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-12)
     with pytest.raises(ValueError, match="must be 0 or 1"):
         metric.update(logits[:2], torch.tensor([0.0, 2.0]))
-    with pytest.raises(ValueError, match="before any update"):
+    with pytest.raises(ValueError, match="before any update"), pytest.warns(UserWarning, match="before the ``update``"):
         BinaryLogLoss().compute()
 
 
