@@ -48,6 +48,13 @@ DATASETS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "mlp", "embedding_dim": 8, "hidden": (128, 64), "lr": 0.01, "l0_weight": 0.02},
         "pretrain_epochs": 5, "finetune_epochs": 2, "full_epochs": 2,
     },
+    "synthetic-large": {
+        "data": {"format": "synthetic", "synthetic_rows": 500_000, "synthetic_cardinality": 10_000,
+                 "synthetic_num_informative": 6, "batch_size": 1024, "eval_batch_size": 16384,
+                 "pretrain_fraction": 0.1},
+        "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.02},
+        "pretrain_epochs": 3, "finetune_epochs": 1, "full_epochs": 1,
+    },
 }
 
 
@@ -125,7 +132,9 @@ def main() -> None:
     ap.add_argument("--csv", default="benchmarks/results/lightfmp.csv")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="override every data set's stage-1 epochs")
     args = ap.parse_args()
-    datasets = args.datasets or [d for d in DATASETS if d != "movielens" or args.movielens]
+    datasets = args.datasets or [d for d in DATASETS if d not in ("movielens", "synthetic-large")] + (
+        ["movielens"] if args.movielens else []
+    )
     if "movielens" in datasets and not args.movielens:
         ap.error("--movielens PATH is needed for the movielens data set")
     rows = []
