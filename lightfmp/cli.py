@@ -115,8 +115,10 @@ class LightFMPTrainer(L.Trainer):
             top_k: keep exactly the ``top_k`` most probable fields instead.
             finetune_epochs: epochs of stage 3 (default: the trainer's ``max_epochs``).
         """
+        if datamodule.hparams.stage != "pretrain":
+            datamodule = datamodule.for_stage("pretrain")
         self.pretrain(model, datamodule, output_dir)
-        self.prune(model, datamodule, output_dir, None, threshold, top_k)
+        self.prune(model, datamodule, output_dir, None, threshold, top_k)  # reuses the encoded stage-1 data
         follow_up = self.fresh(**({"max_epochs": finetune_epochs} if finetune_epochs is not None else {}))
         follow_up.finetune(model, datamodule, output_dir)
         if self.is_global_zero:

@@ -85,7 +85,8 @@ class FieldEmbeddings(nn.Module):
             return torch.zeros(batch_size, 0, self.embedding_dim, device=self._device())
         if sparse is None:
             raise ValueError(f"this model needs sparse fields {self.names}, got no KeyedJaggedTensor")
-        missing = [n for n in self.names if n not in sparse.keys()]
+        present = set(sparse.keys())
+        missing = [n for n in self.names if n not in present]
         if missing:
             raise KeyError(f"sparse fields {missing} missing from the batch (it has {sparse.keys()})")
         pooled = self.ebc(sparse)

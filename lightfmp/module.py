@@ -24,6 +24,9 @@ from lightfmp.metrics import BinaryLogLoss
 from lightfmp.models import BACKBONES, CTRBackbone, build_backbone
 
 
+LIGHTFMP_CHECKPOINT_KEY = "lightfmp"
+
+
 class LightFMPModule(L.LightningModule):
     """Click-through model for Light-FMP's stages.
 
@@ -76,6 +79,7 @@ class LightFMPModule(L.LightningModule):
         self.gate: Optional[HardConcreteGate] = None
         self.val_auc, self.val_logloss = BinaryAUROC(), BinaryLogLoss()
         self.test_auc, self.test_logloss = BinaryAUROC(), BinaryLogLoss()
+        self.checkpoint_extra: Optional[dict[str, Any]] = None  # stage information saved under "lightfmp"
         if feature_spec is not None:
             self._build(FeatureSpec.from_dict(feature_spec))
 
@@ -119,6 +123,10 @@ class LightFMPModule(L.LightningModule):
                 "the model and the data disagree on the fields: model "
                 f"{list(self.net.spec.names)}, data {list(data_spec.names)} (was the checkpoint made from another schema?)"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_extra is not None:
+            checkpoint[LIGHTFMP_CHECKPOINT_KEY] = self.checkpoint_extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("feature_spec")
@@ -171,12 +179,13 @@ class LightFMPModule(L.LightningModule):
         if self.gate is not None:
             self.gate.dual_step(self.hparams.dual_lr, self._l0_progress())
 
-    def _l0_progress(self) -> float:
-        warmup = self.hparams.l0_warmup
-        if warmup <= 0 or self._trainer is None:
-            return 1.0
+    def on_train_start(self) -> None:
         total = self.trainer.estimated_stepping_batches
-        if not total or total == float("inf"):
+        self._total_steps = None if not total or total == float("inf") else float(total)
+
+    def _l0_progress(self) -> float:
+        warmup, total = self.hparams.l0_warmup, getattr(self, "_total_steps", None)
+        if warmup <= 0 or total is None:
             return 1.0
         return min(1.0, self.global_step / (warmup * total))
 

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightfmp.data.preprocess import Preprocessor
-from lightfmp.module import LightFMPModule, evaluate
+from lightfmp.module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 
 STAGES = ("pretrain", "prune", "finetune")
 STAGE_FILES = {
@@ -37,7 +37,6 @@ STAGE_FILES = {
     "finetune": ("finetune.ckpt",),
 }
 METRICS_FILE = "metrics.json"
-LIGHTFMP_KEY = "lightfmp"
 
 
 class TrainingThroughput(Callback):
@@ -103,10 +102,11 @@ def _save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path:
     """A Lightning checkpoint (loadable by ``LightFMPModule.load_from_checkpoint``) plus ``extra`` under 'lightfmp'."""
     if trainer is not None:
         def write(tmp: Path) -> None:
-            trainer.save_checkpoint(tmp, weights_only=True)
-            ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
-            ckpt[LIGHTFMP_KEY] = extra
-            torch.save(ckpt, tmp)
+            module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
+            try:
+                trainer.save_checkpoint(tmp, weights_only=True)
+            finally:
+                module.checkpoint_extra = None
     else:
         def write(tmp: Path) -> None:
             torch.save(
@@ -114,7 +114,7 @@ def _save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path:
                     "state_dict": module.state_dict(),
                     LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
                     "pytorch-lightning_version": L.__version__,
-                    LIGHTFMP_KEY: extra,
+                    LIGHTFMP_CHECKPOINT_KEY: extra,
                 },
                 tmp,
             )
@@ -137,9 +137,9 @@ def _stage_input(
 
 def _lightfmp_extra(path: Path) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if LIGHTFMP_KEY not in ckpt:
-        raise ValueError(f"{path} is not a Light-FMP checkpoint (no {LIGHTFMP_KEY!r} entry)")
-    return ckpt[LIGHTFMP_KEY]
+    if LIGHTFMP_CHECKPOINT_KEY not in ckpt:
+        raise ValueError(f"{path} is not a Light-FMP checkpoint (no {LIGHTFMP_CHECKPOINT_KEY!r} entry)")
+    return ckpt[LIGHTFMP_CHECKPOINT_KEY]
 
 
 def _entry(module: LightFMPModule, scores: dict[str, float], throughput: Optional[TrainingThroughput]) -> dict[str, Any]:
@@ -219,8 +219,10 @@ def prune(
 ) -> tuple[LightFMPModule, pd.DataFrame, dict[str, Any]]:
     """Stage 2: keep the open fields of the stage-1 checkpoint and build the smaller model.
 
-    Returns the pruned module, the per-field report and the metrics entry (the pruned model's test scores,
-    which equal those of the stage-1 model with its gates fixed to 0/1).
+    Returns the pruned module, the per-field report and the metrics entry: the test scores of the stage-1
+    model with its gates fixed to 0/1, which the pruned model reproduces exactly (``CTRBackbone.prune``).
+    They are computed on ``datamodule``'s test split if it is already set up with stage 1's fields (as after
+    :func:`pretrain`), so the data is not read again; otherwise on a copy set up with stage 1's preprocessor.
     """
     out, ckpt_path, extra = _stage_input(output_dir, checkpoint, "pretrain.ckpt", "pretrain")
     _clear_from(out, "prune")
@@ -236,9 +238,16 @@ def prune(
             f"{best.field}={best.keep_probability:.3f}); lower the threshold, set top_k, or weaken the L0 penalty"
         )
     pruned_module = masked.pruned(kept)
-    eval_dm = datamodule.for_stage("finetune", fields=kept, preprocessor=Preprocessor.from_state_dict(extra["preprocessor"]))
-    eval_dm.setup("test")
-    scores = evaluate(pruned_module, eval_dm.test_dataloader())
+    if datamodule.encoded is None:
+        datamodule = datamodule.for_stage("pretrain", preprocessor=Preprocessor.from_state_dict(extra["preprocessor"]))
+        datamodule.setup("test")
+    if datamodule.feature_spec != masked.feature_spec:
+        raise ValueError(
+            f"the data's fields {list(datamodule.feature_spec.names)} differ from the stage-1 model's "
+            f"{list(masked.feature_spec.names)}"
+        )
+    gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
+    scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
     _atomic(out / "feature_report.csv", lambda p: report.to_csv(p, index=False))
     _save_checkpoint(
         None, pruned_module, out / "pruned.ckpt",
