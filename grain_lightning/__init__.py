@@ -5,26 +5,37 @@ The update is the min-norm point of the convex hull of the group gradients,
 ``<d, g_k> >= ||d||^2 >= 0`` for every group.
 """
 
-from grain_lightning.cross_rank import CommCounter, CrossRankMinNorm
-from grain_lightning.ddp import GrainDDPStrategy  # registers the "grain_ddp" strategy names
-from grain_lightning.diagnostics import grain_diagnostics
-from grain_lightning.engine import (
-    GrainBackwardResult,
-    GroupGradients,
-    combine_gradients,
-    grain_backward,
-    group_gradients,
-    trainable_parameters,
+from grain_lightning.config import GrainConfig, PolicyOptions
+from grain_lightning.diagnostics import blockwise_diagnostics, grain_diagnostics
+from grain_lightning.distributed import CommCounter, CrossRankMinNorm, GrainDDPStrategy  # registers "grain_ddp"
+from grain_lightning.functional import GrainBackwardResult, grain_backward
+from grain_lightning.ghost import (
+    BlockwiseResult,
+    GhostEngine,
+    GhostGradients,
+    GhostRule,
+    UnsupportedModuleError,
+    register_rule,
 )
-from grain_lightning.ghost import BlockwiseResult, GhostEngine, GhostGradients, UnsupportedModuleError
 from grain_lightning.groups import ByKey, Chunks, GroupAssignment, Grouping, PerSample, as_grouping
-from grain_lightning.mixin import GrainConfig, GrainMixin
+from grain_lightning.mixin import GrainMixin
+from grain_lightning.policy import Decision, StepPolicy
+from grain_lightning.protocol import GrainStrategy, MixinCycle
+from grain_lightning.reference import GroupGradients, combine_gradients, group_gradients, trainable_parameters
 from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_norm, validate_gram
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BlockwiseResult",
+    "Decision",
+    "GhostRule",
+    "GrainStrategy",
+    "MixinCycle",
+    "PolicyOptions",
+    "StepPolicy",
+    "blockwise_diagnostics",
+    "register_rule",
     "ByKey",
     "Chunks",
     "CommCounter",

@@ -4,6 +4,9 @@ With ``G_ij = <g_i, g_j>``, min-norm weights ``w``, and plain-mean weights ``pi`
 
     d = J^T w,  m = J^T pi,  ||d||^2 = w^T G w,  ||m||^2 = pi^T G pi,  <d, g_j> = (G w)_j,  <m, g_j> = (G pi)_j
 
+With one weight vector per block ``b`` (block-wise GRAIN, Grams ``G_b``), ``d = concat_b J_b^T w_b``:
+``||d||^2 = sum_b w_b^T G_b w_b`` and ``<d, g_j> = sum_b (G_b w_b)_j`` (:func:`blockwise_diagnostics`).
+
 Keys (prefix ``grain/``):
     num_groups        k
     max_weight        max_j w_j
@@ -20,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["grain_diagnostics"]
+__all__ = ["blockwise_diagnostics", "grain_diagnostics"]
 
 
 def grain_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor) -> dict[str, float]:
@@ -43,4 +46,35 @@ def grain_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weights: t
         "grain/worst_alignment": float((gw[nz] / norms[nz]).min()) if nz.any() else 0.0,
         "grain/conflict_fraction": float((gpi < 0).double().mean()),
         "grain/kkt_gap": max(d2 - float(gw.min()), 0.0) / trace if trace > 0 else 0.0,
+    }
+
+
+def blockwise_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor) -> dict[str, float]:
+    r"""Diagnostics of a combination with one weight vector per block, from ``(B, K, K)`` Grams.
+
+    ``d = concat_b J_b^T w_b``: ``||d||^2 = sum_b w_b^T G_b w_b``, ``<d, g_i> = sum_b (G_b w_b)_i``; the mean
+    ``m = J^T pi`` uses the same ``pi`` in every block. Keys as :func:`grain_lightning.grain_diagnostics`
+    (``max_weight`` and ``weight_entropy`` of the block-averaged weights, weighted by block trace).
+    """
+    g = gram.double().cpu()
+    w = weights.double().cpu()
+    pi = mean_weights.double().cpu()
+    gw = torch.einsum("bij,bj->bi", g, w).sum(0)
+    d2 = float(torch.einsum("bi,bij,bj->", w, g, w))
+    total = g.sum(0)
+    gpi = total @ pi
+    m2 = float(pi @ gpi)
+    norms = torch.sqrt(torch.clamp(torch.diagonal(total), min=0.0))
+    nz = norms > 0
+    traces = torch.diagonal(g, dim1=1, dim2=2).sum(1)
+    avg = (traces[:, None] * w).sum(0) / traces.sum() if float(traces.sum()) > 0 else w.mean(0)
+    pos = avg[avg > 0]
+    return {
+        "grain/num_groups": float(g.shape[1]),
+        "grain/num_blocks": float(g.shape[0]),
+        "grain/max_weight": float(avg.max()),
+        "grain/weight_entropy": float(-(pos * pos.log()).sum()),
+        "grain/norm_ratio": math.sqrt(max(d2, 0.0) / m2) if m2 > 0 else 0.0,
+        "grain/worst_alignment": float((gw[nz] / norms[nz]).min()) if nz.any() else 0.0,
+        "grain/conflict_fraction": float((gpi < 0).double().mean()),
     }

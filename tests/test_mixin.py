@@ -83,7 +83,7 @@ def test_clipping_scheduler_and_accumulation_with_adamw():
     module = GrainModule(net, "adamw", 0.01, scheduler=True, grain=cfg)
     _, t = fit_and_record(module, data, max_epochs=2)
     assert t.global_step == 4
-    assert module._grain.steps == 4
+    assert module.grain_policy.steps == 4
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 2)  # StepLR(2, 0.5) at step 4
     assert t.callback_metrics["grain/num_groups"] == 48.0  # 3 micro-batches x 16 samples
 
@@ -113,7 +113,7 @@ def test_resume_from_checkpoint_gives_the_same_next_steps(tmp_path):
     assert saved["grain_state"]["steps"] == 6 and saved["grain_state"]["prev_weights"] is not None
     resumed = GrainModule(make_net(seed=99), "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg))
     rest, _ = fit_and_record(resumed, data, max_epochs=2, ckpt_path=str(path))
-    assert resumed._grain.steps == 12 and len(rest) == 6
+    assert resumed.grain_policy.steps == 12 and len(rest) == 6
     for a, b in zip(full[6:], rest):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
 
@@ -150,7 +150,7 @@ def test_nonfinite_loss_raises_or_skips():
         params, t = fit_and_record(module, data)
     assert torch.equal(params[0], params[1])  # the NaN step did not touch the weights
     assert all(torch.isfinite(p).all() for p in params)
-    assert module._grain.skipped == 1 and t.global_step == 3
+    assert module.grain_policy.skipped == 1 and t.global_step == 3
 
 
 class _Opposed(GrainModule):
@@ -171,8 +171,8 @@ def test_collapse_behaviour(mode, shift):
     fit_and_record(module, data, max_steps=1)
     # SGD, lr 0.1: "mean" applies -0.5 grad s (+0.05 per entry); "mix" 0.5 (w* + pi) gives -0.25 grad s
     assert torch.allclose(module.net[0].weight.detach() - w0, torch.full_like(w0, shift), atol=1e-7)
-    assert module._grain.collapsed >= 1
-    assert (module._grain.skipped >= 1) == (mode == "skip")
+    assert module.grain_policy.collapsed >= 1
+    assert (module.grain_policy.skipped >= 1) == (mode == "skip")
 
 
 def test_config_validation_and_missing_losses():
@@ -236,10 +236,10 @@ def test_setup_check_rejects_unsynchronised_ranks_and_fp16_scaling():
     module = GrainModule(make_net())
     module._trainer = SimpleNamespace(world_size=2, strategy=object(), precision_plugin=SimpleNamespace(scaler=None))
     with pytest.raises(RuntimeError, match="world_size=2"):
-        module._grain_check_setup()
+        module.grain_check_setup()
     module._trainer = SimpleNamespace(world_size=1, strategy=object(), precision_plugin=SimpleNamespace(scaler=object()))
     with pytest.raises(RuntimeError, match="bf16-mixed"):
-        module._grain_check_setup()
+        module.grain_check_setup()
 
 
 class _Transformer(GrainModule):
@@ -280,11 +280,11 @@ def test_one_backward_engine_trains_like_the_reference_engine(accumulate, groupi
 def test_auto_engine_choice_and_capture_requirement():
     module = GrainModule(make_net(), grain=GrainConfig())
     fit_and_record(module, loader(make_data(n=32)))
-    assert module._grain_engine.fully_supported  # "auto" used the one-backward engine
+    assert module.grain_engine is not None and module.grain_engine.fully_supported  # "auto": one-backward engine
     bn = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
     auto = GrainModule(bn, grain=GrainConfig())
     fit_and_record(auto, loader(make_data(n=32)))
-    assert not auto._grain_engine.fully_supported and auto._grain_ghost_engine() is None  # reference engine
+    assert auto.grain_engine is None  # BatchNorm in training couples samples: reference engine
 
     class OwnStep(GrainModule):
         def training_step(self, batch, batch_idx):  # forward outside grain_capture()

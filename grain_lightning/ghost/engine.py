@@ -1,4 +1,5 @@
-r"""One-backward engine: exact group Gram and combined gradient from layer activations.
+r"""One-backward engine: exact group Gram and combined gradient from layer activations (the engine proper:
+capture, backward, combination; the per-layer mathematics is in the rules and terms).
 
 For a Linear layer with input ``A_i`` (``T x d``) and output gradient ``B_i`` (``T x p``) of sample ``i``,
 the per-sample weight gradient is ``g_i = B_i^T A_i`` and
@@ -21,7 +22,8 @@ and a materialised term keeps ``G`` (``k p d`` numbers) or ``A, B`` (``n T (d + 
 when it keeps ``A, B``, the ``G_j`` are formed in cache-sized slices of output rows and never all at once.
 With ``combine="backward"`` nothing is kept: the combined gradient comes from one weighted second backward.
 
-Rules (all exact, samples independent):
+Rules (all exact, samples independent), one module per family in :mod:`grain_lightning.ghost.rules`, found
+by module type through :mod:`grain_lightning.ghost.registry` (register your own with ``register_rule``):
 
 * ``Linear`` (any leading dims), ``Conv1d``/``Conv2d`` (``groups=1``, zero padding; the input is unfolded so
   that ``T`` = output positions, ``d = C_in kh kw``), and the packed projections of
@@ -50,461 +52,27 @@ that module's output gradients arrive.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from grain_lightning.engine import GroupGradients, group_gradients
+from grain_lightning.config import PolicyOptions
+from grain_lightning.ghost.registry import couples_samples, rule_for, supported_types
+from grain_lightning.ghost.rules.base import GhostRule, RecordedCall, UnsupportedModuleError
+from grain_lightning.ghost.terms import MatrixTerm, Term
 from grain_lightning.groups import GroupAssignment
-from grain_lightning.solver import MinNormResult, solve_min_norm
+from grain_lightning.policy import StepPolicy
+from grain_lightning.reference import GroupGradients, group_gradients
+from grain_lightning.solver import MinNormResult
 
-__all__ = ["BlockwiseResult", "GhostEngine", "GhostGradients", "UnsupportedModuleError"]
+__all__ = ["BlockwiseResult", "Capture", "GhostEngine", "GhostGradients"]
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
-_CONVS = (nn.Conv1d, nn.Conv2d)
-_COUPLING = (nn.modules.batchnorm._BatchNorm,)
 _SEQ_FIRST_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-class UnsupportedModuleError(TypeError):
-    """A module with trainable parameters that the one-backward engine cannot handle exactly."""
-
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    """Half precision upcast to float32; float32/float64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _as_autocast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """The input as an autocast linear/conv sees it (rounded to ``dtype``), for exact per-sample gradients."""
-    return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != torch.float64 else x
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate the calls of a layer along ``T`` (no copy for a single call)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-def _group_sum(onehot: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(k, m)`` group sums of per-sample rows ``v`` (``(n, m)``), in ``v``'s dtype."""
-    return onehot.T.to(v.dtype) @ v
-
-
-class _Tap(torch.autograd.Function):
-    """Identity on a layer output; its backward hands ``dL/d output`` to ``sink`` (no weight gradients)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, rule: "_Rule",
-                sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        ctx.sink, ctx.ghost_rule = sink, rule
-        return x.detach()  # shares storage, not an autograd view: in-place ops after the layer stay legal
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        ctx.sink(grad)
-        return grad, None, None, None
-
-
-# ---------------------------------------------------------------------------------------------- terms
-class _Term(ABC):
-    """The gradient contribution of one parameter (or a slice of it) in the current batch."""
-
-    def __init__(self, param: nn.Parameter, where: Optional[slice]) -> None:
-        self.param, self.where = param, where
-
-    @abstractmethod
-    def gram(self, onehot: torch.Tensor) -> torch.Tensor:
-        """``(k, k)`` Gram of the group gradients of this term (``onehot``: ``(n, k)`` groups)."""
-
-    @abstractmethod
-    def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
-        """``sum_j w_j g_j`` (``ws``: ``(n,)`` per-sample weights, ``wk``: ``(k,)`` group weights)."""
-
-    @abstractmethod
-    def group_grads(self, onehot: torch.Tensor) -> torch.Tensor:
-        """``(k, *slice shape)`` materialised group gradients."""
-
-    def slot(self, grad: torch.Tensor) -> torch.Tensor:
-        """The part of a full ``param``-shaped tensor this term writes."""
-        if self.where is None:
-            return grad
-        return grad.view(grad.shape[0], -1)[self.where] if isinstance(self, _MatTerm) else grad.view(-1)[self.where]
-
-
-class _VecTerm(_Term):
-    """Per-sample gradient vectors ``v`` (``(n, m)``): biases, norm weights."""
-
-    def __init__(self, param, where, v: torch.Tensor) -> None:
-        super().__init__(param, where)
-        self.v = v
-
-    def gram(self, onehot):
-        g = _group_sum(onehot, self.v)
-        return (g @ g.T).double()
-
-    def group_grads(self, onehot):
-        return _group_sum(onehot, self.v)
-
-    def combine(self, ws, wk):
-        return ws.to(self.v.dtype) @ self.v
-
-
-class _MatTerm(_Term):
-    """``g_i = B_i^T A_i`` with ``A``: ``(n, T, d)``, ``B``: ``(n, T, p)`` (Linear, unfolded Conv, attention)."""
-
-    def __init__(self, param, where, a: torch.Tensor, b: torch.Tensor, mode: str, k: int) -> None:
-        super().__init__(param, where)
-        self.a, self.b, self.mode, self.k = a, b, mode, k
-        self.g: Optional[torch.Tensor] = None
-        self.store = True  # keep G or (A, B) for the combined gradient
-
-    def _use_ghost(self) -> bool:
-        n, t, d = self.a.shape
-        p = self.b.shape[2]
-        if self.mode != "auto":
-            return self.mode == "ghost"
-        return (n * t) ** 2 * (d + p) <= n * t * p * d + self.k**2 * p * d
-
-    def gram(self, onehot):
-        if self._use_ghost():
-            n = self.a.shape[0]
-            a, b = self.a.reshape(n, -1, self.a.shape[2]), self.b
-            if a.shape[1] == 1:
-                kern = (a[:, 0] @ a[:, 0].T) * (b[:, 0] @ b[:, 0].T)
-            else:
-                kern = (torch.einsum("itd,jsd->ijts", a, a) * torch.einsum("itp,jsp->ijts", b, b)).sum((2, 3))
-            o = onehot.to(kern.dtype)
-            return (o.T @ kern @ o).double()
-        n, t, d = self.a.shape
-        p = self.b.shape[2]
-        if self.store and self.k * p * d <= n * t * (d + p):  # keep the smaller of G and (A, B) for the combined gradient
-            g = self.group_grads(onehot)
-            flat = g.reshape(g.shape[0], -1)
-            self.g, self.a, self.b = g, None, None
-            return (flat @ flat.T).double()
-        # G_j in slices of output rows that stay in cache (about 2 MiB each): never the whole k x p x d
-        rows = max(1, 2**19 // (self.k * d))
-        gram = torch.zeros(self.k, self.k, dtype=self.a.dtype, device=self.a.device)
-        for start in range(0, p, rows):
-            flat = self.group_grads(onehot, self.b[:, :, start:start + rows]).reshape(self.k, -1)
-            gram.addmm_(flat, flat.T)
-        return gram.double()
-
-    def group_grads(self, onehot, b: Optional[torch.Tensor] = None):
-        """``(k, p, d)`` group gradients (of the output columns in ``b``, default all)."""
-        if self.g is not None:
-            return self.g
-        a, b = self.a, (self.b if b is None else b)
-        n, k = onehot.shape
-        index = onehot.argmax(1)
-        counts = torch.bincount(index, minlength=k)
-        if bool((counts == counts[0]).all()):  # equal groups: one batched GEMM
-            if not bool((index[1:] >= index[:-1]).all()):
-                order = torch.argsort(index, stable=True)
-                a, b = a[order], b[order]
-            return torch.bmm(b.reshape(k, -1, b.shape[2]).transpose(1, 2), a.reshape(k, -1, a.shape[2]))
-        out = a.new_empty(k, b.shape[2], a.shape[2])
-        for j in range(k):
-            idx = (index == j).nonzero().squeeze(1)
-            out[j] = b[idx].reshape(-1, b.shape[2]).T @ a[idx].reshape(-1, a.shape[2])
-        return out
-
-    def combine(self, ws, wk):
-        if self.g is not None:
-            return torch.tensordot(wk.to(self.g.dtype), self.g, dims=1)
-        bw = self.b * ws.to(self.b.dtype)[:, None, None]
-        return bw.reshape(-1, bw.shape[2]).T @ self.a.reshape(-1, self.a.shape[2])
-
-
-class _EmbTerm(_Term):
-    """Embedding weight: ``ids`` ``(n, T)``, ``B`` ``(n, T, D)`` with padding rows already zeroed."""
-
-    def __init__(self, param, ids: torch.Tensor, b: torch.Tensor, mode: str, k: int) -> None:
-        super().__init__(param, None)
-        self.ids, self.b, self.mode, self.k = ids, b, mode, k
-
-    def gram(self, onehot):
-        n, t = self.ids.shape
-        uniq, inv = torch.unique(self.ids, return_inverse=True)
-        ghost_cost = (n * t) ** 2 * self.b.shape[2]
-        mat_cost = n * t * self.b.shape[2] + self.k**2 * uniq.numel() * self.b.shape[2]
-        if (self.mode == "auto" and ghost_cost <= mat_cost) or self.mode == "ghost":
-            same = (self.ids[:, :, None, None] == self.ids[None, None, :, :]).to(self.b.dtype)
-            kern = (same * torch.einsum("itp,jsp->itjs", self.b, self.b)).sum((1, 3))
-            o = onehot.to(kern.dtype)
-            return (o.T @ kern @ o).double()
-        rows = self._rows(onehot, uniq, inv).reshape(self.k, -1)
-        return (rows @ rows.T).double()
-
-    def _rows(self, onehot, uniq, inv):
-        """``(k, U, D)`` group gradients restricted to the ``U`` rows the batch touches."""
-        n, t = self.ids.shape
-        group = onehot.argmax(1)
-        flat = (group[:, None] * uniq.numel() + inv).reshape(-1)
-        out = self.b.new_zeros(self.k * uniq.numel(), self.b.shape[2])
-        return out.index_add_(0, flat, self.b.reshape(n * t, -1)).view(self.k, uniq.numel(), -1)
-
-    def group_grads(self, onehot):
-        uniq, inv = torch.unique(self.ids, return_inverse=True)
-        out = self.b.new_zeros(self.k, *self.param.shape)
-        out[:, uniq] = self._rows(onehot, uniq, inv)
-        return out
-
-    def combine(self, ws, wk):
-        bw = (self.b * ws.to(self.b.dtype)[:, None, None]).reshape(-1, self.b.shape[2])
-        return self.b.new_zeros(self.param.shape).index_add_(0, self.ids.reshape(-1), bw)
-
-
-# ---------------------------------------------------------------------------------------------- rules
-@dataclass
-class _Call:
-    """One forward call of a layer: what its rule needs, plus the output gradient once backward delivers it."""
-
-    inputs: Any
-    info: Any = None
-    grad: Optional[torch.Tensor] = None
-
-
-class _Rule(ABC):
-    """How one module's trainable parameters are handled; one block of the block-wise mode."""
-
-    def __init__(self, engine: "GhostEngine", name: str, module: nn.Module) -> None:
-        self.engine, self.name, self.module = engine, name, module
-        self.calls: list[_Call] = []
-
-    def counted(self, p: Optional[torch.Tensor]) -> bool:
-        return p is not None and id(p) in self.engine._ghost_ids and id(p) not in self.engine._outside
-
-    def owns(self) -> set[int]:
-        """Ids of the parameters this rule's calls may use."""
-        mods = self.module.modules() if isinstance(self.module, nn.MultiheadAttention) else [self.module]
-        return {id(p) for m in mods for p in m.parameters(recurse=False)}
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters(recurse=False) if self.counted(p)]
-
-    def attach(self) -> list:
-        return [self.module.register_forward_hook(self._forward_hook)]
-
-    def _forward_hook(self, module, args, output):
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return None
-        return self.record(args[0], output)
-
-    def record(self, x: torch.Tensor, output: torch.Tensor, info: Any = None) -> torch.Tensor:
-        call = _Call(self.prepare(x), info)
-        self.calls.append(call)
-        return _Tap.apply(output, self.engine._anchor, self, lambda g: self.engine._receive(self, call, g))
-
-    def prepare(self, x: torch.Tensor) -> Any:
-        return x.detach()
-
-    def ready(self) -> bool:
-        return all(c.grad is not None for c in self.calls)
-
-    def samples(self, t: torch.Tensor, batch_dim: int, n: int) -> torch.Tensor:
-        """``(n, T, f)`` view of a per-position tensor whose batch lives in ``batch_dim``."""
-        if t.ndim < 2 or t.shape[batch_dim] != n:
-            raise RuntimeError(
-                f"module {self.name!r}: expected the batch of {n} samples in dim {batch_dim} of a tensor with "
-                f"at least 2 dims, got shape {tuple(t.shape)} (samples must not be mixed in one row)"
-            )
-        return _work(t.movedim(batch_dim, 0).reshape(n, -1, t.shape[-1]))
-
-    @abstractmethod
-    def terms(self, n: int, k: int) -> list[_Term]:
-        """The gradient terms of this module's calls, once their output gradients have arrived."""
-
-
-class _LinearRule(_Rule):
-    def __init__(self, engine, name, module, batch_dim: int) -> None:
-        super().__init__(engine, name, module)
-        self.batch_dim = batch_dim
-
-    def prepare(self, x):
-        return _as_autocast(x.detach(), _autocast_dtype(x.device.type))
-
-    def terms(self, n, k):
-        m = self.module
-        a = _cat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls])
-        b = _cat([self.samples(c.grad, self.batch_dim, n) for c in self.calls])
-        return _weight_bias_terms(self, m, a, b, k)
-
-
-def _weight_bias_terms(rule: "_Rule", m: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int) -> list["_Term"]:
-    """Terms of a Linear-like layer from inputs ``a`` (n, T, d) and output gradients ``b`` (n, T, p)."""
-    out: list[_Term] = []
-    if rule.counted(m.weight):
-        out.append(_MatTerm(m.weight, None, a.to(b.dtype), b, rule.engine.linear_gram, k))
-    if rule.counted(m.bias):
-        out.append(_VecTerm(m.bias, None, b.sum(1)))
-    return out
-
-
-class _ConvRule(_Rule):
-    """Conv1d/Conv2d as a Linear on unfolded patches: ``T`` = output positions, ``d = C_in kh kw``."""
-
-    def prepare(self, x):
-        m = self.module
-        x = _as_autocast(x.detach(), _autocast_dtype(x.device.type))
-        if x.ndim != m.weight.ndim:
-            raise RuntimeError(f"module {self.name!r}: expected a batched {m.weight.ndim}-D input, got {tuple(x.shape)}")
-        if isinstance(m, nn.Conv1d):
-            x = x.unsqueeze(2)
-            pad = [*m._reversed_padding_repeated_twice, 0, 0]
-            kernel, dil, stride = (1, *m.kernel_size), (1, *m.dilation), (1, *m.stride)
-        else:
-            pad, kernel, dil, stride = m._reversed_padding_repeated_twice, m.kernel_size, m.dilation, m.stride
-        patches = F.unfold(F.pad(x, list(pad)), kernel, dilation=dil, stride=stride)  # (n, d, T)
-        return patches.transpose(1, 2)
-
-    def terms(self, n, k):
-        m = self.module
-        a = _cat([_work(c.inputs) for c in self.calls])
-        b = _cat([_work(c.grad.reshape(n, c.grad.shape[1], -1).transpose(1, 2)) for c in self.calls])
-        return _weight_bias_terms(self, m, a, b, k)
-
-
-class _EmbeddingRule(_Rule):
-    def terms(self, n, k):
-        m = self.module
-        if not self.counted(m.weight):
-            return []
-        ids = _cat([c.inputs.reshape(n, -1) for c in self.calls])
-        b = _cat([_work(c.grad.reshape(n, -1, m.embedding_dim)) for c in self.calls])
-        if m.padding_idx is not None:
-            b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
-        return [_EmbTerm(m.weight, ids, b, self.engine.linear_gram, k)]
-
-
-class _NormRule(_Rule):
-    """LayerNorm / RMSNorm: per-sample ``sum_pos B * xhat`` (weight) and ``sum_pos B`` (bias)."""
-
-    def __init__(self, engine, name, module, batch_dim: int) -> None:
-        super().__init__(engine, name, module)
-        self.batch_dim = batch_dim
-
-    def terms(self, n, k):
-        m = self.module
-        shape = tuple(m.normalized_shape)
-        wv, bv = [], []
-        for c in self.calls:
-            x = _work(c.inputs)
-            if isinstance(m, nn.LayerNorm):
-                xhat = F.layer_norm(x, shape, eps=m.eps)
-            else:
-                xhat = F.rms_norm(x, shape, eps=m.eps if m.eps is not None else torch.finfo(c.inputs.dtype).eps)
-            g = _work(c.grad).to(xhat.dtype)
-            flat = lambda t: self.samples(t.reshape(*t.shape[: t.ndim - len(shape)], -1), self.batch_dim, n).sum(1)
-            wv.append(flat(g * xhat))
-            bv.append(flat(g))
-        out: list[_Term] = []
-        if self.counted(m.weight):
-            out.append(_VecTerm(m.weight, None, sum(wv)))
-        if self.counted(getattr(m, "bias", None)):
-            out.append(_VecTerm(m.bias, None, sum(bv)))
-        return out
-
-
-class _AttentionRule(_Rule):
-    """``nn.MultiheadAttention``: its in/out projections, captured as the ``F.linear`` calls they are.
-
-    ``F.multi_head_attention_forward`` applies ``linear`` to sequence-first ``(L, N, E)`` inputs (in
-    projection, possibly to row slices of ``in_proj_weight``) and to ``(L*N, E)`` rows (out projection).
-    While the module runs, ``torch.nn.functional.linear`` is replaced by a wrapper that records the calls
-    whose weight is (a view of) one of the module's projection weights and taps their outputs.
-    """
-
-    def __init__(self, engine, name, module: nn.MultiheadAttention) -> None:
-        super().__init__(engine, name, module)
-        m = module
-        self.weights = [w for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight,
-                                    m.out_proj.weight) if w is not None]
-        self.biases = [b for b in (m.in_proj_bias, m.out_proj.bias) if b is not None]
-        self._saved: Optional[Callable] = None
-        self._batch = 0
-
-    @property
-    def params(self):
-        return [p for p in self.module.parameters() if self.counted(p)]
-
-    def attach(self):
-        return [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                self.module.register_forward_hook(self._post)]
-
-    def _pre(self, module, args, kwargs):
-        query = args[0] if args else kwargs["query"]
-        if query.ndim != 3:
-            raise RuntimeError(f"module {self.name!r}: the one-backward engine needs batched (3-D) attention inputs")
-        self._batch = query.shape[0 if module.batch_first else 1]
-        self._saved = F.linear
-        original = self._saved
-
-        def linear(x, weight, bias=None):
-            out = original(x, weight, bias)
-            w_slice, b_slice = self._locate(weight, self.weights), self._locate(bias, self.biases)
-            if w_slice is None or not out.requires_grad:
-                return out
-            return self.record(x, out, (w_slice, b_slice, self._batch))
-
-        F.linear = linear
-        return None
-
-    def _post(self, module, args, output):
-        self.restore()
-        return None
-
-    def restore(self) -> None:
-        if self._saved is not None:
-            F.linear, self._saved = self._saved, None
-
-    @staticmethod
-    def _locate(t: Optional[torch.Tensor], params: list) -> Optional[tuple]:
-        """``(param, slice)`` if ``t`` is one of ``params`` or a contiguous leading-dim slice of one."""
-        if t is None:
-            return None
-        for p in params:
-            if t is p:
-                return p, None
-            if t._base is p:
-                start = (t.storage_offset() - p.storage_offset()) // p.stride(0)
-                return p, slice(start, start + t.shape[0])
-        return None
-
-    def prepare(self, x):
-        return _as_autocast(x.detach(), _autocast_dtype(x.device.type))
-
-    def terms(self, n, k):
-        out: list[_Term] = []
-        groups: dict[tuple, list[_Call]] = {}
-        for c in self.calls:
-            (w, ws), _, _ = c.info
-            groups.setdefault((id(w), None if ws is None else (ws.start, ws.stop)), []).append(c)
-        for calls in groups.values():
-            (w, ws), bias, batch = calls[0].info
-            if batch != n:
-                raise RuntimeError(f"module {self.name!r}: attention batch {batch} != {n} losses")
-            rows = lambda t: t.view(-1, batch, t.shape[-1]) if t.ndim == 2 else t
-            a = _cat([self.samples(rows(c.inputs), 1, n) for c in calls])
-            b = _cat([self.samples(rows(c.grad), 1, n) for c in calls])
-            if self.counted(w):
-                out.append(_MatTerm(w, ws, a.to(b.dtype), b, self.engine.linear_gram, k))
-            if bias is not None and self.counted(bias[0]):
-                out.append(_VecTerm(bias[0], bias[1], b.sum(1)))
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- engine
 @dataclass
 class BlockwiseResult:
     """What :meth:`GhostEngine.blockwise_backward` did: one min-norm solve per block (module)."""
@@ -598,7 +166,7 @@ class GhostEngine:
                     owners.setdefault(id(p), []).append(name)
         tied = {i for i, names in owners.items() if len(set(names)) > 1}
 
-        self.rules: list[_Rule] = []
+        self.rules: list[GhostRule] = []
         self.fallback_reasons: dict[str, str] = {}
         self.coupling: list[tuple[str, nn.Module]] = []
         fallback: set[int] = set()
@@ -607,40 +175,35 @@ class GhostEngine:
                      for c in m.children()}
         for name, sub in module.named_modules():
             label = f"{name or '<root>'!r} ({type(sub).__name__})"
-            if isinstance(sub, _COUPLING):
+            if couples_samples(sub) is not None:
                 self.coupling.append((label, sub))
             if id(sub) in claimed:
                 continue
-            mine = [p for p in (sub.parameters() if isinstance(sub, nn.MultiheadAttention)
-                                else sub.parameters(recurse=False)) if id(p) in counted]
-            if isinstance(sub, nn.MultiheadAttention):
-                claimed.add(id(sub.out_proj))
+            rule_cls = rule_for(sub)
+            own = rule_cls.own_parameters(sub) if rule_cls is not None else sub.parameters(recurse=False)
+            mine = [p for p in own if id(p) in counted]
+            if rule_cls is not None:
+                claimed.update(id(c) for c in rule_cls.claimed_children(sub))
             if not mine:
                 continue
-            reason = self._why_unsupported(sub)
+            if rule_cls is None:
+                reason: Optional[str] = ("unsupported module type with trainable parameters (supported: "
+                                         f"{', '.join(supported_types())}; see grain_lightning.ghost.register_rule)")
+            else:
+                reason = rule_cls.why_unsupported(sub)
             if reason is None and any(id(p) in tied for p in mine):
                 shared = [owners[id(p)] for p in mine if id(p) in tied][0]
                 reason = f"a parameter is shared by modules {shared} (tied weights)"
-            if reason is not None:
+            if reason is not None or rule_cls is None:
                 if unsupported == "raise":
                     raise UnsupportedModuleError(
                         f"module {label}: {reason}; use unsupported='fallback' (reference engine for these "
                         "parameters) or the reference engine"
                     )
-                self.fallback_reasons[label] = reason
+                self.fallback_reasons[label] = str(reason)
                 fallback.update(id(p) for p in mine)
                 continue
-            bdim = 1 if id(sub) in seq_first else 0
-            if isinstance(sub, nn.Linear):
-                self.rules.append(_LinearRule(self, name, sub, bdim))
-            elif isinstance(sub, _CONVS):
-                self.rules.append(_ConvRule(self, name, sub))
-            elif isinstance(sub, nn.Embedding):
-                self.rules.append(_EmbeddingRule(self, name, sub))
-            elif isinstance(sub, _NORMS):
-                self.rules.append(_NormRule(self, name, sub, bdim))
-            else:
-                self.rules.append(_AttentionRule(self, name, sub))
+            self.rules.append(rule_cls(self, name, sub, 1 if id(sub) in seq_first else 0))
         self._fallback_ids = fallback
         self._ghost_ids = counted - fallback
         self._outside: set[int] = set()  # this step: parameters used outside their recorded calls
@@ -649,37 +212,14 @@ class GhostEngine:
         self._anchor: Optional[torch.Tensor] = None
         self._listening = False
         self._captured = False
-        self._terms: list[_Term] = []
+        self._terms: list[Term] = []
         self._reached: set[int] = set()
         self._state: Optional[tuple] = None
         self._second: Optional[tuple] = None
-        self._on_ready: Optional[Callable[[_Rule], None]] = None
-
-    @staticmethod
-    def _why_unsupported(m: nn.Module) -> Optional[str]:
-        if isinstance(m, nn.Linear):
-            return None
-        if isinstance(m, _CONVS):
-            if m.groups != 1:
-                return f"groups={m.groups} (only groups=1 is supported)"
-            if m.padding_mode != "zeros":
-                return f"padding_mode={m.padding_mode!r} (only 'zeros' is supported)"
-            return None
-        if isinstance(m, nn.Embedding):
-            if m.max_norm is not None or m.sparse:
-                return "max_norm and sparse=True are not supported"
-            return None
-        if isinstance(m, _NORMS):
-            return None
-        if isinstance(m, nn.MultiheadAttention):
-            if (m.bias_k is not None and m.bias_k.requires_grad) or (m.bias_v is not None and m.bias_v.requires_grad):
-                return "trainable bias_k/bias_v (add_bias_kv=True) are not supported"
-            return None
-        return ("unsupported module type with trainable parameters (supported: Linear, Conv1d, Conv2d, Embedding, "
-                "LayerNorm, RMSNorm, MultiheadAttention)")
+        self._on_ready: Optional[Callable[[GhostRule], None]] = None
 
     def _coupled(self) -> list[str]:
-        return [label for label, m in self.coupling if m.training or not m.track_running_stats]
+        return [label for label, m in self.coupling if couples_samples(m)]
 
     def _check_coupling(self) -> None:
         coupled = self._coupled()
@@ -691,21 +231,36 @@ class GhostEngine:
             )
 
     @property
+    def unsupported_modules(self) -> list[str]:
+        """Modules whose parameters go to the reference engine (unsupported, tied, or coupling samples now)."""
+        return list(self.fallback_reasons) + [c for c in self._coupled() if c not in self.fallback_reasons]
+
+    @property
     def fully_supported(self) -> bool:
         """Whether every counted parameter is handled by the one-backward rules (no fallback, no coupling)."""
         return not self._fallback_ids and not self._coupled()
 
     # ------------------------------------------------------------------ capture
-    def capture(self) -> "_Capture":
+    def capture(self) -> "Capture":
         """Context manager recording each layer's input and tapping its output during the forward pass."""
-        return _Capture(self)
+        return Capture(self)
 
     @property
     def captured(self) -> bool:
         """Whether a forward has been captured and not yet consumed by a backward."""
         return self._captured
 
-    def _receive(self, rule: _Rule, call: _Call, grad: torch.Tensor) -> None:
+    def counts(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s gradient comes from the rules' terms this step (not the reference engine)."""
+        return id(p) in self._ghost_ids and id(p) not in self._outside
+
+    @property
+    def anchor(self) -> Optional[torch.Tensor]:
+        """The scalar every tap hangs on: the one backward is taken with respect to it."""
+        return self._anchor
+
+    def receive(self, rule: GhostRule, call: RecordedCall, grad: torch.Tensor) -> None:
+        """A tap's backward: store a call's output gradient; hand a complete rule to the current consumer."""
         if not self._listening:  # a fallback backward passing through the taps
             return
         call.grad = grad.detach()
@@ -779,7 +334,7 @@ class GhostEngine:
         finally:
             self._listening = False
 
-    def _rule_terms(self, rule: _Rule, n: int, k: int) -> list[_Term]:
+    def _rule_terms(self, rule: GhostRule, n: int, k: int) -> list[Term]:
         if not rule.calls or not rule.ready():
             rule.calls = [c for c in rule.calls if c.grad is not None]
         terms = rule.terms(n, k) if rule.calls else []
@@ -797,15 +352,15 @@ class GhostEngine:
         """
         n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)
         gram = torch.zeros(k, k, dtype=torch.float64)
-        terms: list[_Term] = []
+        terms: list[Term] = []
         self._reached = set()
 
         second = self.combine == "backward" and not coupled
 
-        def on_ready(rule: _Rule) -> None:
+        def on_ready(rule: GhostRule) -> None:
             nonlocal gram
             for term in self._rule_terms(rule, n, k):
-                if second and isinstance(term, _MatTerm):
+                if second and isinstance(term, MatrixTerm):
                     term.store = False
                 gram += term.gram(onehot).cpu()
                 if not second:
@@ -859,7 +414,7 @@ class GhostEngine:
         return result
 
     @staticmethod
-    def _assemble(terms: list[_Term], ws, wk, onehot) -> dict[int, torch.Tensor]:
+    def _assemble(terms: list[Term], ws, wk, onehot) -> dict[int, torch.Tensor]:
         """``sum_j w_j g_j`` per parameter id, adding up the terms (slices) of each parameter."""
         out: dict[int, torch.Tensor] = {}
         for term in terms:
@@ -914,8 +469,8 @@ class GhostEngine:
                 reached.append(id(p) in self._reached)
         return GroupGradients(out, reached)
 
-    def blockwise_backward(self, losses: torch.Tensor, assignment: GroupAssignment, *,
-                           tol: float = 1e-12) -> BlockwiseResult:
+    def blockwise_backward(self, losses: torch.Tensor, assignment: GroupAssignment, *, tol: float = 1e-12,
+                           policy: Optional[StepPolicy] = None) -> BlockwiseResult:
         r"""Block-wise GRAIN: a separate min-norm solve per module (block), written into ``.grad``.
 
         Block ``b`` gets ``d_b = sum_j w^b_j g^b_j`` with ``w^b = argmin_{w in simplex} w^T G_b w``. Since
@@ -924,17 +479,19 @@ class GhostEngine:
         block takes its own minimum), and ``d`` is no longer one convex combination of the ``g_j``. Each
         layer is solved and written as soon as its output gradients arrive and its activations are then
         dropped: no group gradients or Grams are kept across layers. Fallback parameters form one block.
+        Each block's weights come from ``policy.solve`` (default: a policy with solver tolerance ``tol``).
         """
+        policy = policy if policy is not None else StepPolicy(PolicyOptions(solver_tol=tol))
         n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)
         solves: dict[str, MinNormResult] = {}
         grams: dict[str, torch.Tensor] = {}
 
-        def on_ready(rule: _Rule) -> None:
+        def on_ready(rule: GhostRule) -> None:
             terms = self._rule_terms(rule, n, k)
             if not terms:
                 return
             gram = sum(t.gram(onehot).cpu() for t in terms)
-            solve = solve_min_norm(gram, tol=tol)
+            solve = policy.solve(gram)
             wk = solve.weights.to(device=onehot.device, dtype=torch.float64)
             ws = wk[index]
             grads = self._assemble(terms, ws, wk, onehot)
@@ -959,7 +516,7 @@ class GhostEngine:
                 p.grad = None
         if fallback is not None:
             gram = fallback.gram()
-            solve = solve_min_norm(gram, tol=tol)
+            solve = policy.solve(gram)
             for p, d, r in zip(fb_params, fallback.combine(solve.weights), fallback.reached):
                 p.grad = d
             solves["<fallback>"], grams["<fallback>"] = solve, gram
@@ -975,7 +532,7 @@ class GhostEngine:
         self._anchor = None
 
 
-class _Capture:
+class Capture:
     def __init__(self, engine: GhostEngine) -> None:
         self.engine = engine
         self.handles: list = []
@@ -988,11 +545,10 @@ class _Capture:
         self.handles = [h for rule in eng.rules for h in rule.attach()]
         return eng
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
         for rule in self.engine.rules:
-            if isinstance(rule, _AttentionRule):
-                rule.restore()
+            rule.detach()
         self.engine._captured = exc[0] is None

@@ -1,0 +1,10 @@
+"""GRAIN across data-parallel ranks: the ``grain_ddp`` strategy, the cross-rank min-norm, collectives, layout.
+
+Importing this package registers the ``grain_ddp`` strategy names with Lightning.
+"""
+
+from grain_lightning.distributed.collectives import CommCounter
+from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.strategy import GrainDDPStrategy
+
+__all__ = ["CommCounter", "CrossRankMinNorm", "CrossRankResult", "GrainDDPStrategy", "MODES"]

@@ -1,0 +1,11 @@
+"""Built-in rules of the one-backward engine, one module per layer family; importing this registers them."""
+
+from grain_lightning.ghost.rules.attention import AttentionRule
+from grain_lightning.ghost.rules.base import GhostRule, RecordedCall, UnsupportedModuleError, weight_bias_terms
+from grain_lightning.ghost.rules.conv import ConvRule
+from grain_lightning.ghost.rules.embedding import EmbeddingRule
+from grain_lightning.ghost.rules.linear import LinearRule
+from grain_lightning.ghost.rules.norm import NormRule
+
+__all__ = ["AttentionRule", "ConvRule", "EmbeddingRule", "GhostRule", "LinearRule", "NormRule", "RecordedCall",
+           "UnsupportedModuleError", "weight_bias_terms"]

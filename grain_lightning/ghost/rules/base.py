@@ -1,0 +1,138 @@
+r"""The rule interface: how one module's trainable parameters become gradient terms in one backward.
+
+A rule records each forward call of its module (the input, prepared by :meth:`GhostRule.prepare`) and taps
+the output; the engine's backward delivers each call's output gradient; :meth:`GhostRule.terms` then turns
+the ``n`` samples' recorded inputs and output gradients into :mod:`~grain_lightning.ghost.terms`. A rule is
+also one block of the block-wise mode. Subclass it, implement ``terms`` (and ``why_unsupported`` for
+configurations you cannot handle exactly), and register it with
+:func:`~grain_lightning.ghost.registry.register_rule`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from grain_lightning.ghost.tensors import Tap, cat_calls, work
+from grain_lightning.ghost.terms import MatrixTerm, Term, VectorTerm
+
+if TYPE_CHECKING:
+    from grain_lightning.ghost.engine import GhostEngine
+
+__all__ = ["GhostRule", "RecordedCall", "UnsupportedModuleError", "weight_bias_terms"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A module with trainable parameters that the one-backward engine cannot handle exactly."""
+
+
+@dataclass
+class RecordedCall:
+    """One forward call of a layer: what its rule needs, plus the output gradient once backward delivers it."""
+
+    inputs: Any
+    info: Any = None
+    grad: Optional[torch.Tensor] = None
+
+
+class GhostRule(ABC):
+    """How one module's trainable parameters are handled exactly from one backward.
+
+    Args:
+        engine: the engine the rule belongs to.
+        name: the module's qualified name (for messages).
+        module: the module.
+        batch_dim: where the batch lives in the module's inputs and outputs (1 for the layers of a
+            sequence-first ``TransformerEncoderLayer``/``DecoderLayer``, else 0).
+    """
+
+    def __init__(self, engine: "GhostEngine", name: str, module: nn.Module, batch_dim: int = 0) -> None:
+        self.engine, self.name, self.module, self.batch_dim = engine, name, module, batch_dim
+        self.calls: list[RecordedCall] = []
+
+    # ------------------------------------------------------------------ what the rule covers
+    @classmethod
+    def why_unsupported(cls, module: nn.Module) -> Optional[str]:
+        """Why this module cannot be handled exactly (``None``: it can). Checked when the engine is built."""
+        return None
+
+    @classmethod
+    def own_parameters(cls, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters this rule accounts for (default: the module's own, not its children's)."""
+        return list(module.parameters(recurse=False))
+
+    @classmethod
+    def claimed_children(cls, module: nn.Module) -> list[nn.Module]:
+        """Submodules whose parameters this rule accounts for, so that they get no rule of their own."""
+        return []
+
+    def owns(self) -> set[int]:
+        """Ids of the parameters this rule's calls may use."""
+        return {id(p) for p in self.own_parameters(self.module)}
+
+    def counted(self, p: Optional[torch.Tensor]) -> bool:
+        """Whether ``p`` is a parameter this step's one-backward terms must cover."""
+        return p is not None and self.engine.counts(p)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.own_parameters(self.module) if self.counted(p)]
+
+    # ------------------------------------------------------------------ recording
+    def attach(self) -> list[Any]:
+        """Install the hooks that record calls; returns their handles (removed after the forward)."""
+        return [self.module.register_forward_hook(self._forward_hook)]
+
+    def detach(self) -> None:
+        """Undo anything :meth:`attach` did besides hooks (called when the capture ends)."""
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        return self.record(args[0], output)
+
+    def record(self, x: torch.Tensor, output: torch.Tensor, info: Any = None) -> torch.Tensor:
+        """Record a call with input ``x``; returns the tapped ``output`` to use in its place."""
+        call = RecordedCall(self.prepare(x), info)
+        self.calls.append(call)
+        return Tap.apply(output, self.engine.anchor, self, lambda g: self.engine.receive(self, call, g))
+
+    def prepare(self, x: torch.Tensor) -> Any:
+        """What to keep of the input (default: the detached tensor)."""
+        return x.detach()
+
+    def ready(self) -> bool:
+        return all(c.grad is not None for c in self.calls)
+
+    # ------------------------------------------------------------------ helpers for terms
+    def samples(self, t: torch.Tensor, batch_dim: int, n: int) -> torch.Tensor:
+        """``(n, T, f)`` view of a per-position tensor whose batch lives in ``batch_dim``."""
+        if t.ndim < 2 or t.shape[batch_dim] != n:
+            raise RuntimeError(
+                f"module {self.name!r}: expected the batch of {n} samples in dim {batch_dim} of a tensor with "
+                f"at least 2 dims, got shape {tuple(t.shape)} (samples must not be mixed in one row)"
+            )
+        return work(t.movedim(batch_dim, 0).reshape(n, -1, t.shape[-1]))
+
+    @staticmethod
+    def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-call ``(n, T_c, f)`` tensors along ``T`` (a module called several times)."""
+        return cat_calls(parts)
+
+    @abstractmethod
+    def terms(self, n: int, k: int) -> list[Term]:
+        """The gradient terms of this module's calls, once their output gradients have arrived."""
+
+
+def weight_bias_terms(rule: GhostRule, m: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int) -> list[Term]:
+    """Terms of a Linear-like layer from inputs ``a`` (n, T, d) and output gradients ``b`` (n, T, p)."""
+    out: list[Term] = []
+    if rule.counted(m.weight):
+        out.append(MatrixTerm(m.weight, None, a.to(b.dtype), b, rule.engine.linear_gram, k))
+    if rule.counted(m.bias):
+        out.append(VectorTerm(m.bias, None, b.sum(1)))
+    return out

@@ -1,0 +1,38 @@
+r"""``nn.Embedding``: ``<g_i, g_j> = sum_{t,s} [id_i(t) = id_j(s)] <B_i(t), B_j(s)>`` (``padding_idx`` masked),
+or the group gradients over the rows the batch touches when that is cheaper; see
+:class:`~grain_lightning.ghost.terms.EmbeddingTerm`. ``max_norm`` and ``sparse=True`` are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from grain_lightning.ghost.registry import register_rule
+from grain_lightning.ghost.rules.base import GhostRule
+from grain_lightning.ghost.tensors import work
+from grain_lightning.ghost.terms import EmbeddingTerm, Term
+
+__all__ = ["EmbeddingRule"]
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(GhostRule):
+    @classmethod
+    def why_unsupported(cls, module: nn.Module) -> Optional[str]:
+        assert isinstance(module, nn.Embedding)
+        if module.max_norm is not None or module.sparse:
+            return "max_norm and sparse=True are not supported"
+        return None
+
+    def terms(self, n: int, k: int) -> list[Term]:
+        m = self.module
+        assert isinstance(m, nn.Embedding)
+        if not self.counted(m.weight):
+            return []
+        ids = self.concat([c.inputs.reshape(n, -1) for c in self.calls])
+        b = self.concat([work(c.grad.reshape(n, -1, m.embedding_dim)) for c in self.calls])
+        if m.padding_idx is not None:
+            b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
+        return [EmbeddingTerm(m.weight, ids, b, self.engine.linear_gram, k)]

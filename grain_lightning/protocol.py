@@ -1,0 +1,62 @@
+r"""The interface between :class:`~grain_lightning.GrainMixin` and a distributed GRAIN strategy.
+
+At the end of each accumulation cycle with ``world_size > 1``, the mixin builds a :class:`MixinCycle`
+(what this rank has) and calls the strategy's one method, :meth:`GrainStrategy.combine_mixin_cycle`; the
+strategy combines the ranks and returns whether ``.grad`` now holds the step's gradient. The mixin then
+clips and steps (or skips) itself. Neither side reads the other's private members.
+
+Two ways to combine, chosen by the strategy's ``needs_group_gradients``:
+
+- ``False`` (hierarchical): ``.grad`` already holds this rank's own direction (its GRAIN step, or its mean
+  gradient with ``aggregation="mean"``); the strategy combines one vector per rank.
+- ``True`` (global): the cycle carries this rank's ``k_r`` group gradients and mean weights, and the
+  module's step policy decides over every group of every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from grain_lightning.policy import StepPolicy
+    from grain_lightning.reference import GroupGradients
+
+__all__ = ["GrainStrategy", "MixinCycle"]
+
+
+@dataclass
+class MixinCycle:
+    """What one rank's :class:`~grain_lightning.GrainMixin` has at the end of an accumulation cycle.
+
+    Attributes:
+        params: the trainable parameters the optimizers step (the same on every rank).
+        invalid: this rank has no valid gradient (a non-finite loss or gradient in the cycle).
+        vote_skip: hierarchical: this rank's own policy chose to skip (collapse with ``on_collapse="skip"``).
+        group_gradients: global: this rank's ``k_r`` group gradients (``None`` when ``invalid``).
+        mean_weights: global: ``(k_r,)`` plain-mean weights of those groups (summing to 1 on this rank).
+        policy: global: the module's step policy (its collapse options decide for every group).
+    """
+
+    params: list[Tensor]
+    invalid: bool = False
+    vote_skip: bool = False
+    group_gradients: Optional["GroupGradients"] = None
+    mean_weights: Optional[Tensor] = None
+    policy: Optional["StepPolicy"] = None
+
+
+@runtime_checkable
+class GrainStrategy(Protocol):
+    """A Lightning strategy that combines the ranks of a :class:`~grain_lightning.GrainMixin` module."""
+
+    @property
+    def needs_group_gradients(self) -> bool:
+        """Whether :meth:`combine_mixin_cycle` needs the group gradients (global groups)."""
+        ...
+
+    def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:
+        """Combine the ranks' cycles into ``.grad`` of ``cycle.params``; ``False``: every rank skips the step."""
+        ...
