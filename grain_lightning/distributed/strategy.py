@@ -448,8 +448,9 @@ class GrainDDPStrategy(DDPStrategy):
         return self._finish(res, layout, res.extras[:n_params], res.extras[n_params:], counts, [], policy)
 
 
-def _register(registry: _StrategyRegistry = StrategyRegistry) -> None:
+def register_grain_ddp(registry: _StrategyRegistry = StrategyRegistry) -> None:
+    """Register the ``grain_ddp`` names in ``registry`` (done on import; names already taken are left alone)."""
     GrainDDPStrategy.register_strategies(registry)
 
 
-_register()
+register_grain_ddp()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from grain_lightning import ByKey, Chunks, GrainConfig
-from tests.helpers import GrainModule, ParamRecorder, PlainModule, loader, make_data, make_net, trainer
-from tests.reference import brute_force_min_norm
+from tests.grain_lightning.helpers import GrainModule, ParamRecorder, PlainModule, loader, make_data, make_net, trainer
+from tests.grain_lightning.brute_force import brute_force_min_norm
 
 
 def fit_and_record(module, data, ckpt_path=None, **kw):

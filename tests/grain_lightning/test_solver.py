@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grain_lightning import min_norm_weights, solve_min_norm
-from tests.reference import brute_force_min_norm, nnls_min_norm
+from tests.grain_lightning.brute_force import brute_force_min_norm, nnls_min_norm
 
 CONTRACT = 1e-9  # public accuracy contract, relative to trace(G)
 

@@ -1,6 +1,6 @@
-"""Two-process CPU (gloo) fits under ``grain_ddp``, for tests/test_ddp.py.
+"""Two-process CPU (gloo) fits under ``grain_ddp``, for tests/grain_lightning/distributed/test_strategy.py.
 
-Usage: ``python tests/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
+Usage: ``python tests/grain_lightning/distributed/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
 port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp`` launcher (popen) re-runs this
 command as the other ranks; every rank runs every scenario in order (rank ``r`` of ``R`` trains on samples
 ``r, r + R, ...``), catching the expected errors so that one launch covers them all, and writes

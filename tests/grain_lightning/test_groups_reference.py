@@ -18,16 +18,11 @@ from grain_lightning import (
     grain_diagnostics,
     group_gradients,
 )
-from tests.reference import brute_force_min_norm
+from tests.grain_lightning.brute_force import brute_force_min_norm
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_per_sample_and_chunks():

@@ -1,6 +1,6 @@
 """``grain_ddp``: two gloo processes on the CPU against single-process references.
 
-One launch of ``tests/ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
+One launch of ``tests/grain_lightning/distributed/ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
 scenario; the tests below check its records. The data of rank ``r`` are samples ``r, r + 2, ...``, so the
 references are computed here from the recorded parameters before each step with an independent autograd
 pass and a brute-force min-norm solver.
@@ -9,7 +9,6 @@ pass and a brute-force min-norm solver.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -20,29 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
-from tests import ddp_worker as W
-from tests.reference import brute_force_min_norm
+from tests.grain_lightning.distributed import ddp_worker as W
+from tests.conftest import free_port
+from tests.grain_lightning.brute_force import brute_force_min_norm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository root
 SCENARIOS = [*W.SCENARIOS, "resume"]
 TOL = 1e-9  # float64 model: the references agree to rounding
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_worker(out: Path, scenarios: list[str], timeout: float = 240, devices: int = 2) -> subprocess.CompletedProcess:
     """Run the worker with a fresh free port; retry with another port if the chosen one was taken."""
     for _ in range(3):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore",
                    GRAIN_TEST_DEVICES=str(devices))
         for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
             env.pop(key, None)
-        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out), *scenarios],
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), *scenarios],
                               env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
         if "address already in use" not in (proc.stderr + proc.stdout).lower():
             return proc
@@ -276,9 +270,9 @@ def test_registry_names_and_lightning_names_untouched():
 
     import grain_lightning
     from grain_lightning import GrainDDPStrategy
-    from grain_lightning.ddp import _register
+    from grain_lightning.distributed.strategy import register_grain_ddp
 
-    _register()  # a second registration (re-import) is a no-op
+    register_grain_ddp()  # a second registration (re-import) is a no-op
     expected = {"grain_ddp": "popen", "grain_ddp_spawn": "spawn", "grain_ddp_fork": "fork", "grain_ddp_notebook": "fork"}
     for name, start in expected.items():
         assert StrategyRegistry[name]["strategy"] is GrainDDPStrategy
@@ -320,23 +314,13 @@ def test_lightning_cli_accepts_grain_ddp(args, mode):
     assert isinstance(cli.trainer.strategy, GrainDDPStrategy) and cli.trainer.strategy.mode == mode
 
 
-@pytest.fixture
-def restore_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_one_device_is_plain_training(restore_environ):
     """``devices=1``: no communication and the same parameters as Lightning's default strategy, bit for bit."""
     import lightning as L
 
     from grain_lightning import GrainDDPStrategy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     runs = {}
     for name, strat in (("auto", "auto"), ("grain_ddp", GrainDDPStrategy(timeout=timedelta(seconds=30)))):
         rec = W.Recorder()
