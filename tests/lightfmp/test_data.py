@@ -16,10 +16,10 @@ import torch
 from lightfmp.data import FieldSpec, Preprocessor, Schema, read_frame
 from lightfmp.data.datamodule import CTRDataModule, IndexBatches
 from lightfmp.data.preprocess import dense_transform
-from lightfmp.data.readers import check_field_counts
-from lightfmp.data.splits import split_indices, stage_subsets
+from lightfmp.data.formats import check_field_counts
+from lightfmp.data.splits import split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR
-from lightfmp.features import make_sparse
+from lightfmp.inputs import make_sparse
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -395,10 +395,10 @@ def test_splits_reproducible_and_chronological():
     s = split_indices(1000, 0.1, 0.2, kind="chronological", time=time)
     assert time[s.train].max() <= time[s.val].min() and time[s.val].max() <= time[s.test].min()
     assert np.array_equal(np.sort(np.concatenate([s.train, s.val, s.test])), np.arange(1000))
-    pre, fine = stage_subsets(a.train, 0.2, seed=3)
+    pre, fine = train_subsets(a.train, 0.2, seed=3)
     assert len(pre) == 140 and len(np.intersect1d(pre, fine)) == 0
     assert np.array_equal(np.sort(np.concatenate([pre, fine])), a.train)
-    assert np.array_equal(stage_subsets(a.train, 0.2, seed=3)[0], pre)
+    assert np.array_equal(train_subsets(a.train, 0.2, seed=3)[0], pre)
     with pytest.raises(ValueError, match="needs a time column"):
         split_indices(10, kind="chronological")
     seq = split_indices(10, 0.2, 0.3, kind="sequential")
@@ -474,11 +474,11 @@ def quick_naive_bayes_auc(enc, names: list[str], n_train: int = 15000) -> float:
 
 # ------------------------------------------------------------------------------------------- datamodule
 def test_datamodule_stages_cover_train_split_and_loaders():
-    dm = CTRDataModule(format="synthetic", synthetic_rows=4000, stage="pretrain", batch_size=256,
+    dm = CTRDataModule(format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256,
                        eval_batch_size=1000, pretrain_fraction=0.25, seed=3)
     dm.setup("fit")
     assert dm.num_train_samples == 800  # 0.25 of the 3200 training rows
-    fine = dm.for_stage("finetune")
+    fine = dm.for_subset("finetune")
     fine.setup("fit")
     assert fine.preprocessor is dm.preprocessor
     pre_rows, fine_rows = dm.train_indices, fine.train_indices
@@ -493,7 +493,7 @@ def test_datamodule_stages_cover_train_split_and_loaders():
     assert [len(b) for b in batches] == [256, 256, 256, 32]
     first = dm.encoded.batch(loader.dataset.indices[positions[0]])
     assert not torch.equal(batches[0].labels, first.labels) or not torch.equal(batches[0].dense, first.dense)
-    again = CTRDataModule(format="synthetic", synthetic_rows=4000, stage="pretrain", batch_size=256, seed=3,
+    again = CTRDataModule(format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256, seed=3,
                           pretrain_fraction=0.25)
     again.setup()
     assert torch.equal(next(iter(again.train_dataloader())).dense, first.dense)  # same seed, same first epoch
@@ -508,7 +508,7 @@ def test_datamodule_kept_fields_reuse_vocabulary(tmp_path):
     path = tmp_path / "prep.json"
     dm.preprocessor.save(path)
     keep = ["age", "education", "occupation"]
-    stage3 = CTRDataModule(format="adult", batch_size=512, max_rows=5000, stage="finetune", fields=keep,
+    stage3 = CTRDataModule(format="adult", batch_size=512, max_rows=5000, subset="finetune", fields=keep,
                            preprocessor=str(path))
     stage3.setup()
     assert stage3.feature_spec == dm.feature_spec.select(keep)
@@ -613,9 +613,15 @@ def test_datamodule_arguments_parse_from_command_line():
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(CTRDataModule, "data")
     cfg = parser.parse_args(["--data.format", "criteo", "--data.path", "train.txt", "--data.fields", "[I1, C3]",
-                             "--data.stage", "finetune", "--data.pretrain_fraction", "0.3"])
+                             "--data.subset", "finetune", "--data.pretrain_fraction", "0.3"])
     dm = CTRDataModule(**cfg.data.as_dict())
-    assert dm.hparams.fields == ["I1", "C3"] and dm.hparams.stage == "finetune" and dm.hparams.path == "train.txt"
+    assert dm.hparams.fields == ["I1", "C3"] and dm.subset == "finetune" and dm.hparams.path == "train.txt"
+    with pytest.raises(Exception, match="subset"):
+        parser.parse_args(["--data.subset", "warmup"])
+    # the flag's old name still works, with a deprecation warning
+    old = parser.parse_args(["--data.format", "criteo", "--data.stage", "finetune"])
+    with pytest.warns(DeprecationWarning, match="subset"):
+        assert CTRDataModule(**old.data.as_dict()).subset == "finetune"
     with pytest.raises(Exception, match="stage"):
         parser.parse_args(["--data.stage", "warmup"])
 

@@ -6,7 +6,7 @@ import torch
 from torchmetrics.classification import BinaryAUROC
 
 from lightfmp.metrics import BinaryLogLoss
-from lightfmp.module import LightFMPModule, evaluate
+from lightfmp.lightning_module import LightFMPModule, evaluate
 from tests.lightfmp.fixtures import SPEC, random_batch, restrict
 
 
