@@ -3,7 +3,7 @@ import torch
 
 from lightfmp.inputs import ModelInputs
 from lightfmp.backbones import BACKBONES, build_backbone
-from tests.lightfmp.fixtures import SPEC, random_batch, restrict
+from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 KEEPS = {
     "mixed": ["d0", "d2", "s1", "genres"],

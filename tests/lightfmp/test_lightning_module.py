@@ -7,7 +7,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from lightfmp.metrics import BinaryLogLoss
 from lightfmp.lightning_module import LightFMPModule, evaluate
-from tests.lightfmp.fixtures import SPEC, random_batch, restrict
+from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 
 def test_logloss_matches_formula_over_uneven_batches():
