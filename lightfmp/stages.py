@@ -35,7 +35,7 @@ PathLike = Union[str, Path]
 # Re-exported: the names callers of the stages use with them.
 __all__ = [
     "METRICS_FILE", "STAGES", "STAGE_FILES", "TrainingThroughput", "evaluate", "finetune", "pretrain", "prune",
-    "read_metrics", "summary_table",
+    "read_metrics", "summary_table", "timed_fit",
 ]
 
 
@@ -47,9 +47,11 @@ def _single_process(trainer: L.Trainer) -> None:
         )
 
 
-def _fit(
+def timed_fit(
     trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None
 ) -> TrainingThroughput:
+    """``trainer.fit`` in one process, measured by a :class:`TrainingThroughput` callback; an interrupted fit
+    raises."""
     _single_process(trainer)
     throughput = TrainingThroughput()
     trainer.callbacks.append(throughput)
@@ -79,7 +81,7 @@ def pretrain(
         raise ValueError("pretrain needs a model with field_mask=True")
     if datamodule.subset != "pretrain":
         datamodule = datamodule.for_subset("pretrain")
-    throughput = _fit(trainer, module, datamodule, ckpt_path)
+    throughput = timed_fit(trainer, module, datamodule, ckpt_path)
     scores = evaluate(module, datamodule.test_dataloader())
     assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
     write_preprocessor(out, datamodule.preprocessor)
@@ -166,7 +168,7 @@ def finetune(
     clear_from(out, "finetune")
     module = LightFMPModule.from_checkpoint(ckpt, **(overrides or {}))
     dm = datamodule.for_subset("finetune", fields=extra["kept_fields"], preprocessor=read_preprocessor(ckpt, ckpt_path))
-    throughput = _fit(trainer, module, dm)
+    throughput = timed_fit(trainer, module, dm)
     scores = evaluate(module, dm.test_dataloader())
     stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there
     save_checkpoint(trainer, module, out / "finetune.ckpt", {**stage_extra, "stage": "finetune"})
