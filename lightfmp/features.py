@@ -7,7 +7,7 @@ from typing import Any
 from lightfmp.inputs import *  # noqa: F401,F403
 from lightfmp.inputs import ModelInputs, __all__ as _inputs_all
 
-__all__ = [*_inputs_all, "FeatureSpec"]
+__all__ = list(_inputs_all)  # and FeatureSpec, through __getattr__
 
 warnings.warn("lightfmp.features is deprecated; import from lightfmp.inputs", DeprecationWarning, stacklevel=2)
 

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from lightfmp.callbacks import TrainingThroughput
-from lightfmp.data.datamodule import DATAMODULE_CHECKPOINT_KEY, preprocessor_from_state, preprocessor_state
+from lightfmp.data.datamodule import DATAMODULE_CHECKPOINT_KEY, preprocessor_from_state
 from lightfmp.data.preprocess import Preprocessor
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule
 
@@ -151,7 +151,7 @@ def save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path: 
     """A Lightning checkpoint (loadable by ``LightFMPModule.load_from_checkpoint``) plus ``extra`` under 'lightfmp'.
 
     With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included. Without one,
-    ``preprocessor`` (a :func:`preprocessor_state` dict) goes where Lightning would put it.
+    ``preprocessor`` (a :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it.
     """
     if trainer is not None:
         def write(tmp: Path) -> None:
@@ -193,7 +193,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_preprocessor_state(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The :func:`preprocessor_state` dict of a stage checkpoint (checkpoints written before it moved there kept
+    """The ``preprocessor_state`` dict of a stage checkpoint (checkpoints written before it moved there kept
     the preprocessor state in the Light-FMP entry)."""
     state = checkpoint.get(DATAMODULE_CHECKPOINT_KEY, {})
     if "preprocessor" in state:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightfmp.data import read_frame
-from tests.lightfmp.data.files import ml100k_dir, ml1m_dir, write
+from tests.lightfmp.data.files import ml100k_dir, ml1m_dir
 
 
 @pytest.mark.parametrize("layout", ["ml-100k", "ml-1m"])
