@@ -14,8 +14,7 @@ Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning as L
 import pandas as pd
@@ -25,18 +24,11 @@ from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 from lightfmp.outputs import (
-    METRICS_FILE, STAGE_FILES, STAGES, checkpoint_preprocessor_state, clear_from, metrics_entry, output_directory,
-    read_checkpoint, read_metrics, read_preprocessor, record, save_checkpoint, stage_checkpoint, summary_table,
-    write_feature_report, write_preprocessor,
+    PathLike, checkpoint_preprocessor_state, clear_from, metrics_entry, output_directory, read_checkpoint,
+    read_preprocessor, record, save_checkpoint, stage_checkpoint, write_feature_report, write_preprocessor,
 )
 
-PathLike = Union[str, Path]
-
-# Re-exported: the names callers of the stages use with them.
-__all__ = [
-    "METRICS_FILE", "STAGES", "STAGE_FILES", "TrainingThroughput", "evaluate", "finetune", "pretrain", "prune",
-    "read_metrics", "summary_table", "timed_fit",
-]
+__all__ = ["finetune", "pretrain", "prune", "timed_fit"]
 
 
 def _single_process(trainer: L.Trainer) -> None:
