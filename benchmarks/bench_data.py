@@ -24,7 +24,7 @@ import torch
 from lightfmp.data import FieldSpec, Preprocessor, read_frame
 from lightfmp.data.preprocess import EncodedFrame
 from lightfmp.data.synthetic import SyntheticCTR
-from lightfmp.features import CTRBatch, make_sparse
+from lightfmp.inputs import CTRBatch, make_sparse
 
 
 def per_row_collate(encoded: EncodedFrame, rows: list[int]) -> CTRBatch:

@@ -26,9 +26,9 @@ from typing import Any
 import lightning as L
 import pandas as pd
 
-from lightfmp import pipeline
+from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
-from lightfmp.module import LightFMPModule, evaluate
+from lightfmp.lightning_module import LightFMPModule, evaluate
 
 DATASETS: dict[str, dict[str, Any]] = {
     "adult": {
@@ -67,9 +67,9 @@ def trainer(epochs: int) -> L.Trainer:
 
 def run_full(cfg: dict[str, Any], data: dict[str, Any], seed: int) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
-    dm = CTRDataModule(**data, stage="full", seed=seed)
+    dm = CTRDataModule(**data, subset="full", seed=seed)
     module = LightFMPModule(**cfg["model"], field_mask=False)
-    throughput = pipeline._fit(trainer(cfg["full_epochs"]), module, dm)
+    throughput = stages.timed_fit(trainer(cfg["full_epochs"]), module, dm)
     scores = evaluate(module, dm.test_dataloader())
     return {
         "method": "full", "auc": scores["auc"], "logloss": scores["logloss"], "fields": module.feature_spec.num_fields,
@@ -81,13 +81,13 @@ def run_full(cfg: dict[str, Any], data: dict[str, Any], seed: int) -> dict[str, 
 
 def run_lightfmp(cfg: dict[str, Any], data: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
-    dm = CTRDataModule(**data, stage="pretrain", seed=seed)
+    dm = CTRDataModule(**data, subset="pretrain", seed=seed)
     module = LightFMPModule(**cfg["model"], field_mask=True)
-    first = pipeline.pretrain(trainer(cfg["pretrain_epochs"]), module, dm, out)
+    first = stages.pretrain(trainer(cfg["pretrain_epochs"]), module, dm, out)
     start = time.perf_counter()
-    _, _, pruned = pipeline.prune(out, dm)
+    _, _, pruned = stages.prune(out, dm)
     prune_seconds = time.perf_counter() - start
-    last = pipeline.finetune(trainer(cfg["finetune_epochs"]), dm, out)
+    last = stages.finetune(trainer(cfg["finetune_epochs"]), dm, out)
     return {
         "method": "lightfmp", "auc": last["auc"], "logloss": last["logloss"], "fields": last["fields"],
         "parameters": last["parameters"], "train_seconds": first["train_seconds"] + last["train_seconds"],

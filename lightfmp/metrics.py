@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from typing_extensions import override
 
 
 class BinaryLogLoss(Metric):
@@ -23,6 +24,7 @@ class BinaryLogLoss(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @override
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if logits.shape != target.shape:
             raise ValueError(f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
@@ -33,6 +35,7 @@ class BinaryLogLoss(Metric):
         self.total += loss
         self.count += target.numel()
 
+    @override
     def compute(self) -> torch.Tensor:
         if int(self.count) == 0:
             raise ValueError("BinaryLogLoss.compute() called before any update")

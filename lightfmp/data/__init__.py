@@ -1,4 +1,4 @@
-"""Light-FMP data pipeline: schemas, readers, preprocessing, splits, synthetic data, and the datamodule.
+"""Light-FMP data pipeline: schemas, format readers, preprocessing, splits, synthetic data, and the datamodule.
 
 ``CTRDataModule`` (which imports Lightning) is loaded on first access: ``from lightfmp.data import
 CTRDataModule``.
@@ -7,9 +7,9 @@ CTRDataModule``.
 from typing import Any
 
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
-from lightfmp.data.readers import FORMATS, adult_path, criteo_schema, read_frame
+from lightfmp.data.formats import FORMATS, adult_path, criteo_schema, read_frame
 from lightfmp.data.schema import FieldSpec, Schema
-from lightfmp.data.splits import Split, split_indices, stage_subsets
+from lightfmp.data.splits import Split, split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR, write_criteo_tsv
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "criteo_schema",
     "read_frame",
     "split_indices",
-    "stage_subsets",
+    "train_subsets",
     "write_criteo_tsv",
 ]
 
@@ -35,4 +35,9 @@ def __getattr__(name: str) -> Any:
         from lightfmp.data.datamodule import CTRDataModule
 
         return CTRDataModule
+    if name == "stage_subsets":
+        import warnings
+
+        warnings.warn("stage_subsets is deprecated; use train_subsets", DeprecationWarning, stacklevel=2)
+        return train_subsets
     raise AttributeError(f"module 'lightfmp.data' has no attribute {name!r}")

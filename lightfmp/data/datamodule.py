@@ -3,15 +3,21 @@
 The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader
 draws index batches (:class:`IndexBatches` yields whole index tensors, sharded across DDP ranks; the
 DataLoader runs with ``batch_size=None``) and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader serves the part of the
-training split chosen by ``stage``: ``"pretrain"`` (a seeded ``pretrain_fraction`` subset, Light-FMP
-stage 1), ``"finetune"`` (the rest, stage 3) or ``"full"``; validation and test loaders serve the same
-splits in every stage. Stage 3 reuses stage 1's vocabularies (``preprocessor=`` a saved file, or
-:meth:`CTRDataModule.for_stage`, which passes the fitted one on) and reads only the kept ``fields``.
+training split chosen by ``subset``: ``"pretrain"`` (a seeded ``pretrain_fraction`` subset, Light-FMP's
+pretrain stage), ``"finetune"`` (the rest, the finetune stage) or ``"full"``; validation and test loaders
+serve the same splits whatever the subset. The finetune stage reuses the pretrain stage's vocabularies
+(``preprocessor=`` a saved file, or :meth:`CTRDataModule.for_subset`, which passes the fitted one on) and
+reads only the kept ``fields``.
+
+The fitted preprocessor is persisted in one format, :meth:`Preprocessor.state_dict`: Lightning stores
+:meth:`CTRDataModule.state_dict` in every checkpoint under ``DATAMODULE_CHECKPOINT_KEY``, and
+``preprocessor.json`` is the same dict (:meth:`Preprocessor.save`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator, Literal, Optional, Union
 
 import lightning as L
@@ -20,15 +26,17 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from typing_extensions import override
 
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
-from lightfmp.data.readers import DEFAULT_CHUNKSIZE, FORMATS, read_frame
+from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
 from lightfmp.data.schema import Schema
-from lightfmp.data.splits import Split, split_indices, stage_subsets
+from lightfmp.data.splits import Split, split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR
-from lightfmp.features import CTRBatch, FeatureSpec
+from lightfmp.inputs import CTRBatch, ModelInputs
 
-Stage = Literal["pretrain", "finetune", "full"]
+Subset = Literal["pretrain", "finetune", "full"]
+SUBSETS: tuple[str, ...] = ("pretrain", "finetune", "full")
 DATA_FORMATS = FORMATS + ("synthetic",)
 
 
@@ -71,6 +79,7 @@ class IndexBatches(DistributedSampler):
             return self._rank or 0
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
+    @override
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -78,9 +87,11 @@ class IndexBatches(DistributedSampler):
         world, rank = self.num_replicas, self.rank
         return self.n // world if self.shuffle else len(range(rank, self.n, world))
 
+    @override
     def __len__(self) -> int:
         return math.ceil(self._num_rows() / self.batch_size)
 
+    @override
     def __iter__(self) -> Iterator[torch.Tensor]:
         world, rank = self.num_replicas, self.rank
         if self.shuffle:
@@ -104,6 +115,7 @@ class EncodedRows(Dataset):
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    @override
     def __getitem__(self, positions: torch.Tensor) -> CTRBatch:
         return self.encoded.batch(self.indices[positions])
 
@@ -121,10 +133,11 @@ class CTRDataModule(L.LightningDataModule):
         schema: YAML schema (required for csv/parquet; optional override for the built-in formats).
         fields: keep only these fields (read and encode nothing else); unknown names raise ``KeyError``.
         batch_size: training batch size; ``eval_batch_size`` (default: the same) for validation and test.
-        pretrain_fraction: share of the training split served in stage ``"pretrain"``.
-        stage: which part of the training split the train loader serves.
+        pretrain_fraction: share of the training split in subset ``"pretrain"``.
+        subset: which part of the training split the train loader serves.
+        stage: deprecated name of ``subset`` (``--data.stage`` still works).
         split, val_fraction, test_fraction, seed: the split (see :mod:`lightfmp.data.splits`); ``seed``
-            also seeds the stage subsets and the shuffling.
+            also seeds the subsets and the shuffling.
         min_count, hash_threshold: preprocessing defaults (see :class:`Preprocessor`).
         preprocessor: path of a saved preprocessor to reuse instead of fitting one.
         max_rows: read only the first rows; ``chunksize``: rows per pandas chunk.
@@ -141,7 +154,7 @@ class CTRDataModule(L.LightningDataModule):
         batch_size: int = 1024,
         eval_batch_size: Optional[int] = None,
         pretrain_fraction: float = 0.2,
-        stage: Stage = "full",
+        subset: Subset = "full",
         split: Literal["random", "chronological", "sequential"] = "random",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -160,12 +173,16 @@ class CTRDataModule(L.LightningDataModule):
         synthetic_interaction: float = 1.0,
         num_workers: int = 0,
         pin_memory: bool = False,
+        stage: Optional[Subset] = None,
     ) -> None:
         super().__init__()
+        if stage is not None:
+            warnings.warn("CTRDataModule(stage=...) is deprecated; use subset=", DeprecationWarning, stacklevel=2)
+            subset = stage
         if format not in DATA_FORMATS:
             raise ValueError(f"unknown data format {format!r}; expected one of {list(DATA_FORMATS)}")
-        if stage not in ("pretrain", "finetune", "full"):
-            raise ValueError(f"stage must be 'pretrain', 'finetune' or 'full', got {stage!r}")
+        if subset not in SUBSETS:
+            raise ValueError(f"subset must be 'pretrain', 'finetune' or 'full', got {subset!r}")
         if split not in ("random", "chronological", "sequential"):
             raise ValueError(f"split must be 'random', 'chronological' or 'sequential', got {split!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
@@ -173,14 +190,14 @@ class CTRDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 < pretrain_fraction <= 1:
             raise ValueError(f"pretrain_fraction must be in (0, 1], got {pretrain_fraction}")
-        if stage == "finetune" and pretrain_fraction == 1:
-            raise ValueError("stage 'finetune' serves the training rows outside the pretrain subset; "
+        if subset == "finetune" and pretrain_fraction == 1:
+            raise ValueError("subset 'finetune' serves the training rows outside the pretrain subset; "
                              "with pretrain_fraction=1 there are none")
         if fields is not None and len(fields) == 0:
             raise ValueError("fields must name at least one field (or be None for all)")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["stage"])
         self._given_preprocessor: Optional[Preprocessor] = None
         self.preprocessor: Optional[Preprocessor] = None
         self.schema: Optional[Schema] = None
@@ -221,8 +238,9 @@ class CTRDataModule(L.LightningDataModule):
             return Preprocessor.load(self.hparams.preprocessor)
         return None
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever ``stage``."""
+        """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever Lightning's ``stage``."""
         if self.encoded is not None:
             return
         h = self.hparams
@@ -238,10 +256,10 @@ class CTRDataModule(L.LightningDataModule):
                                  "(set time_column in a schema YAML, or use split='sequential' for file order)")
             time = frame[schema.time_column].to_numpy()
         splits = split_indices(len(frame), h.val_fraction, h.test_fraction, h.seed, h.split, time)
-        pretrain, finetune = stage_subsets(splits.train, h.pretrain_fraction, h.seed)
-        if h.stage == "finetune" and len(finetune) == 0:
+        pretrain, finetune = train_subsets(splits.train, h.pretrain_fraction, h.seed)
+        if h.subset == "finetune" and len(finetune) == 0:
             raise ValueError(f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
-                             "nothing is left for stage 'finetune'")
+                             "nothing is left for subset 'finetune'")
         if reuse is None:
             reuse = Preprocessor(schema, min_count=h.min_count, hash_threshold=h.hash_threshold)
             reuse.fit(frame.iloc[splits.train])
@@ -255,18 +273,18 @@ class CTRDataModule(L.LightningDataModule):
         return self.encoded
 
     @property
-    def feature_spec(self) -> FeatureSpec:
+    def feature_spec(self) -> ModelInputs:
         self._require_setup()
         assert self.preprocessor is not None
         return self.preprocessor.feature_spec
 
     @property
     def train_indices(self) -> np.ndarray:
-        """Rows served by the train loader in this datamodule's ``stage``."""
+        """Rows served by the train loader in this datamodule's ``subset``."""
         self._require_setup()
         assert self.splits is not None
-        stage = self.hparams.stage
-        return {"pretrain": self.pretrain_indices, "finetune": self.finetune_indices, "full": self.splits.train}[stage]
+        subset = self.subset
+        return {"pretrain": self.pretrain_indices, "finetune": self.finetune_indices, "full": self.splits.train}[subset]
 
     @property
     def num_train_samples(self) -> int:
@@ -289,32 +307,41 @@ class CTRDataModule(L.LightningDataModule):
     def _eval_batch_size(self) -> int:
         return self.hparams.eval_batch_size or self.hparams.batch_size
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_indices, self.hparams.batch_size, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         assert self.splits is not None
         return self._loader(self.splits.val, self._eval_batch_size, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         self._require_setup()
         assert self.splits is not None
         return self._loader(self.splits.test, self._eval_batch_size, shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    # -- stages and checkpoints
-    def for_stage(self, stage: Stage, fields: Optional[list[str]] = None,
-                  preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
-        """A new datamodule with these settings but another ``stage`` and optionally only ``fields``.
+    # -- subsets and checkpoints
+    @property
+    def subset(self) -> Subset:
+        """The part of the training split the train loader serves: ``"pretrain"``, ``"finetune"`` or ``"full"``."""
+        return self.hparams.subset
+
+    def for_subset(self, subset: Subset, fields: Optional[list[str]] = None,
+                   preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
+        """A new datamodule with these settings but another ``subset`` and optionally only ``fields``.
 
         It reuses ``preprocessor`` (a path or an object), else this datamodule's fitted one (so ids match
         the embedding rows trained so far), else this datamodule's ``preprocessor`` path.
         """
         kwargs = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
-        kwargs["stage"] = stage
+        kwargs["subset"] = subset
         if fields is not None:
             kwargs["fields"] = list(fields)
         if isinstance(preprocessor, str):
@@ -326,16 +353,38 @@ class CTRDataModule(L.LightningDataModule):
             out._given_preprocessor = self.preprocessor
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        """The fitted preprocessor (saved by Lightning in checkpoints)."""
-        return {"preprocessor": self.preprocessor.state_dict()} if self.preprocessor is not None else {}
+    def for_stage(self, stage: Subset, fields: Optional[list[str]] = None,
+                  preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
+        """Deprecated name of :meth:`for_subset`."""
+        warnings.warn("CTRDataModule.for_stage is deprecated; use for_subset", DeprecationWarning, stacklevel=2)
+        return self.for_subset(stage, fields, preprocessor)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted preprocessor (saved by Lightning in checkpoints under ``DATAMODULE_CHECKPOINT_KEY``)."""
+        return preprocessor_state(self.preprocessor) if self.preprocessor is not None else {}
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Reuse the checkpoint's preprocessor; re-encode if ``setup`` already ran with another one."""
-        if "preprocessor" not in state_dict:
+        loaded = preprocessor_from_state(state_dict)
+        if loaded is None:
             return
-        loaded = Preprocessor.from_state_dict(state_dict["preprocessor"])
         self._given_preprocessor = loaded
         if self.preprocessor is not None and self.preprocessor.state_dict() != loaded.state_dict():
             self.encoded = None
             self.setup()
+
+
+# Lightning saves a datamodule's state_dict() in a checkpoint under its class's qualified name.
+DATAMODULE_CHECKPOINT_KEY = CTRDataModule.__qualname__
+
+
+def preprocessor_state(preprocessor: Preprocessor) -> dict[str, Any]:
+    """The one serialised form of a fitted preprocessor in a checkpoint (``CTRDataModule.state_dict()``)."""
+    return {"preprocessor": preprocessor.state_dict()}
+
+
+def preprocessor_from_state(state: dict[str, Any]) -> Optional[Preprocessor]:
+    """The preprocessor of :func:`preprocessor_state`'s dict, or None when it holds none."""
+    return Preprocessor.from_state_dict(state["preprocessor"]) if "preprocessor" in state else None

@@ -1,6 +1,6 @@
 """Preprocessing fitted on the training split and saved with the model; vectorised batch collation.
 
-:class:`Preprocessor` turns a frame from :mod:`lightfmp.data.readers` into an :class:`EncodedFrame`:
+:class:`Preprocessor` turns a frame from :mod:`lightfmp.data.formats` into an :class:`EncodedFrame`:
 
 * dense field, transform ``log``: ``t(x) = sign(x) log(1 + |x|)``; ``none``: ``t(x) = x``; then
   ``(t(x) - mean) / std`` with the training mean and standard deviation of ``t(x)`` (std 0 -> 1); a missing
@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lightfmp.data.schema import FieldSpec, Schema
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightfmp.features import CTRBatch, FeatureSpec, SparseFeature
+from lightfmp.data.schema import FieldSpec, Schema
+from lightfmp.inputs import CTRBatch, ModelInputs, SparseFeature
 
 STATE_VERSION = 1
 
@@ -48,7 +48,7 @@ class EncodedFrame:
     layout (row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``); ``labels``: (N,) float32 in {0, 1}.
     """
 
-    spec: FeatureSpec
+    spec: ModelInputs
     dense: torch.Tensor
     sparse: torch.Tensor
     multi: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -269,10 +269,10 @@ class Preprocessor:
         raise ValueError(f"field {name!r} is dense and has no embedding table")
 
     @property
-    def feature_spec(self) -> FeatureSpec:
+    def feature_spec(self) -> ModelInputs:
         """Dense inputs and sparse tables, in schema order (bucketed numbers are sparse inputs)."""
         self._require_fitted()
-        return FeatureSpec(
+        return ModelInputs(
             dense=tuple(f.name for f in self.schema.fields if f.is_dense_input),
             sparse=tuple(
                 SparseFeature(f.name, self.num_embeddings(f.name), multi_valued=f.kind == "multi", pooling=f.pooling)

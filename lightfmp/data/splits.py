@@ -1,4 +1,4 @@
-"""Reproducible train/validation/test splits and the stage-1 / stage-3 subsets of the training split.
+"""Reproducible train/validation/test splits and the pretrain / finetune subsets of the training split.
 
 * random: a permutation drawn from ``numpy.random.default_rng(seed)``; its first ``round(test_fraction N)``
   rows are the test split, the next ``round(val_fraction N)`` the validation split, the rest training.
@@ -8,7 +8,7 @@
 * sequential: file order (first rows train, last rows test), the protocol of ERASE-style benchmarks on
   Criteo, whose rows are in time order without a time column.
 
-:func:`stage_subsets` splits the training rows into a ``pretrain_fraction`` subset (Light-FMP stage 1,
+:func:`train_subsets` splits the training rows into a ``pretrain_fraction`` subset (Light-FMP stage 1,
 mask pretraining) and the rest (stage 3, fine-tuning), disjoint and together covering the training rows.
 All index arrays are sorted int64.
 """
@@ -16,7 +16,8 @@ All index arrays are sorted int64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+import warnings
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def split_indices(n: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
     return Split(*(np.sort(a).astype(np.int64) for a in (train, val, test)))
 
 
-def stage_subsets(train: np.ndarray, pretrain_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def train_subsets(train: np.ndarray, pretrain_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(pretrain, finetune)``: a seeded ``pretrain_fraction`` subset of ``train`` (at least one row) and the rest."""
     if not 0 < pretrain_fraction <= 1:
         raise ValueError(f"pretrain_fraction must be in (0, 1], got {pretrain_fraction}")
@@ -67,3 +68,11 @@ def stage_subsets(train: np.ndarray, pretrain_fraction: float, seed: int = 0) ->
     k = max(1, int(round(pretrain_fraction * len(train))))
     perm = np.random.default_rng([seed, 7]).permutation(len(train))
     return np.sort(train[perm[:k]]), np.sort(train[perm[k:]])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "stage_subsets":
+        warnings.warn("lightfmp.data.splits.stage_subsets is deprecated; use train_subsets", DeprecationWarning,
+                      stacklevel=2)
+        return train_subsets
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

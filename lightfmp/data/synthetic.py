@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from lightfmp.data.readers import criteo_schema
+from lightfmp.data.formats.criteo import criteo_schema
 from lightfmp.data.schema import Schema
 
 

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lightfmp import pipeline
+from lightfmp import outputs, stages
 from lightfmp.cli import run_cli as main
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.data.synthetic import SyntheticCTR
-from lightfmp.module import LightFMPModule
+from lightfmp.lightning_module import LightFMPModule, evaluate
 
 TINY = [
     "--data.format", "synthetic", "--data.synthetic_rows", "3000", "--data.synthetic_dense", "4",
@@ -30,7 +30,7 @@ def test_planted_fields_are_recovered():
     L.seed_everything(0, verbose=False)
     dm = CTRDataModule(
         format="synthetic", synthetic_rows=20000, synthetic_dense=8, synthetic_sparse=12, synthetic_num_informative=5,
-        batch_size=256, pretrain_fraction=0.5, stage="pretrain", seed=0,
+        batch_size=256, pretrain_fraction=0.5, subset="pretrain", seed=0,
     )
     module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=(64,), l0_weight=0.02, lr=0.01)
     L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -70,14 +70,14 @@ def test_stage_subcommands_write_consistent_outputs(tmp_path):
     dm = CTRDataModule(format="synthetic", synthetic_rows=3000, synthetic_dense=4, synthetic_sparse=6,
                        synthetic_num_informative=3, batch_size=256)
     dm.setup()
-    small = dm.for_stage("finetune", fields=kept, preprocessor=str(out / "preprocessor.json"))
+    small = dm.for_subset("finetune", fields=kept, preprocessor=str(out / "preprocessor.json"))
     small.setup()
     gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
     with torch.no_grad():
         for full_batch, kept_batch in zip(dm.test_dataloader(), small.test_dataloader()):
             expected = masked(full_batch, gates.expand(len(full_batch), -1))
             torch.testing.assert_close(pruned(kept_batch), expected, rtol=1e-5, atol=1e-5)
-    assert pipeline.evaluate(pruned, small.test_dataloader())["auc"] == pytest.approx(metrics["prune"]["auc"], abs=1e-6)
+    assert evaluate(pruned, small.test_dataloader())["auc"] == pytest.approx(metrics["prune"]["auc"], abs=1e-6)
 
 
 def test_pipeline_on_a_criteo_file_with_defaults(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_pipeline_on_a_criteo_file_with_defaults(tmp_path, capsys):
         "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--model.hidden", "[16]")
     printed = capsys.readouterr().out
     assert "kept" in printed and "finetune" in printed
-    metrics = pipeline.read_metrics(out)
+    metrics = outputs.read_metrics(out)
     assert set(metrics) == {"pretrain", "prune", "finetune"} and metrics["pretrain"]["fields"] == 39
     assert (out / "finetune.ckpt").exists()
 
@@ -103,7 +103,7 @@ def test_bad_inputs_fail_clearly_and_leave_no_complete_looking_output(tmp_path):
     with pytest.raises(ValueError, match="remove every field"):
         cli("prune", *TINY, "--output_dir", str(out), "--threshold", "0.9999")
     assert not (out / "pruned.ckpt").exists() and not (out / "feature_report.csv").exists()
-    assert set(pipeline.read_metrics(out)) == {"pretrain"}
+    assert set(outputs.read_metrics(out)) == {"pretrain"}
     with pytest.raises(ValueError, match="not a pruned checkpoint"):
         cli("finetune", *TINY, "--output_dir", str(out), "--checkpoint", str(out / "pretrain.ckpt"))
     assert not (out / "finetune.ckpt").exists()
@@ -138,5 +138,5 @@ def test_multi_process_trainer_is_rejected_before_anything_is_written(tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     dm = CTRDataModule(format="synthetic", synthetic_rows=500, synthetic_dense=2, synthetic_sparse=2)
     with pytest.raises(ValueError, match="world_size=2"):
-        pipeline.pretrain(trainer, LightFMPModule(backbone="mlp"), dm, tmp_path / "out")
+        stages.pretrain(trainer, LightFMPModule(backbone="mlp"), dm, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lightfmp.features import FeatureSpec
-from lightfmp.models import BACKBONES, build_backbone
-from tests.lightfmp.fixtures import SPEC, random_batch, restrict
+from lightfmp.inputs import ModelInputs
+from lightfmp.backbones import BACKBONES, build_backbone
+from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 KEEPS = {
     "mixed": ["d0", "d2", "s1", "genres"],
@@ -65,7 +65,7 @@ def test_gates_change_output_and_bad_inputs_are_named():
     with pytest.raises(ValueError, match="unknown backbone 'xgb'"):
         build_backbone("xgb", SPEC)
     with pytest.raises(ValueError, match="empty"):
-        build_backbone("mlp", FeatureSpec())
+        build_backbone("mlp", ModelInputs())
 
 
 def test_deepfm_returns_logits_not_probabilities():

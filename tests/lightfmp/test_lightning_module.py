@@ -6,8 +6,8 @@ import torch
 from torchmetrics.classification import BinaryAUROC
 
 from lightfmp.metrics import BinaryLogLoss
-from lightfmp.module import LightFMPModule, evaluate
-from tests.lightfmp.fixtures import SPEC, random_batch, restrict
+from lightfmp.lightning_module import LightFMPModule, evaluate
+from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 
 def test_logloss_matches_formula_over_uneven_batches():

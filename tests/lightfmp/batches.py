@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightfmp.features import CTRBatch, FeatureSpec, SparseFeature
+from lightfmp.inputs import CTRBatch, ModelInputs, SparseFeature
 
-SPEC = FeatureSpec(
+SPEC = ModelInputs(
     dense=("d0", "d1", "d2"),
     sparse=(
         SparseFeature("s0", 7),
@@ -18,7 +18,7 @@ SPEC = FeatureSpec(
 )
 
 
-def random_batch(spec: FeatureSpec = SPEC, batch_size: int = 6, seed: int = 0) -> CTRBatch:
+def random_batch(spec: ModelInputs = SPEC, batch_size: int = 6, seed: int = 0) -> CTRBatch:
     """Random dense values, ids (multi-valued fields get 0-3 ids per row, empty rows included) and labels."""
     g = torch.Generator().manual_seed(seed)
     lengths, values = [], []
@@ -36,7 +36,7 @@ def random_batch(spec: FeatureSpec = SPEC, batch_size: int = 6, seed: int = 0) -
     return CTRBatch(dense, sparse, labels)
 
 
-def restrict(batch: CTRBatch, full: FeatureSpec, keep: FeatureSpec) -> CTRBatch:
+def restrict(batch: CTRBatch, full: ModelInputs, keep: ModelInputs) -> CTRBatch:
     """The same rows with only ``keep``'s fields (what the data pipeline serves after pruning)."""
     cols = [full.dense.index(n) for n in keep.dense]
     jts = batch.sparse.to_dict()

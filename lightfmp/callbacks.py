@@ -1,0 +1,43 @@
+"""Lightning callbacks of Light-FMP: :class:`TrainingThroughput`, the training time and samples of a fit."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+
+class TrainingThroughput(Callback):
+    """Seconds of ``fit``'s training loop (wall clock, and CPU time of this process, which is less sensitive to
+    other jobs on a shared machine) and the number of training samples it consumed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.samples = 0
+        self._start: Optional[float] = None
+        self._cpu_start = 0.0
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
+        self.samples = 0
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.samples += len(batch)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds = time.perf_counter() - self._start
+            self.cpu_seconds = time.process_time() - self._cpu_start
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")

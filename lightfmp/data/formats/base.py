@@ -1,0 +1,257 @@
+"""What every format reader builds on: file checks, chunked pandas reading, numeric and label conversion, and
+finishing a frame to its schema's columns.
+
+Bad input raises ``ValueError`` (or ``FileNotFoundError`` / ``KeyError``) naming the file and, for malformed
+rows, the line number (1-based, header included); nothing is returned partially.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from lightfmp.data.schema import Schema
+
+PathLike = Union[str, Path]
+DEFAULT_CHUNKSIZE = 500_000
+
+
+def check_file(path: PathLike) -> Path:
+    """``path`` as a ``Path``; raises unless it is an existing, non-empty file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; expected a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty")
+    return path
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """``path`` opened for binary reading, decompressed when its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None, skip_lines: int = 0,
+                       quote: Optional[str] = None, block_bytes: int = 1 << 24) -> int:
+    """Check that every record of a delimited file has the same number of fields; vectorised with numpy.
+
+    ``expected``: the field count every record must have (the first checked record's count when None).
+    With ``quote`` (e.g. ``'"'``), separators and newlines inside quotes do not count (a doubled quote
+    inside a quoted field keeps the parity right). Returns the field count. Raises ``ValueError`` naming
+    the file and the first bad line (1-based, physical lines) when a record has another count or is blank.
+    ``skip_lines`` leading records (headers) are not checked. A missing final newline is fine.
+    """
+    path = Path(path)
+    sep_b = sep.encode()
+    quote_b = quote.encode()[0] if quote else None
+    records = 0  # records completed before the current block
+    lines = 0  # physical newlines before the current block
+    inside = 0  # quote parity at the start of the current block
+    carry = b""
+    with open_binary(path) as fh:
+        while True:
+            block = fh.read(block_bytes)
+            final = not block
+            data = carry + block
+            carry = b""
+            if final:
+                if not data:
+                    break
+                if not data.endswith(b"\n"):
+                    data += b"\n"
+            arr = np.frombuffer(data, dtype=np.uint8)
+            newline = arr == 10
+            quoted = quote_b is not None and (inside or quote_b in data)
+            if quoted:
+                in_quotes = ((np.cumsum(arr == quote_b) + inside) % 2) == 1
+                ends_mask = newline & ~in_quotes
+            else:
+                in_quotes = None
+                ends_mask = newline
+            ends = np.flatnonzero(ends_mask)
+            if not final:  # keep the incomplete last record for the next block
+                if len(ends) == 0:
+                    carry = data
+                    continue
+                cut = int(ends[-1]) + 1
+                carry, arr = data[cut:], arr[:cut]
+                newline = newline[:cut]
+                if in_quotes is not None:
+                    in_quotes = in_quotes[:cut]
+            if len(sep_b) == 1:
+                is_sep = arr == sep_b[0]
+            else:  # multi-byte separator such as "::" (non-overlapping occurrences assumed)
+                is_sep = np.zeros(arr.shape, dtype=bool)
+                win = np.lib.stride_tricks.sliding_window_view(arr, len(sep_b))
+                is_sep[: len(win)] = (win == np.frombuffer(sep_b, dtype=np.uint8)).all(axis=1)
+            if in_quotes is not None:
+                is_sep &= ~in_quotes
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            # each segment [starts[i], ends[i]] is non-empty (it holds its newline): reduceat sums it
+            counts = np.add.reduceat(is_sep.view(np.uint8), starts, dtype=np.int64) + 1
+            blank = (ends - starts) == 0
+            blank |= (ends - starts == 1) & (arr[np.maximum(ends - 1, 0)] == 13)  # "\r\n"
+            numbers = records + 1 + np.arange(len(ends))
+            if quoted:
+                line_csum = np.concatenate([[0], np.cumsum(newline)])
+                first_line = lines + 1 + line_csum[starts]
+            else:
+                first_line = lines + numbers - records
+            check = numbers > skip_lines
+            if expected is None and check.any():
+                expected = int(counts[check][0])
+            bad = check & ((counts != expected) | blank)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                what = "is blank" if blank[i] else f"has {int(counts[i])} fields"
+                raise ValueError(
+                    f"malformed row in {str(path)!r} at line {int(first_line[i])}: it {what}, expected {expected} "
+                    f"fields separated by {sep!r}"
+                )
+            records += len(ends)
+            lines += int(newline.sum())
+            inside = int(in_quotes[-1]) if in_quotes is not None and len(arr) else 0
+            if final:
+                break
+    if expected is None or records <= skip_lines:
+        raise ValueError(f"data file {str(path)!r} has no data rows")
+    return expected
+
+
+class NotNumeric(Exception):
+    """The C parser met a non-number in a column typed float64: re-read it as text to name the line."""
+
+
+def read_chunks(path: Path, chunksize: int, nrows: Optional[int], **kwargs: Any) -> Iterator[pd.DataFrame]:
+    """``pd.read_csv`` in chunks; pandas' errors become ``ValueError`` naming the file (:class:`NotNumeric` for a
+    non-number in a float64 column)."""
+    try:
+        reader = pd.read_csv(path, chunksize=chunksize, nrows=nrows, **kwargs)
+        yield from reader
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"data file {str(path)!r} is empty (no rows): {e}") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"malformed row in {str(path)!r}: {e}") from None
+    except ValueError as e:
+        if any(m in str(e) for m in ("could not convert", "Unable to parse", "cannot safely convert")):
+            raise NotNumeric(str(e)) from None
+        raise
+
+
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV file with a header line."""
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid UTF-8 text: {e}") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data file {str(path)!r} is empty") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"malformed header in {str(path)!r}: {e}") from None
+
+
+def fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.DataFrame]:
+    """``collect(np.float64)`` (dense columns parsed by pandas' C parser); if a dense value is not a number,
+    ``collect(str)``, whose text columns let :func:`to_numeric` name the bad value and its line."""
+    try:
+        return collect(np.float64)
+    except NotNumeric:
+        return collect(str)
+
+
+def to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) -> pd.Series:
+    """``col`` as float64, missing -> NaN; a non-numeric or infinite entry raises naming file and line."""
+    num = pd.to_numeric(col, errors="coerce")
+    present = col.notna()
+    if col.dtype == object:
+        present &= col.astype(str).str.strip() != ""
+    bad = (present & num.isna()) | np.isinf(num.to_numpy(dtype=np.float64, na_value=np.nan))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(
+            f"malformed value {col.iloc[i]!r} in numeric field {name!r} of {str(path)!r} at line {int(first_line[i])}: "
+            "expected a finite number or an empty value"
+        )
+    return num.astype(np.float64)
+
+
+def binary_labels(raw: pd.Series, path: Path, lines: np.ndarray, name: str,
+                  positive: Optional[Sequence[Any]] = None) -> pd.Series:
+    """The label as int8 0/1. With ``positive``: 1 where ``raw`` (as a stripped string) is one of them.
+
+    Without: the raw label must be 0/1, 0.0/1.0 or true/false. Missing or other values raise naming the
+    file, the line and the value.
+    """
+    missing = raw.isna().to_numpy()
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise ValueError(f"missing label {name!r} in {str(path)!r} at line {int(lines[i])}")
+    codes, uniques = pd.factorize(raw)  # map the few distinct raw labels, not every row
+    as_str = pd.Series(uniques).astype(str).str.strip()
+    if positive is not None:
+        return pd.Series(as_str.isin([str(p) for p in positive]).to_numpy()[codes].astype(np.int8), index=raw.index)
+    low = as_str.str.lower()
+    per_unique = np.full(len(uniques), -1, dtype=np.int8)
+    per_unique[low.isin(["1", "1.0", "true"]).to_numpy()] = 1
+    per_unique[low.isin(["0", "0.0", "false"]).to_numpy()] = 0
+    out = per_unique[codes]
+    bad = out < 0
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"non-binary label {raw.iloc[i]!r} in column {name!r} of {str(path)!r} at line {int(lines[i])}: "
+            "expected 0/1 (or list the positive values in the schema's 'positive')"
+        )
+    return pd.Series(out, index=raw.index)
+
+
+def override_schema(full: Schema, schema: Optional[Schema]) -> Schema:
+    """A user schema for a built-in format: its fields must be the format's, with the same label."""
+    if schema is None:
+        return full
+    full.check_names(schema.names)
+    if schema.label != full.label or schema.time_column not in (None, full.time_column):
+        raise ValueError(f"a schema for this format must keep label {full.label!r} and time column "
+                         f"{full.time_column!r}, got {schema.label!r} and {schema.time_column!r}")
+    return schema
+
+
+def select_columns(schema: Schema, columns: Optional[Iterable[str]]) -> Schema:
+    """``schema`` restricted to ``columns`` (all of it when None)."""
+    return schema if columns is None else schema.select(columns)
+
+
+def finish_frame(frame: pd.DataFrame, schema: Schema, path: PathLike) -> tuple[pd.DataFrame, Schema]:
+    """``(frame, schema)`` with exactly the schema's columns and a fresh ``RangeIndex``; an empty frame raises."""
+    if len(frame) == 0:
+        raise ValueError(f"data file {str(path)!r} has no data rows")
+    wanted = list(schema.columns)
+    if set(frame.columns) != set(wanted):  # select without copying when the columns are already the right ones
+        frame = frame[wanted]
+    if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0:
+        frame = frame.reset_index(drop=True)
+    return frame, schema
+
+
+def concat_chunks(chunks: list[pd.DataFrame], path: PathLike) -> pd.DataFrame:
+    """The chunks as one frame; no chunk at all raises."""
+    if not chunks:
+        raise ValueError(f"data file {str(path)!r} has no data rows")
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0].reset_index(drop=True)
+
+
+def convert_fields(chunk: pd.DataFrame, schema: Schema, path: Path, lines: np.ndarray) -> pd.DataFrame:
+    """Dense fields of ``chunk`` converted in place with :func:`to_numeric` (``lines``: each row's line)."""
+    for f in schema.fields:
+        if f.kind == "dense":
+            chunk[f.name] = to_numeric(chunk[f.name], path, lines, f.name)
+    return chunk

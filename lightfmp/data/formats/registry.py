@@ -1,0 +1,43 @@
+"""The registry of data formats: the one reader interface and ``register_reader``, which format modules use to
+add themselves (``lightfmp.data.formats`` imports them in ``FORMATS`` order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, TypeVar
+
+import pandas as pd
+
+from lightfmp.data.schema import Schema
+
+
+class Reader(Protocol):
+    """How :func:`~lightfmp.data.formats.read_frame` calls a format: keyword arguments, ``(frame, schema)`` back."""
+
+    def __call__(self, path: Any, *, columns: Optional[list[str]], chunksize: int, max_rows: Optional[int],
+                 schema: Optional[Schema]) -> tuple[pd.DataFrame, Schema]: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    """A registered format: its name, its reader, and whether ``path`` may be None (a packaged file)."""
+
+    name: str
+    read: Reader
+    needs_path: bool = True
+
+
+READERS: dict[str, Format] = {}
+R = TypeVar("R", bound=Callable[..., tuple[pd.DataFrame, Schema]])
+
+
+def register_reader(name: str, needs_path: bool = True) -> Callable[[R], R]:
+    """Decorator: register the decorated function as the reader of format ``name``."""
+
+    def register(read: R) -> R:
+        if name in READERS:
+            raise ValueError(f"format {name!r} is already registered")
+        READERS[name] = Format(name, read, needs_path)
+        return read
+
+    return register

@@ -1,0 +1,259 @@
+"""``LightFMPModule``: a click-through LightningModule with an optional hard-concrete field mask.
+
+The pretrain stage (``field_mask=True``) trains the backbone and one gate per field together; the loss is
+``BCEWithLogits(model(x, z), y) + gate.penalty()`` with ``z ~ HardConcrete(log_alpha)`` sampled per row.
+Evaluation uses the deterministic gate. The finetune stage (``field_mask=False``) is plain training of the
+pruned model.
+
+The network is built from a :class:`~lightfmp.inputs.ModelInputs`: given as ``feature_spec`` (a dict, as saved
+in checkpoints) or taken from ``trainer.datamodule.feature_spec`` in ``setup()``. The spec is stored in the
+hyper-parameters, so ``LightFMPModule.load_from_checkpoint(path)`` rebuilds the same network.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryAUROC
+from typing_extensions import override
+
+from lightfmp.inputs import CTRBatch, ModelInputs
+from lightfmp.gates import HardConcreteGate
+from lightfmp.metrics import BinaryLogLoss
+from lightfmp.backbones import BACKBONES, CTRBackbone, build_backbone
+
+
+LIGHTFMP_CHECKPOINT_KEY = "lightfmp"
+
+__all__ = ["LIGHTFMP_CHECKPOINT_KEY", "LightFMPModule", "evaluate"]
+
+
+class LightFMPModule(L.LightningModule):
+    """Click-through model for Light-FMP's stages.
+
+    Args:
+        backbone: one of ``"mlp"``, ``"dlrm"``, ``"dcnv2"``, ``"deepfm"``.
+        embedding_dim: width of every embedding table.
+        hidden: MLP widths (the over arch for DLRM, the deep part for DCN-v2 and DeepFM).
+        dense_hidden: DLRM dense-arch widths before the final ``embedding_dim`` layer.
+        cross_layers: number of DCN-v2 cross layers.
+        dropout: dropout after each hidden layer (MLP, DCN-v2, DeepFM).
+        lr, weight_decay: AdamW settings of the backbone (embedding tables included).
+        field_mask: train a hard-concrete gate per field (stage 1).
+        l0_weight: L0 price per field (fraction of all fields) when no ``target_fields``.
+        target_fields: target count (>= 1) or fraction (< 1) of kept fields, enforced by a Lagrangian.
+        init_keep_probability: initial ``P(z != 0)`` of every gate.
+        gate_lr: learning rate of the gates (own optimizer group, no weight decay).
+        dual_lr: step of the dual ascent on the Lagrange multipliers (target mode).
+        l0_warmup: fraction of the training steps over which the L0 penalty ramps in from 0 (the weight grows
+            linearly, or the target moves from the initial expected count to ``target_fields``); gates that
+            close before the embeddings have learned anything would never reopen.
+        feature_spec: the network's inputs (``ModelInputs.to_dict()``); filled in from the datamodule if None.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "dcnv2",
+        embedding_dim: int = 16,
+        hidden: Sequence[int] = (256, 128),
+        dense_hidden: Sequence[int] = (64,),
+        cross_layers: int = 2,
+        dropout: float = 0.0,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        field_mask: bool = True,
+        l0_weight: float = 0.02,
+        target_fields: Optional[float] = None,
+        init_keep_probability: float = 0.9,
+        gate_lr: float = 0.05,
+        l0_warmup: float = 0.3,
+        dual_lr: float = 0.01,
+        feature_spec: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
+        if lr <= 0 or gate_lr <= 0:
+            raise ValueError(f"lr and gate_lr must be > 0, got lr={lr}, gate_lr={gate_lr}")
+        self.save_hyperparameters()
+        self.net: Optional[CTRBackbone] = None
+        self.gate: Optional[HardConcreteGate] = None
+        self.val_auc, self.val_logloss = BinaryAUROC(), BinaryLogLoss()
+        self.test_auc, self.test_logloss = BinaryAUROC(), BinaryLogLoss()
+        self.checkpoint_extra: Optional[dict[str, Any]] = None  # stage information saved under "lightfmp"
+        if feature_spec is not None:
+            self._build(ModelInputs.from_dict(feature_spec))
+
+    # ----------------------------------------------------------------- construction
+    @property
+    def feature_spec(self) -> ModelInputs:
+        if self.net is None:
+            raise RuntimeError("the network is not built yet: give feature_spec or fit with a datamodule")
+        return self.net.spec
+
+    def _backbone_kwargs(self) -> dict[str, Any]:
+        hp = self.hparams
+        common = {"embedding_dim": hp.embedding_dim}
+        return {
+            "mlp": {**common, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
+            "dlrm": {**common, "dense_hidden": tuple(hp.dense_hidden), "over_hidden": tuple(hp.hidden)},
+            "dcnv2": {**common, "cross_layers": hp.cross_layers, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
+            "deepfm": {**common, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
+        }[hp.backbone]
+
+    def _build(self, spec: ModelInputs) -> None:
+        self.net = build_backbone(self.hparams.backbone, spec, **self._backbone_kwargs())
+        self.hparams.feature_spec = spec.to_dict()
+        if self.hparams.field_mask:
+            self.gate = HardConcreteGate(
+                spec.names,
+                init_keep_probability=self.hparams.init_keep_probability,
+                l0_weight=self.hparams.l0_weight,
+                target_fields=self.hparams.target_fields,
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_spec = getattr(datamodule, "feature_spec", None)
+        if self.net is None:
+            if data_spec is None:
+                raise RuntimeError("LightFMPModule needs feature_spec, or a datamodule with a feature_spec")
+            self._build(data_spec)
+        elif data_spec is not None and data_spec != self.net.spec:
+            raise ValueError(
+                "the model and the data disagree on the fields: model "
+                f"{list(self.net.spec.names)}, data {list(data_spec.names)} (was the checkpoint made from another schema?)"
+            )
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_extra is not None:
+            checkpoint[LIGHTFMP_CHECKPOINT_KEY] = self.checkpoint_extra
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("feature_spec")
+        if saved is None:
+            raise ValueError("this checkpoint has no feature_spec: it was not written by LightFMPModule")
+        spec = ModelInputs.from_dict(saved)
+        if self.net is None:
+            self._build(spec)
+        elif spec != self.net.spec:
+            raise ValueError(f"checkpoint fields {list(spec.names)} differ from this model's {list(self.net.spec.names)}")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], **overrides: Any) -> "LightFMPModule":
+        """The module saved in an already loaded ``checkpoint`` dict (what ``load_from_checkpoint`` does after
+        reading the file): constructor arguments from its hyper-parameters updated by ``overrides``, then
+        ``on_load_checkpoint`` and a strict ``load_state_dict``."""
+        hparams = {**checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}), **overrides}
+        accepted = inspect.signature(cls.__init__).parameters
+        module = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "self"})
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
+    def pruned(self, keep: Iterable[str]) -> "LightFMPModule":
+        """A new module without a mask that only consumes ``keep`` (weights copied, see ``CTRBackbone.prune``)."""
+        net = self._require_net().prune(keep)
+        hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
+        hp.update(field_mask=False, feature_spec=net.spec.to_dict())
+        new = LightFMPModule(**hp)
+        new.net = net
+        return new
+
+    def _require_net(self) -> CTRBackbone:
+        if self.net is None:
+            raise RuntimeError("the network is not built yet: give feature_spec or fit with a datamodule")
+        return self.net
+
+    def num_parameters(self) -> int:
+        """Parameters of the backbone (gates and multipliers excluded)."""
+        return sum(p.numel() for p in self._require_net().parameters())
+
+    # ----------------------------------------------------------------- forward and steps
+    @override
+    def forward(self, batch: CTRBatch, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(B,)``. With a field mask and no explicit ``gates``, samples (train) or uses test gates (eval)."""
+        net = self._require_net()
+        if gates is None and self.gate is not None:
+            gates = self.gate(batch.dense.shape[0])
+        return net(batch.dense, batch.sparse, gates)
+
+    @override
+    def training_step(self, batch: CTRBatch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        loss = bce
+        bs = len(batch)
+        if self.gate is not None:
+            loss = loss + self.gate.penalty(self._l0_progress())
+            self.log("expected_fields", self.gate.expected_l0().detach(), on_step=True, batch_size=bs)
+        self.log("train_bce", bce.detach(), on_step=True, prog_bar=True, batch_size=bs)
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.gate is not None:
+            self.gate.dual_step(self.hparams.dual_lr, self._l0_progress())
+
+    @override
+    def on_train_start(self) -> None:
+        total = self.trainer.estimated_stepping_batches
+        self._total_steps = None if not total or total == float("inf") else float(total)
+
+    def _l0_progress(self) -> float:
+        warmup, total = self.hparams.l0_warmup, getattr(self, "_total_steps", None)
+        if warmup <= 0 or total is None:
+            return 1.0
+        return min(1.0, self.global_step / (warmup * total))
+
+    @override
+    def validation_step(self, batch: CTRBatch, batch_idx: int) -> None:
+        logits = self(batch)
+        self.val_auc.update(logits, batch.labels.long())
+        self.val_logloss.update(logits, batch.labels)
+        self.log_dict({"val_auc": self.val_auc, "val_logloss": self.val_logloss}, prog_bar=True, batch_size=len(batch))
+
+    @override
+    def test_step(self, batch: CTRBatch, batch_idx: int) -> None:
+        logits = self(batch)
+        self.test_auc.update(logits, batch.labels.long())
+        self.test_logloss.update(logits, batch.labels)
+        self.log_dict({"test_auc": self.test_auc, "test_logloss": self.test_logloss}, batch_size=len(batch))
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups: list[dict[str, Any]] = [
+            {"params": list(self._require_net().parameters()), "lr": hp.lr, "weight_decay": hp.weight_decay}
+        ]
+        if self.gate is not None:
+            groups.append({"params": self.gate.gate_parameters(), "lr": hp.gate_lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups)
+
+
+@torch.no_grad()
+def evaluate(model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """AUC and LogLoss over a whole loader; ``gates`` (F,) overrides the model's own mask (e.g. 0/1 gates)."""
+    was_training = model.training
+    model.eval()
+    auc, logloss = BinaryAUROC(), BinaryLogLoss()
+    device = next(model.parameters()).device
+    n = 0
+    for batch in loader:
+        batch = batch.to(device)
+        g = None if gates is None else gates.to(device).unsqueeze(0).expand(len(batch), -1)
+        logits = model(batch, g)
+        auc.update(logits, batch.labels.long())
+        logloss.update(logits, batch.labels)
+        n += len(batch)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate() got an empty loader")
+    return {"auc": float(auc.compute()), "logloss": float(logloss.compute()), "samples": n}

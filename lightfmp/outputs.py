@@ -1,0 +1,212 @@
+"""The output directory of a Light-FMP run: which stage writes which file, ``metrics.json``, atomic writes,
+clearing the files of a stage and the later ones, and saving / reading stage checkpoints.
+
+=========== ==================================================
+stage       writes
+=========== ==================================================
+pretrain    ``pretrain.ckpt``, ``preprocessor.json``
+prune       ``pruned.ckpt``, ``feature_report.csv``
+finetune    ``finetune.ckpt``
+=========== ==================================================
+
+Each stage adds its entry to ``metrics.json`` (test AUC and LogLoss, number of fields, parameters, training
+seconds, training samples per second) only once all its files are in place; files are written to a temporary
+name first and renamed. Starting a stage removes the outputs of that stage and of the later ones, so a failed
+run never leaves stale files that look complete.
+
+A stage checkpoint is a Lightning checkpoint (``LightFMPModule.load_from_checkpoint`` loads it) with the
+stage's information under ``"lightfmp"`` and the preprocessor where Lightning keeps the datamodule's state
+(``DATAMODULE_CHECKPOINT_KEY``, :func:`~lightfmp.data.datamodule.preprocessor_state`); ``preprocessor.json``
+holds the same preprocessor state (:meth:`~lightfmp.data.preprocess.Preprocessor.save`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import lightning as L
+import pandas as pd
+import torch
+
+from lightfmp.callbacks import TrainingThroughput
+from lightfmp.data.datamodule import DATAMODULE_CHECKPOINT_KEY, preprocessor_from_state
+from lightfmp.data.preprocess import Preprocessor
+from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule
+
+PathLike = Union[str, Path]
+STAGES = ("pretrain", "prune", "finetune")
+STAGE_FILES = {
+    "pretrain": ("pretrain.ckpt", "preprocessor.json"),
+    "prune": ("pruned.ckpt", "feature_report.csv"),
+    "finetune": ("finetune.ckpt",),
+}
+METRICS_FILE = "metrics.json"
+PREPROCESSOR_FILE = "preprocessor.json"
+FEATURE_REPORT_FILE = "feature_report.csv"
+
+
+# ------------------------------------------------------------------------------------------ files
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to ``<path>.tmp``, then rename it to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def output_directory(output_dir: PathLike) -> Path:
+    """``output_dir`` as a ``Path``, created if needed."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear_from(output_dir: Path, stage: str) -> None:
+    """Remove the files and metrics of ``stage`` and of every later stage."""
+    later = STAGES[STAGES.index(stage) :]
+    for s in later:
+        for name in STAGE_FILES[s]:
+            (output_dir / name).unlink(missing_ok=True)
+    metrics = read_metrics(output_dir)
+    if any(s in metrics for s in later):
+        for s in later:
+            metrics.pop(s, None)
+        _write_metrics(output_dir, metrics)
+
+
+def write_preprocessor(output_dir: Path, preprocessor: Preprocessor) -> None:
+    """``preprocessor.json``: :meth:`Preprocessor.save` (atomic), the state the checkpoints hold too."""
+    preprocessor.save(output_dir / PREPROCESSOR_FILE)
+
+
+def write_feature_report(output_dir: Path, report: pd.DataFrame) -> None:
+    """``feature_report.csv``: one row per field of the pretrained model (keep probability, kept)."""
+    atomic_write(output_dir / FEATURE_REPORT_FILE, lambda p: report.to_csv(p, index=False))
+
+
+# ------------------------------------------------------------------------------------------ metrics.json
+def read_metrics(output_dir: PathLike) -> dict[str, Any]:
+    """The entries of ``metrics.json`` by stage (empty when there is no file)."""
+    path = Path(output_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> None:
+    atomic_write(output_dir / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+
+
+def record(output_dir: Path, stage: str, entry: dict[str, Any]) -> None:
+    """Set the ``metrics.json`` entry of ``stage`` (the last write of a stage)."""
+    metrics = read_metrics(output_dir)
+    metrics[stage] = entry
+    _write_metrics(output_dir, metrics)
+
+
+def metrics_entry(module: LightFMPModule, scores: dict[str, float],
+                  throughput: Optional[TrainingThroughput]) -> dict[str, Any]:
+    """A stage's ``metrics.json`` entry: test scores, size of the model and, after a fit, its throughput."""
+    entry: dict[str, Any] = {
+        "auc": scores["auc"],
+        "logloss": scores["logloss"],
+        "test_samples": scores["samples"],
+        "fields": module.feature_spec.num_fields,
+        "parameters": module.num_parameters(),
+    }
+    if throughput is not None:
+        entry.update(
+            train_seconds=throughput.seconds,
+            train_cpu_seconds=throughput.cpu_seconds,
+            train_samples=throughput.samples,
+            samples_per_second=throughput.samples_per_second,
+        )
+    return entry
+
+
+def summary_table(output_dir: PathLike) -> pd.DataFrame:
+    """Before/after table from ``metrics.json``: one row per finished stage."""
+    metrics = read_metrics(output_dir)
+    rows = []
+    for stage in STAGES:
+        if stage in metrics:
+            m = metrics[stage]
+            rows.append(
+                {
+                    "stage": stage,
+                    "fields": m["fields"],
+                    "parameters": m["parameters"],
+                    "test_auc": round(m["auc"], 4),
+                    "test_logloss": round(m["logloss"], 4),
+                    "train_seconds": round(m["train_seconds"], 1) if "train_seconds" in m else None,
+                    "samples_per_second": round(m["samples_per_second"]) if "samples_per_second" in m else None,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path: Path, extra: dict[str, Any],
+                    preprocessor: Optional[dict[str, Any]] = None) -> None:
+    """A Lightning checkpoint (loadable by ``LightFMPModule.load_from_checkpoint``) plus ``extra`` under 'lightfmp'.
+
+    With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included. Without one,
+    ``preprocessor`` (a :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it.
+    """
+    if trainer is not None:
+        def write(tmp: Path) -> None:
+            module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
+            try:
+                trainer.save_checkpoint(tmp, weights_only=True)
+            finally:
+                module.checkpoint_extra = None
+    else:
+        def write(tmp: Path) -> None:
+            checkpoint = {
+                "state_dict": module.state_dict(),
+                LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
+                "pytorch-lightning_version": L.__version__,
+                LIGHTFMP_CHECKPOINT_KEY: extra,
+            }
+            if preprocessor is not None:
+                checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
+            torch.save(checkpoint, tmp)
+    atomic_write(path, write)
+
+
+def stage_checkpoint(output_dir: Path, checkpoint: Optional[PathLike], default_name: str, previous_stage: str) -> Path:
+    """The input checkpoint of a stage: ``checkpoint``, else ``<output_dir>/<default_name>``; it must exist."""
+    path = Path(checkpoint) if checkpoint is not None else output_dir / default_name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {default_name} at {path}; run `lightfmp {previous_stage}` first or pass --checkpoint"
+        )
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A stage checkpoint, read once (on the CPU); it must have the Light-FMP entry."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if LIGHTFMP_CHECKPOINT_KEY not in checkpoint:
+        raise ValueError(f"{path} is not a Light-FMP checkpoint (no {LIGHTFMP_CHECKPOINT_KEY!r} entry)")
+    return checkpoint
+
+
+def checkpoint_preprocessor_state(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``preprocessor_state`` dict of a stage checkpoint (checkpoints written before it moved there kept
+    the preprocessor state in the Light-FMP entry)."""
+    state = checkpoint.get(DATAMODULE_CHECKPOINT_KEY, {})
+    if "preprocessor" in state:
+        return state
+    legacy = checkpoint[LIGHTFMP_CHECKPOINT_KEY].get("preprocessor")
+    if legacy is None:
+        raise ValueError(f"{path} holds no preprocessor (no {DATAMODULE_CHECKPOINT_KEY!r} entry)")
+    return {"preprocessor": legacy}
+
+
+def read_preprocessor(checkpoint: dict[str, Any], path: Path) -> Preprocessor:
+    """The preprocessor a stage checkpoint was made with."""
+    loaded = preprocessor_from_state(checkpoint_preprocessor_state(checkpoint, path))
+    assert loaded is not None
+    return loaded
+

@@ -1,0 +1,169 @@
+"""Light-FMP's three stages: what each one does. Where their outputs go is :mod:`lightfmp.outputs`.
+
+=========== =====================================================
+stage       does
+=========== =====================================================
+pretrain    fit backbone + field gates on ``pretrain_fraction``
+prune       keep fields with ``P(z != 0) > threshold`` (or top k)
+finetune    fit the pruned model on the rest of the train split
+=========== =====================================================
+
+Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp.outputs`) and returns its
+``metrics.json`` entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import pandas as pd
+import torch
+
+from lightfmp.callbacks import TrainingThroughput
+from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
+from lightfmp.outputs import (
+    PathLike, checkpoint_preprocessor_state, clear_from, metrics_entry, output_directory, read_checkpoint,
+    read_preprocessor, record, save_checkpoint, stage_checkpoint, write_feature_report, write_preprocessor,
+)
+
+__all__ = ["finetune", "pretrain", "prune", "timed_fit"]
+
+
+def _single_process(trainer: L.Trainer) -> None:
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"Light-FMP's stages run in one process (they write the output directory from it); got a trainer with "
+            f"world_size={trainer.world_size}. Use --trainer.devices 1 --trainer.num_nodes 1"
+        )
+
+
+def timed_fit(
+    trainer: L.Trainer, module: LightFMPModule, datamodule: L.LightningDataModule, ckpt_path: Optional[str] = None
+) -> TrainingThroughput:
+    """``trainer.fit`` in one process, measured by a :class:`TrainingThroughput` callback; an interrupted fit
+    raises."""
+    _single_process(trainer)
+    throughput = TrainingThroughput()
+    trainer.callbacks.append(throughput)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        trainer.callbacks.remove(throughput)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; the stage's outputs were not written")
+    return throughput
+
+
+def pretrain(
+    trainer: L.Trainer, module: LightFMPModule, datamodule: CTRDataModule, output_dir: PathLike,
+    ckpt_path: Optional[str] = None,
+) -> dict[str, Any]:
+    """Stage 1: fit backbone and field gates on the datamodule's pretrain subset.
+
+    Writes ``pretrain.ckpt`` and ``preprocessor.json``. ``ckpt_path``: resume an interrupted stage-1 fit from a
+    full Lightning checkpoint (e.g. one written by a ``ModelCheckpoint`` callback); the default starts from
+    scratch.
+    """
+    _single_process(trainer)
+    out = output_directory(output_dir)
+    clear_from(out, "pretrain")
+    if not module.hparams.field_mask:
+        raise ValueError("pretrain needs a model with field_mask=True")
+    if datamodule.subset != "pretrain":
+        datamodule = datamodule.for_subset("pretrain")
+    throughput = timed_fit(trainer, module, datamodule, ckpt_path)
+    scores = evaluate(module, datamodule.test_dataloader())
+    assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
+    write_preprocessor(out, datamodule.preprocessor)
+    save_checkpoint(trainer, module, out / "pretrain.ckpt", {"stage": "pretrain"})
+    entry = metrics_entry(module, scores, throughput)
+    entry["expected_fields"] = float(module.gate.expected_l0().detach()) if module.gate is not None else None
+    record(out, "pretrain", entry)
+    return entry
+
+
+def prune(
+    output_dir: PathLike,
+    datamodule: CTRDataModule,
+    checkpoint: Optional[PathLike] = None,
+    threshold: float = 0.5,
+    top_k: Optional[int] = None,
+) -> tuple[LightFMPModule, pd.DataFrame, dict[str, Any]]:
+    """Stage 2: keep the open fields of the stage-1 checkpoint and build the smaller model.
+
+    Writes ``pruned.ckpt`` and ``feature_report.csv``. Returns the pruned module, the per-field report and the
+    metrics entry: the test scores of the stage-1 model with its gates fixed to 0/1, which the pruned model
+    reproduces exactly (``CTRBackbone.prune``). They are computed on ``datamodule``'s test split if it is
+    already set up with stage 1's fields (as after :func:`pretrain`), so the data is not read again; otherwise
+    on a copy set up with stage 1's preprocessor.
+    """
+    out = output_directory(output_dir)
+    ckpt_path = stage_checkpoint(out, checkpoint, "pretrain.ckpt", "pretrain")
+    ckpt = read_checkpoint(ckpt_path)
+    clear_from(out, "prune")
+    masked = LightFMPModule.from_checkpoint(ckpt)
+    if masked.gate is None:
+        raise ValueError(f"{ckpt_path} holds a model without field gates; prune needs the stage-1 checkpoint")
+    report = masked.gate.report(threshold=threshold, top_k=top_k)
+    kept = [n for n in masked.feature_spec.names if n in set(report.loc[report.kept, "field"])]
+    if not kept:
+        best = report.iloc[0]
+        raise ValueError(
+            f"pruning with threshold={threshold} would remove every field (highest keep probability: "
+            f"{best.field}={best.keep_probability:.3f}); lower the threshold, set top_k, or weaken the L0 penalty"
+        )
+    pruned_module = masked.pruned(kept)
+    if datamodule.encoded is None:
+        datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
+        datamodule.setup("test")
+    if datamodule.feature_spec != masked.feature_spec:
+        raise ValueError(
+            f"the data's fields {list(datamodule.feature_spec.names)} differ from the stage-1 model's "
+            f"{list(masked.feature_spec.names)}"
+        )
+    gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
+    scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
+    write_feature_report(out, report)
+    save_checkpoint(
+        None, pruned_module, out / "pruned.ckpt", {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path)},
+        preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
+    )
+    entry = metrics_entry(pruned_module, scores, None)
+    entry["kept_fields"] = kept
+    entry["dropped_fields"] = [n for n in masked.feature_spec.names if n not in kept]
+    entry["parameters_before"] = masked.num_parameters()
+    record(out, "prune", entry)
+    return pruned_module, report, entry
+
+
+def finetune(
+    trainer: L.Trainer,
+    datamodule: CTRDataModule,
+    output_dir: PathLike,
+    checkpoint: Optional[PathLike] = None,
+    overrides: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Stage 3: continue training the pruned model on the rest of the train split, reading only kept fields.
+
+    Writes ``finetune.ckpt``. ``overrides``: optimisation hyper-parameters (lr, weight_decay, dropout) to
+    replace the checkpoint's.
+    """
+    _single_process(trainer)
+    out = output_directory(output_dir)
+    ckpt_path = stage_checkpoint(out, checkpoint, "pruned.ckpt", "prune")
+    ckpt = read_checkpoint(ckpt_path)
+    extra = ckpt[LIGHTFMP_CHECKPOINT_KEY]
+    if "kept_fields" not in extra:
+        raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")
+    clear_from(out, "finetune")
+    module = LightFMPModule.from_checkpoint(ckpt, **(overrides or {}))
+    dm = datamodule.for_subset("finetune", fields=extra["kept_fields"], preprocessor=read_preprocessor(ckpt, ckpt_path))
+    throughput = timed_fit(trainer, module, dm)
+    scores = evaluate(module, dm.test_dataloader())
+    stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there
+    save_checkpoint(trainer, module, out / "finetune.ckpt", {**stage_extra, "stage": "finetune"})
+    entry = metrics_entry(module, scores, throughput)
+    record(out, "finetune", entry)
+    return entry
