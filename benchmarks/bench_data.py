@@ -79,16 +79,25 @@ def main() -> None:
     _, t_fit = timed(prep.fit, read.iloc[: int(0.8 * args.rows)])
     encoded, t_transform = timed(prep.transform, read)
     print(f"rows {args.rows:,}, TSV {size_mb:.0f} MB, torch threads 1")
-    for what, t in (("generate", t_gen), ("read_frame criteo", t_read), ("fit (80 %)", t_fit), ("transform", t_transform)):
+    for what, t in (
+        ("generate", t_gen),
+        ("read_frame criteo", t_read),
+        ("fit (80 %)", t_fit),
+        ("transform", t_transform),
+    ):
         print(f"  {what:<18} {t:7.2f} s   {args.rows / t / 1e6:6.2f} M rows/s")
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.rows, (args.batch_size,), generator=g) for _ in range(args.batches)]
     ref, fast = per_row_collate(encoded, batches[0].tolist()), encoded.batch(batches[0])
-    assert torch.equal(ref.sparse.values(), fast.sparse.values()) and torch.equal(ref.sparse.lengths(), fast.sparse.lengths())
+    assert torch.equal(ref.sparse.values(), fast.sparse.values()) and torch.equal(
+        ref.sparse.lengths(), fast.sparse.lengths()
+    )
     assert torch.equal(ref.dense, fast.dense) and torch.equal(ref.labels, fast.labels)
     t_fast = statistics.median(timed(encoded.batch, b)[1] for b in batches)
-    t_ref = statistics.median(timed(per_row_collate, encoded, b.tolist())[1] for b in batches[: max(3, args.batches // 10)])
+    t_ref = statistics.median(
+        timed(per_row_collate, encoded, b.tolist())[1] for b in batches[: max(3, args.batches // 10)]
+    )
     print(f"collation, batch {args.batch_size} (13 dense, 26 sparse, 1 multi-valued field), median per batch:")
     print(f"  per-row baseline   {t_ref * 1e3:8.2f} ms")
     print(f"  EncodedFrame.batch {t_fast * 1e3:8.2f} ms   speed-up x{t_ref / t_fast:.0f}")

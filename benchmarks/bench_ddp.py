@@ -133,9 +133,17 @@ def _fit(config: str, args: argparse.Namespace, steps: int, count_ddp_bytes: boo
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, 512, generator=g), torch.randint(0, 10, (n,), generator=g))
     meter = Meter(args.warmup, count_ddp_bytes)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(config), max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[meter])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=_strategy(config),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[meter],
+    )
     trainer.fit(Classifier(args.width, args.depth), DataLoader(data, batch_size=args.batch))
     return trainer, meter
 
@@ -205,19 +213,25 @@ def main() -> None:
         memory = {c: _launch(c, args, Path(tmp) / f"mem{i}") for i, c in enumerate(CONFIGS)}
     base_t, base = statistics.median(timing["ddp"]), memory["ddp"][0]
     base_min = min(timing["ddp"])
-    print(f"model: MLP 512-{args.width}x{args.depth}-10, {base['params'] / 1e6:.2f} M parameters "
-          f"({base['params'] * 4 / 2**20:.1f} MiB of float32 gradient); 2 ranks, gloo, batch {args.batch} per rank; "
-          f"step times over {len(timing['ddp'])} steps per configuration ({args.rounds} interleaved fits of "
-          f"{args.steps} after {args.warmup} warm-up steps)")
-    print(f"{'config':20s} {'median ms':>9s} {'x ddp':>6s} {'min ms':>7s} {'x ddp':>6s} {'MB sent/rank/step':>17s} "
-          f"{'x ddp':>6s} {'lo MB/rank/step':>15s} {'peak RSS MiB r0/r1':>18s} {'growth MiB r0':>13s}")
+    print(
+        f"model: MLP 512-{args.width}x{args.depth}-10, {base['params'] / 1e6:.2f} M parameters "
+        f"({base['params'] * 4 / 2**20:.1f} MiB of float32 gradient); 2 ranks, gloo, batch {args.batch} per rank; "
+        f"step times over {len(timing['ddp'])} steps per configuration ({args.rounds} interleaved fits of "
+        f"{args.steps} after {args.warmup} warm-up steps)"
+    )
+    print(
+        f"{'config':20s} {'median ms':>9s} {'x ddp':>6s} {'min ms':>7s} {'x ddp':>6s} {'MB sent/rank/step':>17s} "
+        f"{'x ddp':>6s} {'lo MB/rank/step':>15s} {'peak RSS MiB r0/r1':>18s} {'growth MiB r0':>13s}"
+    )
     for config in CONFIGS:
         t, (r0, r1) = timing[config], memory[config]
         med, low = statistics.median(t), min(t)
-        print(f"{config:20s} {med:9.1f} {med / base_t:6.2f} {low:7.1f} {low / base_min:6.2f} "
-              f"{r0['bytes_per_step'] / 1e6:17.2f} {r0['bytes_per_step'] / base['bytes_per_step']:6.3f} "
-              f"{r0['lo_bytes_per_rank_step'] / 1e6:15.2f} {r0['peak_rss'] / 2**20:8.0f}/{r1['peak_rss'] / 2**20:<9.0f} "
-              f"{(r0['peak_rss'] - r0['rss_setup']) / 2**20:13.0f}")
+        print(
+            f"{config:20s} {med:9.1f} {med / base_t:6.2f} {low:7.1f} {low / base_min:6.2f} "
+            f"{r0['bytes_per_step'] / 1e6:17.2f} {r0['bytes_per_step'] / base['bytes_per_step']:6.3f} "
+            f"{r0['lo_bytes_per_rank_step'] / 1e6:15.2f} {r0['peak_rss'] / 2**20:8.0f}/{r1['peak_rss'] / 2**20:<9.0f} "
+            f"{(r0['peak_rss'] - r0['rss_setup']) / 2**20:13.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def memory_in_subprocess(model_name, method, grouping, batch, seq, threads) -> f
     cmd = [sys.executable, __file__, "--memory", model_name, method, grouping, "--batch", str(batch), "--seq", str(seq)]
     out = subprocess.run(
         cmd + (["--threads", str(threads)] if threads else []),
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
@@ -170,13 +173,19 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, seq {args.seq}")
     methods = ["a", "b", "b2", "bw", "c"]
-    print("a: plain mean step, b: one-backward (book-keeping), b2: one-backward + weighted 2nd backward, "
-          "bw: block-wise, c: reference")
+    print(
+        "a: plain mean step, b: one-backward (book-keeping), b2: one-backward + weighted 2nd backward, "
+        "bw: block-wise, c: reference"
+    )
     for model_name in args.models.split(","):
         model, x, y = setup(model_name, args.batch, args.seq)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"\n{model_name} ({n_params / 1e6:.2f} M parameters)")
-        print(f"{'groups':<12}{'':<6}" + "".join(f"{m:>10}" for m in methods) + "".join(f"{m + '/a':>8}" for m in methods[1:]))
+        print(
+            f"{'groups':<12}{'':<6}"
+            + "".join(f"{m:>10}" for m in methods)
+            + "".join(f"{m + '/a':>8}" for m in methods[1:])
+        )
         fns = steps(model, x, y)
         for gname, grouping in GROUPINGS.items():
             assignment = grouping.assign(args.batch)
@@ -192,12 +201,22 @@ def main() -> None:
                     fns[m](assignment)
                     times[m].append(time.perf_counter() - t)
             ms = {m: min(times[m]) * 1e3 for m in methods}
-            print(f"{gname:<12}{'ms':<6}" + "".join(f"{ms[m]:>10.1f}" for m in methods)
-                  + "".join(f"{ms[m] / ms['a']:>8.2f}" for m in methods[1:]), flush=True)
+            print(
+                f"{gname:<12}{'ms':<6}"
+                + "".join(f"{ms[m]:>10.1f}" for m in methods)
+                + "".join(f"{ms[m] / ms['a']:>8.2f}" for m in methods[1:]),
+                flush=True,
+            )
             if not args.no_memory:
-                mib = {m: memory_in_subprocess(model_name, m, gname, args.batch, args.seq, args.threads) for m in methods}
-                print(f"{'':<12}{'MiB':<6}" + "".join(f"{mib[m]:>10.1f}" for m in methods)
-                      + "".join(f"{mib[m] / mib['a']:>8.2f}" for m in methods[1:]), flush=True)
+                mib = {
+                    m: memory_in_subprocess(model_name, m, gname, args.batch, args.seq, args.threads) for m in methods
+                }
+                print(
+                    f"{'':<12}{'MiB':<6}"
+                    + "".join(f"{mib[m]:>10.1f}" for m in methods)
+                    + "".join(f"{mib[m] / mib['a']:>8.2f}" for m in methods[1:]),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -34,33 +34,62 @@ DATASETS: dict[str, dict[str, Any]] = {
     "adult": {
         "data": {"format": "adult", "batch_size": 256, "eval_batch_size": 4096, "pretrain_fraction": 0.2},
         "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.005},
-        "pretrain_epochs": 8, "finetune_epochs": 3, "full_epochs": 3,
+        "pretrain_epochs": 8,
+        "finetune_epochs": 3,
+        "full_epochs": 3,
     },
     "movielens": {
-        "data": {"format": "movielens", "split": "chronological", "batch_size": 512, "eval_batch_size": 8192,
-                 "pretrain_fraction": 0.2},
+        "data": {
+            "format": "movielens",
+            "split": "chronological",
+            "batch_size": 512,
+            "eval_batch_size": 8192,
+            "pretrain_fraction": 0.2,
+        },
         "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.01},
-        "pretrain_epochs": 6, "finetune_epochs": 2, "full_epochs": 2,
+        "pretrain_epochs": 6,
+        "finetune_epochs": 2,
+        "full_epochs": 2,
     },
     "synthetic": {
-        "data": {"format": "synthetic", "synthetic_rows": 100_000, "synthetic_num_informative": 6, "batch_size": 512,
-                 "eval_batch_size": 8192, "pretrain_fraction": 0.2},
+        "data": {
+            "format": "synthetic",
+            "synthetic_rows": 100_000,
+            "synthetic_num_informative": 6,
+            "batch_size": 512,
+            "eval_batch_size": 8192,
+            "pretrain_fraction": 0.2,
+        },
         "model": {"backbone": "mlp", "embedding_dim": 8, "hidden": (128, 64), "lr": 0.01, "l0_weight": 0.02},
-        "pretrain_epochs": 5, "finetune_epochs": 2, "full_epochs": 2,
+        "pretrain_epochs": 5,
+        "finetune_epochs": 2,
+        "full_epochs": 2,
     },
     "synthetic-large": {
-        "data": {"format": "synthetic", "synthetic_rows": 500_000, "synthetic_cardinality": 10_000,
-                 "synthetic_num_informative": 6, "batch_size": 1024, "eval_batch_size": 16384,
-                 "pretrain_fraction": 0.1},
+        "data": {
+            "format": "synthetic",
+            "synthetic_rows": 500_000,
+            "synthetic_cardinality": 10_000,
+            "synthetic_num_informative": 6,
+            "batch_size": 1024,
+            "eval_batch_size": 16384,
+            "pretrain_fraction": 0.1,
+        },
         "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.02},
-        "pretrain_epochs": 3, "finetune_epochs": 1, "full_epochs": 1,
+        "pretrain_epochs": 3,
+        "finetune_epochs": 1,
+        "full_epochs": 1,
     },
 }
 
 
 def trainer(epochs: int) -> L.Trainer:
     return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
 
@@ -72,10 +101,16 @@ def run_full(cfg: dict[str, Any], data: dict[str, Any], seed: int) -> dict[str, 
     throughput = stages.timed_fit(trainer(cfg["full_epochs"]), module, dm)
     scores = evaluate(module, dm.test_dataloader())
     return {
-        "method": "full", "auc": scores["auc"], "logloss": scores["logloss"], "fields": module.feature_spec.num_fields,
-        "parameters": module.num_parameters(), "train_seconds": throughput.seconds,
-        "train_cpu_seconds": throughput.cpu_seconds, "sps": throughput.samples_per_second,
-        "cpu_sps": throughput.samples / throughput.cpu_seconds, "kept": "",
+        "method": "full",
+        "auc": scores["auc"],
+        "logloss": scores["logloss"],
+        "fields": module.feature_spec.num_fields,
+        "parameters": module.num_parameters(),
+        "train_seconds": throughput.seconds,
+        "train_cpu_seconds": throughput.cpu_seconds,
+        "sps": throughput.samples_per_second,
+        "cpu_sps": throughput.samples / throughput.cpu_seconds,
+        "kept": "",
     }
 
 
@@ -89,13 +124,21 @@ def run_lightfmp(cfg: dict[str, Any], data: dict[str, Any], seed: int, out: Path
     prune_seconds = time.perf_counter() - start
     last = stages.finetune(trainer(cfg["finetune_epochs"]), dm, out)
     return {
-        "method": "lightfmp", "auc": last["auc"], "logloss": last["logloss"], "fields": last["fields"],
-        "parameters": last["parameters"], "train_seconds": first["train_seconds"] + last["train_seconds"],
+        "method": "lightfmp",
+        "auc": last["auc"],
+        "logloss": last["logloss"],
+        "fields": last["fields"],
+        "parameters": last["parameters"],
+        "train_seconds": first["train_seconds"] + last["train_seconds"],
         "train_cpu_seconds": first["train_cpu_seconds"] + last["train_cpu_seconds"],
-        "sps": last["samples_per_second"], "cpu_sps": last["train_samples"] / last["train_cpu_seconds"],
+        "sps": last["samples_per_second"],
+        "cpu_sps": last["train_samples"] / last["train_cpu_seconds"],
         "kept": " ".join(pruned["kept_fields"]),
-        "pretrain_seconds": first["train_seconds"], "prune_seconds": prune_seconds,
-        "finetune_seconds": last["train_seconds"], "pretrain_auc": first["auc"], "pruned_auc": pruned["auc"],
+        "pretrain_seconds": first["train_seconds"],
+        "prune_seconds": prune_seconds,
+        "finetune_seconds": last["train_seconds"],
+        "pretrain_auc": first["auc"],
+        "pruned_auc": pruned["auc"],
     }
 
 
@@ -103,24 +146,31 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for dataset, group in rows.groupby("dataset", sort=False):
         full, fmp = group[group.method == "full"], group[group.method == "lightfmp"]
+
         def ms(s: pd.Series, fmt: str) -> str:
             sd = statistics.stdev(s) if len(s) > 1 else 0.0
             return f"{s.mean():{fmt}} +- {sd:{fmt}}"
-        out.append({
-            "dataset": dataset, "seeds": len(full),
-            "full AUC": ms(full.auc, ".4f"), "Light-FMP AUC": ms(fmp.auc, ".4f"),
-            "dAUC": f"{fmp.auc.mean() - full.auc.mean():+.4f}",
-            "full LogLoss": ms(full.logloss, ".4f"), "Light-FMP LogLoss": ms(fmp.logloss, ".4f"),
-            "fields": f"{int(full.fields.iloc[0])} -> {fmp.fields.mean():.1f}",
-            "params": f"{int(full.parameters.mean())} -> {int(fmp.parameters.mean())}",
-            "train CPU s (stages 1+3 / full)": f"{fmp.train_cpu_seconds.mean():.1f} / "
-                                               f"{full.train_cpu_seconds.mean():.1f} = "
-                                               f"{fmp.train_cpu_seconds.mean() / full.train_cpu_seconds.mean():.2f}x",
-            "wall s": f"{fmp.train_seconds.mean():.1f} / {full.train_seconds.mean():.1f}",
-            "samples per CPU s, pruned vs full": f"{fmp.cpu_sps.mean():.0f} / {full.cpu_sps.mean():.0f} = "
-                                                 f"{fmp.cpu_sps.mean() / full.cpu_sps.mean():.2f}x",
-            "goal AUC >= full - 0.001": bool(fmp.auc.mean() >= full.auc.mean() - 0.001),
-        })
+
+        out.append(
+            {
+                "dataset": dataset,
+                "seeds": len(full),
+                "full AUC": ms(full.auc, ".4f"),
+                "Light-FMP AUC": ms(fmp.auc, ".4f"),
+                "dAUC": f"{fmp.auc.mean() - full.auc.mean():+.4f}",
+                "full LogLoss": ms(full.logloss, ".4f"),
+                "Light-FMP LogLoss": ms(fmp.logloss, ".4f"),
+                "fields": f"{int(full.fields.iloc[0])} -> {fmp.fields.mean():.1f}",
+                "params": f"{int(full.parameters.mean())} -> {int(fmp.parameters.mean())}",
+                "train CPU s (stages 1+3 / full)": f"{fmp.train_cpu_seconds.mean():.1f} / "
+                f"{full.train_cpu_seconds.mean():.1f} = "
+                f"{fmp.train_cpu_seconds.mean() / full.train_cpu_seconds.mean():.2f}x",
+                "wall s": f"{fmp.train_seconds.mean():.1f} / {full.train_seconds.mean():.1f}",
+                "samples per CPU s, pruned vs full": f"{fmp.cpu_sps.mean():.0f} / {full.cpu_sps.mean():.0f} = "
+                f"{fmp.cpu_sps.mean() / full.cpu_sps.mean():.2f}x",
+                "goal AUC >= full - 0.001": bool(fmp.auc.mean() >= full.auc.mean() - 0.001),
+            }
+        )
     return pd.DataFrame(out)
 
 

@@ -82,7 +82,7 @@ class PolicyOptions:
         check_policy_options(type(self).__name__, {f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
-    def from_values(cls, owner: str, values: dict[str, Any]) -> "PolicyOptions":
+    def from_values(cls, owner: str, values: dict[str, Any]) -> PolicyOptions:
         """The options named in ``values`` (other keys ignored), validated with messages naming ``owner``."""
         names = {f.name for f in fields(cls)}
         mine = {k: v for k, v in values.items() if k in names}

@@ -43,7 +43,7 @@ def _label(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DemoData:
-    backbone: torch.nn.Module
+    backbone: torch.nn.Sequential
     target_teacher: torch.nn.Module
     x_test: torch.Tensor
     y_test: torch.Tensor
@@ -60,13 +60,18 @@ def build_data(shift: float = 0.6) -> DemoData:
     x_src = torch.randn(6000, DIM, generator=g)
     y_src = _label(source, x_src)
     torch.manual_seed(2)
-    student = torch.nn.Sequential(torch.nn.Linear(DIM, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                                  torch.nn.Linear(64, CLASSES))
+    student = torch.nn.Sequential(
+        torch.nn.Linear(DIM, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, CLASSES),
+    )
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     for _ in range(15):
         perm = torch.randperm(6000, generator=g)
         for i in range(0, 6000, 128):
-            idx = perm[i:i + 128]
+            idx = perm[i : i + 128]
             opt.zero_grad()
             F.cross_entropy(student(x_src[idx]), y_src[idx]).backward()
             opt.step()
@@ -77,9 +82,9 @@ def build_data(shift: float = 0.6) -> DemoData:
 class FineTuner(GrainMixin, L.LightningModule):
     """The pretrained backbone with a fresh head, fine-tuned with GRAIN or the plain mean."""
 
-    def __init__(self, backbone: torch.nn.Module, grain: GrainConfig, lr: float, head_seed: int):
+    def __init__(self, backbone: torch.nn.Sequential, grain: GrainConfig, lr: float, head_seed: int) -> None:
         super().__init__(grain=grain)
-        self.net = copy.deepcopy(backbone)
+        self.net: torch.nn.Sequential = copy.deepcopy(backbone)
         torch.manual_seed(head_seed)
         self.net[-1] = torch.nn.Linear(64, CLASSES)
         self.lr = lr
@@ -98,16 +103,24 @@ def run(data: DemoData, method: str, seed: int, args: argparse.Namespace) -> dic
     y = _label(data.target_teacher, x)
     flip = torch.rand(args.train_size, generator=g) < args.label_noise
     y = torch.where(flip, torch.randint(0, CLASSES, (args.train_size,), generator=g), y)
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     configs = {
         "mean": GrainConfig(aggregation="mean", log_loss_as=None),
         "grain-label": GrainConfig(grouping=ByKey(1), log_loss_as=None, log_every_n_steps=0),
         "grain-sample": GrainConfig(grouping="sample", log_loss_as=None, log_every_n_steps=0),
     }
     model = FineTuner(data.backbone, configs[method], args.lr, head_seed=seed)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     seconds = time.perf_counter() - t0
@@ -126,8 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--methods", nargs="+", default=["mean", "grain-label", "grain-sample"],
-                    choices=["mean", "grain-label", "grain-sample"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["mean", "grain-label", "grain-sample"],
+        choices=["mean", "grain-label", "grain-sample"],
+    )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -135,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = build_data()
-    print(f"GRAIN demo: fine-tune a pretrained MLP on {args.train_size} target samples "
-          f"({args.label_noise:.0%} label noise), {args.epochs} epochs, {args.seeds} seeds")
+    print(
+        f"GRAIN demo: fine-tune a pretrained MLP on {args.train_size} target samples "
+        f"({args.label_noise:.0%} label noise), {args.epochs} epochs, {args.seeds} seeds"
+    )
     results: dict[str, list[dict[str, float]]] = {m: [] for m in args.methods}
     for seed in range(args.seeds):
         for method in args.methods:
@@ -148,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         acc = [r["acc"] for r in rs]
         worst = [r["worst"] for r in rs]
         sd = statistics.stdev if len(rs) > 1 else (lambda v: 0.0)
-        print(f"{method:<14}{statistics.mean(acc):>14.4f}{sd(acc):>9.4f}{statistics.mean(worst):>18.4f}"
-              f"{sd(worst):>9.4f}{statistics.mean(r['seconds'] for r in rs):>8.1f}")
+        print(
+            f"{method:<14}{statistics.mean(acc):>14.4f}{sd(acc):>9.4f}{statistics.mean(worst):>18.4f}"
+            f"{sd(worst):>9.4f}{statistics.mean(r['seconds'] for r in rs):>8.1f}"
+        )
 
 
 if __name__ == "__main__":

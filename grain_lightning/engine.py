@@ -13,5 +13,11 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = ["GrainBackwardResult", "GroupGradients", "combine_gradients", "grain_backward", "group_gradients",
-           "trainable_parameters"]
+__all__ = [
+    "GrainBackwardResult",
+    "GroupGradients",
+    "combine_gradients",
+    "grain_backward",
+    "group_gradients",
+    "trainable_parameters",
+]

@@ -54,7 +54,7 @@ class GroupAssignment:
         return total / self.counts.to(device=losses.device, dtype=losses.dtype)
 
     @staticmethod
-    def from_index(index: torch.Tensor) -> "GroupAssignment":
+    def from_index(index: torch.Tensor) -> GroupAssignment:
         """Assignment from arbitrary integer group ids per sample (ids need not be contiguous)."""
         index = torch.as_tensor(index)
         if index.ndim != 1 or index.numel() == 0:
@@ -130,7 +130,9 @@ class ByKey(Grouping):
                 raise KeyError(f"ByKey({self.key!r}): the batch has no key {self.key!r}; found {found}")
             return batch[self.key]
         if not isinstance(batch, Sequence) or not -len(batch) <= self.key < len(batch):
-            raise KeyError(f"ByKey({self.key}): the batch is not a sequence with index {self.key}: {type(batch).__name__}")
+            raise KeyError(
+                f"ByKey({self.key}): the batch is not a sequence with index {self.key}: {type(batch).__name__}"
+            )
         return batch[self.key]
 
     def assign(self, batch_size: int, batch: Any = None) -> GroupAssignment:

@@ -13,19 +13,24 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from typing_extensions import override
 
 from grain_lightning.config import GrainConfig
 from grain_lightning.ghost import BlockwiseResult, GhostEngine
-from grain_lightning.groups import GroupAssignment
+from grain_lightning.groups import GroupAssignment, as_grouping
 from grain_lightning.policy import StepPolicy
 from grain_lightning.protocol import GrainStrategy, MixinCycle
 from grain_lightning.reference import GroupGradients, group_gradients, trainable_parameters
 
 __all__ = ["GrainConfig", "GrainMixin"]
+
+if TYPE_CHECKING:  # the mixin is used with a LightningModule; type-check it as one
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
 
 
 @dataclass
@@ -33,7 +38,7 @@ class _Cycle:
     """One accumulation cycle of micro-batches (reset after every optimizer step or skip)."""
 
     micro: int = 0  # micro-batches seen
-    buffer: Optional[Any] = None  # GroupGradients, GhostGradients or a BlockwiseResult
+    buffer: Any = None  # GroupGradients, GhostGradients or a BlockwiseResult
     fractions: list[torch.Tensor] = field(default_factory=list)  # mean weights of buffered groups
     keys: list[torch.Tensor] = field(default_factory=list)  # (k_i, 2) [micro-batch, group key]
     invalid: bool = False  # a non-finite micro-batch was seen: the whole cycle is skipped
@@ -43,7 +48,7 @@ class _Cycle:
             self.buffer.release()
 
 
-class GrainMixin:
+class GrainMixin(_MixinBase):
     """Mixin for ``LightningModule``: train with the min-norm combination of group gradients.
 
     Put it first in the bases and pass a :class:`GrainConfig` to ``super().__init__``::
@@ -77,7 +82,8 @@ class GrainMixin:
         self.grain_config = grain if grain is not None else GrainConfig()
         self.automatic_optimization = False
         self.grain_policy = StepPolicy(
-            self.grain_config.policy_options, owner="GRAIN",
+            self.grain_config.policy_options,
+            owner="GRAIN",
             nonfinite_hint="set GrainConfig(on_nonfinite='skip') to skip such steps",
         )
         self._grain_cycle = _Cycle()
@@ -149,7 +155,8 @@ class GrainMixin:
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.numel() == 0:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(
-                f"grain_step expects (n,) per-sample losses (use reduction='none' and reduce any other dims), got {shape}"
+                "grain_step expects (n,) per-sample losses (use reduction='none' and reduce any other dims), "
+                f"got {shape}"
             )
         self.grain_check_setup()
         mean_loss = losses.detach().float().mean()
@@ -238,6 +245,7 @@ class GrainMixin:
 
     def _grain_accumulate(self, losses: torch.Tensor, batch: Any, groups: Optional[torch.Tensor]) -> None:
         cfg, cycle = self.grain_config, self._grain_cycle
+        grouping = as_grouping(cfg.grouping)
         n = losses.shape[0]
         if cfg.accumulate_grad_batches > 1 and cfg.accumulation_groups == "micro_batch":
             assignment = GroupAssignment.from_index(torch.zeros(n, dtype=torch.long))
@@ -246,11 +254,11 @@ class GrainMixin:
             if assignment.index.shape != (n,):
                 raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
         else:
-            assignment = cfg.grouping.assign(n, batch)
+            assignment = grouping.assign(n, batch)
         grads = self._grain_group_gradients(losses, assignment)
         cycle.buffer = grads if cycle.buffer is None else cycle.buffer.cat(grads)
         cycle.fractions.append(assignment.fractions / cfg.accumulate_grad_batches)
-        key = assignment.keys.reshape(-1).long() if cfg.grouping.stable_keys or groups is not None else None
+        key = assignment.keys.reshape(-1).long() if grouping.stable_keys or groups is not None else None
         if key is None:
             key = torch.full((assignment.num_groups,), -1, dtype=torch.long)
         cycle.keys.append(torch.stack([torch.full_like(key, cycle.micro), key], 1))
@@ -264,18 +272,25 @@ class GrainMixin:
         # grain_ddp: every rank joins the cross-rank combination, even a skipping one
         if strategy.needs_group_gradients and cfg.aggregation == "grain":
             pi = torch.cat(cycle.fractions) if cycle.fractions else None
-            return strategy.combine_mixin_cycle(MixinCycle(
-                self._grain_params(), invalid=cycle.invalid, group_gradients=cycle.buffer,
-                mean_weights=pi, policy=self.grain_policy))
+            return strategy.combine_mixin_cycle(
+                MixinCycle(
+                    self._grain_params(),
+                    invalid=cycle.invalid,
+                    group_gradients=cycle.buffer,
+                    mean_weights=pi,
+                    policy=self.grain_policy,
+                )
+            )
         vote_skip = False
         if not cycle.invalid and cfg.aggregation == "grain":
             vote_skip = not self._grain_set_direction() and not cycle.invalid
-        return strategy.combine_mixin_cycle(MixinCycle(self._grain_params(), invalid=cycle.invalid,
-                                                       vote_skip=vote_skip))
+        return strategy.combine_mixin_cycle(
+            MixinCycle(self._grain_params(), invalid=cycle.invalid, vote_skip=vote_skip)
+        )
 
     def _grain_set_direction(self) -> bool:
         """Decide over the buffered groups and write ``d`` into ``.grad``; ``False``: skip this step."""
-        cfg, cycle, policy = self.grain_config, self._grain_cycle, self.grain_policy
+        cycle, policy = self._grain_cycle, self.grain_policy
         grads = cycle.buffer
         pi = torch.cat(cycle.fractions)
         pi = pi / pi.sum()  # a last, partial cycle has fewer than N micro-batches
@@ -287,8 +302,11 @@ class GrainMixin:
             return False
         if isinstance(grads, BlockwiseResult):  # gradients already written, block by block
             if policy.log_now:
-                self.log_dict({"grain/num_groups": float(gram.shape[0]), "grain/blocks": float(len(grads.solves))},
-                              on_step=True, on_epoch=False)
+                self.log_dict(
+                    {"grain/num_groups": float(gram.shape[0]), "grain/blocks": float(len(grads.solves))},
+                    on_step=True,
+                    on_epoch=False,
+                )
             return True
         decision = policy.decide(gram, pi, keys=keys)
         if policy.log_now:
@@ -304,8 +322,9 @@ class GrainMixin:
         cfg = self.grain_config
         for opt in opts:
             if cfg.gradient_clip_val is not None:
-                self.clip_gradients(opt, gradient_clip_val=cfg.gradient_clip_val,
-                                    gradient_clip_algorithm=cfg.gradient_clip_algorithm)
+                self.clip_gradients(
+                    opt, gradient_clip_val=cfg.gradient_clip_val, gradient_clip_algorithm=cfg.gradient_clip_algorithm
+                )
             opt.step()
         for opt in opts:
             opt.zero_grad()
@@ -341,7 +360,9 @@ class GrainMixin:
         for p, g in zip(self._grain_params(), grads.grads):
             bad = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(1)
             if bad.any():
-                return f"non-finite gradient of parameter {names.get(id(p), '?')!r} for group {int(bad.nonzero()[0, 0])}"
+                return (
+                    f"non-finite gradient of parameter {names.get(id(p), '?')!r} for group {int(bad.nonzero()[0, 0])}"
+                )
         return "non-finite Gram matrix (overflow of finite gradients)"
 
     def _grain_step_scheduler(self, sched: Any) -> None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -67,9 +68,14 @@ class StepPolicy:
     Attributes ``steps``, ``skipped`` and ``collapsed`` count applied steps, skipped steps and collapses.
     """
 
-    def __init__(self, options: Optional[PolicyOptions] = None, *, owner: str = "GRAIN",
-                 nonfinite_hint: str = "set on_nonfinite='skip' to skip such steps",
-                 warn: Callable[..., Any] = warnings.warn) -> None:
+    def __init__(
+        self,
+        options: Optional[PolicyOptions] = None,
+        *,
+        owner: str = "GRAIN",
+        nonfinite_hint: str = "set on_nonfinite='skip' to skip such steps",
+        warn: Callable[..., Any] = warnings.warn,
+    ) -> None:
         self.options = options if options is not None else PolicyOptions()
         self.owner, self.nonfinite_hint, self.warn = owner, nonfinite_hint, warn
         self.prev_weights: Optional[Tensor] = None
@@ -102,8 +108,14 @@ class StepPolicy:
         blocks = gram.double().cpu().reshape(-1, gram.shape[-2], gram.shape[-1])
         pi = mean_weights.detach().double().cpu().reshape(-1)
         init = None
-        if (opts.warm_start and keys is not None and self.prev_keys is not None and blocks.shape[0] == 1
-                and bool((keys >= 0).all()) and torch.equal(self.prev_keys, keys)):
+        if (
+            opts.warm_start
+            and keys is not None
+            and self.prev_keys is not None
+            and blocks.shape[0] == 1
+            and bool((keys >= 0).all())
+            and torch.equal(self.prev_keys, keys)
+        ):
             init = self.prev_weights
         results = [self.solve(0.5 * (g + g.T), init=init) for g in blocks]
         solved = torch.stack([r.weights for r in results])
@@ -163,8 +175,13 @@ class StepPolicy:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_weights": self.prev_weights, "prev_keys": self.prev_keys, "steps": self.steps,
-                "skipped": self.skipped, "collapsed": self.collapsed}
+        return {
+            "prev_weights": self.prev_weights,
+            "prev_keys": self.prev_keys,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "collapsed": self.collapsed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prev_weights, self.prev_keys = state["prev_weights"], state["prev_keys"]

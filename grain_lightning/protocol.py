@@ -43,9 +43,9 @@ class MixinCycle:
     params: list[Tensor]
     invalid: bool = False
     vote_skip: bool = False
-    group_gradients: Optional["GroupGradients"] = None
+    group_gradients: Optional[GroupGradients] = None
     mean_weights: Optional[Tensor] = None
-    policy: Optional["StepPolicy"] = None
+    policy: Optional[StepPolicy] = None
 
 
 @runtime_checkable

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-
 __all__ = ["GroupGradients", "combine_gradients", "group_gradients", "trainable_parameters"]
 
 
@@ -52,7 +51,7 @@ class GroupGradients:
         """``sum_j w_j g_j`` per parameter; see :func:`combine_gradients`."""
         return combine_gradients(self, weights)
 
-    def cat(self, other: "GroupGradients") -> "GroupGradients":
+    def cat(self, other: GroupGradients) -> GroupGradients:
         """Stack the groups of ``other`` after this one's (same parameters)."""
         if len(other.grads) != len(self.grads):
             raise ValueError(f"cannot stack gradients of {len(other.grads)} parameters onto {len(self.grads)}")
@@ -101,7 +100,10 @@ def group_gradients(
             group_losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
         )
         return GroupGradients(
-            [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g for g, p in zip(gs, params)],
+            [
+                torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+                for g, p in zip(gs, params)
+            ],
             [g is not None for g in gs],
         )
     out = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]

@@ -67,8 +67,11 @@ def test_no_module_imports_private_names_of_another(package):
     for path in modules(package):
         for node in runtime_imports(path):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package):
-                offenders += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
-                              if a.name.startswith("_") and not a.name.startswith("__")]
+                offenders += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not offenders, offenders
 
 

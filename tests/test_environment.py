@@ -10,12 +10,16 @@ def test_torchrec_embedding_bag_collection_on_cpu():
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
     ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=10, feature_names=[f])
-                for f in ("user", "item")],
+        tables=[
+            EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=10, feature_names=[f])
+            for f in ("user", "item")
+        ],
         device=torch.device("cpu"),
     )
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["user", "item"], values=torch.tensor([1, 2, 3, 4, 5]), lengths=torch.tensor([1, 1, 2, 1, 0, 0]),
+        keys=["user", "item"],
+        values=torch.tensor([1, 2, 3, 4, 5]),
+        lengths=torch.tensor([1, 1, 2, 1, 0, 0]),
     )
     out = ebc(kjt)
     assert isinstance(out, torchrec.KeyedTensor)

@@ -35,8 +35,9 @@ backends (the same bytes; gloo's all-gather is several times slower than its sen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,8 +89,13 @@ class CrossRankMinNorm:
         group: process group (default: the world).
     """
 
-    def __init__(self, mode: str = "sharded", blocks: Optional[Sequence[tuple[int, int]]] = None,
-                 tol: float = 1e-12, group: Optional[Any] = None) -> None:
+    def __init__(
+        self,
+        mode: str = "sharded",
+        blocks: Optional[Sequence[tuple[int, int]]] = None,
+        tol: float = 1e-12,
+        group: Optional[Any] = None,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.group = mode, group
@@ -155,7 +161,7 @@ class CrossRankMinNorm:
         low = rows.dtype in (torch.float16, torch.bfloat16)
         for b, s, e in segments:
             for c in range(s, e, _CHUNK):
-                x = rows[:, c:min(e, c + _CHUNK)]
+                x = rows[:, c : min(e, c + _CHUNK)]
                 x = x.float() if low else x
                 gram[b] += (x @ x.T).double()
         return gram
@@ -188,7 +194,7 @@ class CrossRankMinNorm:
         self.counter.all_gather(out, mine, self.world, self.group)
         return out.view(self.world, -1).cpu()
 
-    def start(self, rows: torch.Tensor, counts: Optional[Sequence[int]] = None) -> "Exchange":
+    def start(self, rows: torch.Tensor, counts: Optional[Sequence[int]] = None) -> Exchange:
         """Begin a sharded combination of ``rows``; buckets are sent as :meth:`ready` marks them complete.
 
         ``rows`` may still be filled in after this call, bucket by bucket, before each is marked ready.
@@ -202,15 +208,15 @@ class CrossRankMinNorm:
             raise ValueError(f"buckets end at {buckets[-1][1]} beyond the row length {length}")
         return Exchange(rows, counts, buckets)
 
-    def ready(self, ex: "Exchange", bucket: int) -> None:
+    def ready(self, ex: Exchange, bucket: int) -> None:
         """Mark ``bucket`` complete in ``rows``; send every complete bucket whose turn has come."""
         ex.complete[bucket] = True
         while ex.next < len(ex.buckets) and ex.complete[len(ex.buckets) - 1 - ex.next]:
             self._send_bucket(ex, len(ex.buckets) - 1 - ex.next)
             ex.next += 1
 
-    def _send_bucket(self, ex: "Exchange", b: int) -> None:
-        world, rank = self.world, self.rank
+    def _send_bucket(self, ex: Exchange, b: int) -> None:
+        world = self.world
         a, e = ex.buckets[b]
         shard = (e - a) // world
         k_r = ex.rows.shape[0]
@@ -218,8 +224,14 @@ class CrossRankMinNorm:
         send = piece.reshape(-1) if k_r == 1 else piece.reshape(k_r, world, shard).transpose(0, 1).contiguous()
         recv = self._receive_buffer(b, sum(ex.counts) * shard, ex.rows)
         self.counter.add("all_to_all", (world - 1) * k_r * shard * ex.rows.element_size())
-        work = dist.all_to_all_single(recv, send.reshape(-1), [c * shard for c in ex.counts], [k_r * shard] * world,
-                                      group=self.group, async_op=True)
+        work = dist.all_to_all_single(
+            recv,
+            send.reshape(-1),
+            [c * shard for c in ex.counts],
+            [k_r * shard] * world,
+            group=self.group,
+            async_op=True,
+        )
         ex.sent.append((b, recv, send, work))
 
     def _receive_buffer(self, bucket: int, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -229,8 +241,9 @@ class CrossRankMinNorm:
             buf = self._recv[bucket] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf
 
-    def finish(self, ex: "Exchange", out: torch.Tensor, extras: Optional[torch.Tensor] = None,
-               decide: Optional[Decide] = None) -> CrossRankResult:
+    def finish(
+        self, ex: Exchange, out: torch.Tensor, extras: Optional[torch.Tensor] = None, decide: Optional[Decide] = None
+    ) -> CrossRankResult:
         """Send the remaining buckets, then Gram, solve and combine as :meth:`combine` does."""
         for b in range(len(ex.buckets)):
             if not ex.complete[b]:
@@ -262,15 +275,20 @@ class CrossRankMinNorm:
         works = []
         for (lo, shard, shard_rows, segments), (b, *_rest) in zip(pieces, order):
             # this rank's pieces of rows were sent already; each bucket leaves as soon as it is combined
-            self._combine_rows(shard_rows, result.weights, segments, out[lo:lo + shard])
+            self._combine_rows(shard_rows, result.weights, segments, out[lo : lo + shard])
             works += self._exchange_pieces(out, [ex.buckets[b]], wait=False)
         for work in works:
             work.wait()
         return result
 
-    def combine(self, rows: torch.Tensor, out: torch.Tensor, counts: Optional[Sequence[int]] = None,
-                extras: Optional[torch.Tensor] = None,
-                decide: Optional[Decide] = None) -> CrossRankResult:
+    def combine(
+        self,
+        rows: torch.Tensor,
+        out: torch.Tensor,
+        counts: Optional[Sequence[int]] = None,
+        extras: Optional[torch.Tensor] = None,
+        decide: Optional[Decide] = None,
+    ) -> CrossRankResult:
         """Combine the rows of every rank with min-norm weights; write ``d`` into ``out`` on every rank.
 
         Args:
@@ -310,8 +328,9 @@ class CrossRankMinNorm:
     def _extras(extras: Optional[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64) if extras is None else extras.detach().double().reshape(-1).cpu()
 
-    def _decide(self, gram: torch.Tensor, extras_sum: torch.Tensor, counts: list[int],
-                decide: Optional[Decide]) -> CrossRankResult:
+    def _decide(
+        self, gram: torch.Tensor, extras_sum: torch.Tensor, counts: list[int], decide: Optional[Decide]
+    ) -> CrossRankResult:
         bad_rows = self._bad_rows(gram)
         if bad_rows:
             starts = torch.cumsum(torch.tensor([0] + counts), 0).tolist()
@@ -337,7 +356,7 @@ class CrossRankMinNorm:
         ops, works = [], []
         for a, e in buckets:
             shard = (e - a) // world
-            mine = out[a + rank * shard:a + (rank + 1) * shard]
+            mine = out[a + rank * shard : a + (rank + 1) * shard]
             self.counter.add("all_gather", (world - 1) * mine.numel() * mine.element_size())
             if self._nccl:
                 works.append(dist.all_gather_into_tensor(out[a:e], mine, group=self.group, async_op=True))
@@ -346,7 +365,7 @@ class CrossRankMinNorm:
                 if peer != rank:
                     dst = dist.get_global_rank(self.group, peer) if self.group else peer
                     ops.append(dist.P2POp(dist.isend, mine, dst, self.group))
-                    ops.append(dist.P2POp(dist.irecv, out[a + peer * shard:a + (peer + 1) * shard], dst, self.group))
+                    ops.append(dist.P2POp(dist.irecv, out[a + peer * shard : a + (peer + 1) * shard], dst, self.group))
         if ops:
             works += dist.batch_isend_irecv(ops)
         if wait:
@@ -363,11 +382,14 @@ class CrossRankMinNorm:
             rows = torch.cat([rows, rows.new_zeros(k_max - k_r, length)])
         slot = k_max * length
         out = torch.empty(world * slot, dtype=rows.dtype, device=rows.device)
-        out[self.rank * slot:(self.rank + 1) * slot] = rows.reshape(-1)
+        out[self.rank * slot : (self.rank + 1) * slot] = rows.reshape(-1)
         self._exchange_pieces(out, [(0, world * slot)])
         out = out.view(world, k_max, length)
-        gathered = out.reshape(world * k_max, length) if min(counts) == k_max else torch.cat(
-            [out[r, :c] for r, c in enumerate(counts)])
+        gathered = (
+            out.reshape(world * k_max, length)
+            if min(counts) == k_max
+            else torch.cat([out[r, :c] for r, c in enumerate(counts)])
+        )
         gram = self._partial_gram(gathered, self._segments(blocks, 0, length), len(blocks)).cpu()
         if extras.numel():
             extras = extras.to(rows.device)

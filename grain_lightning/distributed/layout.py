@@ -35,8 +35,7 @@ class Layout:
     hooks: list[Any] = field(default_factory=list)
 
     @classmethod
-    def build(cls, params: list[Tensor], world: int, bucket_cap_mb: float,
-              block_size_mb: Optional[float]) -> "Layout":
+    def build(cls, params: list[Tensor], world: int, bucket_cap_mb: float, block_size_mb: Optional[float]) -> Layout:
         """Lay out ``params`` (one dtype) in buckets of about ``bucket_cap_mb`` MiB padded to ``world``."""
         if not params:
             raise ValueError("grain_ddp found no trainable parameters (requires_grad=True) to combine")
@@ -44,8 +43,11 @@ class Layout:
         if len(dtypes) != 1:
             raise ValueError(f"grain_ddp needs one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
         element = params[0].element_size()
-        cap = bucket_cap_mb * 2 ** 20 / element
-        offsets, param_bucket, buckets, gaps = [], [], [], []
+        cap = bucket_cap_mb * 2**20 / element
+        offsets: list[int] = []
+        param_bucket: list[int] = []
+        buckets: list[tuple[int, int]] = []
+        gaps: list[tuple[int, int]] = []
         start = position = 0
         for i, p in enumerate(params):
             offsets.append(position)
@@ -73,7 +75,7 @@ class Layout:
     def copy_in(self, i: int) -> None:
         """Copy parameter ``i``'s gradient into its slot (zeros when it has none)."""
         p, o, n = self.params[i], self.offsets[i], self.numels[i]
-        g, slot = p.grad, self.buffer[o:o + n]
+        g, slot = p.grad, self.buffer[o : o + n]
         if g is None:
             slot.zero_()
         elif g.is_sparse:
@@ -84,7 +86,7 @@ class Layout:
     def unpack(self, reached: Tensor) -> None:
         """Point ``.grad`` of each parameter reached on some rank at its slice of the buffer (else ``None``)."""
         for p, o, n, r in zip(self.params, self.offsets, self.numels, reached.tolist()):
-            p.grad = self.buffer[o:o + n].view_as(p) if r > 0 else None
+            p.grad = self.buffer[o : o + n].view_as(p) if r > 0 else None
 
     def remove_hooks(self) -> None:
         for handle in self.hooks:
@@ -102,7 +104,7 @@ class Overlap:
     done: list[bool]
 
     @classmethod
-    def begin(cls, layout: Layout, exchange: Any) -> "Overlap":
+    def begin(cls, layout: Layout, exchange: Any) -> Overlap:
         layout.zero_gaps()
         pending = [0] * len(layout.buckets)
         for b in layout.param_bucket:
@@ -110,12 +112,13 @@ class Overlap:
         return cls(exchange, {id(p): i for i, p in enumerate(layout.params)}, pending, [False] * len(layout.params))
 
 
-def _blocks(offsets: list[int], numels: list[int], element_size: int,
-            block_size_mb: Optional[float]) -> list[tuple[int, int]]:
+def _blocks(
+    offsets: list[int], numels: list[int], element_size: int, block_size_mb: Optional[float]
+) -> list[tuple[int, int]]:
     spans = [(o, o + n) for o, n in zip(offsets, numels)]
     if block_size_mb is None:
         return spans
-    cap = block_size_mb * 2 ** 20 / element_size
+    cap = block_size_mb * 2**20 / element_size
     blocks: list[tuple[int, int]] = []
     for a, b in spans:
         if blocks and blocks[-1][1] - blocks[-1][0] < cap:

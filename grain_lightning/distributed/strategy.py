@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -115,7 +115,7 @@ class GrainDDPStrategy(DDPStrategy):
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: str = "popen",
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -133,11 +133,22 @@ class GrainDDPStrategy(DDPStrategy):
             raise ValueError(f"{owner}: bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         if block_size_mb is not None and not block_size_mb > 0:
             raise ValueError(f"{owner}: block_size_mb must be > 0 or None, got {block_size_mb!r}")
-        options = PolicyOptions.from_values(owner, dict(
-            on_nonfinite=on_nonfinite, collapse_eps=collapse_eps, on_collapse=on_collapse, collapse_mix=collapse_mix,
-            solver_tol=solver_tol, warm_start=warm_start, log_every_n_steps=log_every_n_steps))
+        options = PolicyOptions.from_values(
+            owner,
+            dict(
+                on_nonfinite=on_nonfinite,
+                collapse_eps=collapse_eps,
+                on_collapse=on_collapse,
+                collapse_mix=collapse_mix,
+                solver_tol=solver_tol,
+                warm_start=warm_start,
+                log_every_n_steps=log_every_n_steps,
+            ),
+        )
         self.policy = StepPolicy(
-            options, owner="grain_ddp", warn=rank_zero_warn,
+            options,
+            owner="grain_ddp",
+            warn=rank_zero_warn,
             nonfinite_hint="every rank raises; GrainDDPStrategy(on_nonfinite='skip') skips such steps on every rank",
         )
         self.mode, self.block_size_mb, self.mixin_groups = mode, block_size_mb, mixin_groups
@@ -170,11 +181,17 @@ class GrainDDPStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         """Register ``grain_ddp`` and its spawn/fork/notebook variants (names already taken are left alone)."""
-        for name, start_method in (("grain_ddp", "popen"), ("grain_ddp_spawn", "spawn"),
-                                   ("grain_ddp_fork", "fork"), ("grain_ddp_notebook", "fork")):
+        for name, start_method in (
+            ("grain_ddp", "popen"),
+            ("grain_ddp_spawn", "spawn"),
+            ("grain_ddp_fork", "fork"),
+            ("grain_ddp_notebook", "fork"),
+        ):
             if name not in strategy_registry:
                 strategy_registry.register(
-                    name, cls, description=f"GRAIN min-norm across DDP ranks, `start_method` '{start_method}'",
+                    name,
+                    cls,
+                    description=f"GRAIN min-norm across DDP ranks, `start_method` '{start_method}'",
                     start_method=start_method,
                 )
 
@@ -189,20 +206,27 @@ class GrainDDPStrategy(DDPStrategy):
             )
         if self.world_size > 1:
             self._check_same_parameters()
+            assert self.model is not None
             _sync_module_states(self.model)
             self._aggregator = CrossRankMinNorm(self.mode, tol=self.policy.options.solver_tol)
             self._aggregator.counter = self.comm
         self._layout = None
 
     def _check_same_parameters(self) -> None:
-        mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in self.lightning_module.named_parameters()]
+        mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in self._module().named_parameters()]
         every: list[Any] = [None] * self.world_size
         dist.all_gather_object(every, mine)
         for rank, theirs in enumerate(every):
             if theirs == every[0]:
                 continue
-            diff = next((f"#{i}: rank 0 has {a}, rank {rank} has {b}" for i, (a, b) in enumerate(zip(every[0], theirs))
-                         if a != b), f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}")
+            diff = next(
+                (
+                    f"#{i}: rank 0 has {a}, rank {rank} has {b}"
+                    for i, (a, b) in enumerate(zip(every[0], theirs))
+                    if a != b
+                ),
+                f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
+            )
             raise ValueError(
                 f"grain_ddp needs the same parameters on every rank (name, shape, dtype, requires_grad); first "
                 f"difference: {diff}"
@@ -226,20 +250,20 @@ class GrainDDPStrategy(DDPStrategy):
 
     def _broadcast_buffers(self) -> None:
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for b in self.lightning_module.buffers():
+        for b in self._module().buffers():
             by_dtype.setdefault(b.dtype, []).append(b)
         for tensors in by_dtype.values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             self.comm.broadcast(flat, self.world_size, self.global_rank)
             offset = 0
             for t in tensors:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
         """Local backward, then (unless sync is blocked) the combination of the ranks' gradients."""
-        module = self.lightning_module
+        module = self._module()
         sync = not self._sync_blocked and self.world_size > 1
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
@@ -262,8 +286,14 @@ class GrainDDPStrategy(DDPStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ the flat buffer
+    def _module(self) -> Any:
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("grain_ddp has no LightningModule attached (call it from within a fit)")
+        return module
+
     def _trainable(self) -> list[Tensor]:
-        return [p for p in self.lightning_module.parameters() if p.requires_grad]
+        return [p for p in self._module().parameters() if p.requires_grad]
 
     def _layout_for(self, params: list[Tensor]) -> Layout:
         if self._layout is not None and self._layout.matches(params):
@@ -314,8 +344,9 @@ class GrainDDPStrategy(DDPStrategy):
         return [p.grad is not None for p in layout.params]
 
     # ------------------------------------------------------------------ the combination
-    def combine_gradients(self, *, params: Optional[list[Tensor]] = None, invalid: bool = False,
-                          skip: bool = False) -> bool:
+    def combine_gradients(
+        self, *, params: Optional[list[Tensor]] = None, invalid: bool = False, skip: bool = False
+    ) -> bool:
         """Replace every rank's ``.grad`` by ``d``, the min-norm combination of the ranks' gradients.
 
         Args:
@@ -340,7 +371,7 @@ class GrainDDPStrategy(DDPStrategy):
         ranks = torch.arange(world)
 
         def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
-            if (ext[:world + 1] > 0).any():
+            if (ext[: world + 1] > 0).any():
                 return None
             return self.policy.decide(gram, pi, keys=ranks)
 
@@ -351,15 +382,26 @@ class GrainDDPStrategy(DDPStrategy):
         else:
             res = self._aggregator.combine(layout.buffer.view(1, -1), layout.buffer, extras=extras, decide=decide)
         invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
-        return self._finish(res, layout, res.extras[world + 1:], pi, [1] * world, invalid_ranks, self.policy)
+        return self._finish(res, layout, res.extras[world + 1 :], pi, [1] * world, invalid_ranks, self.policy)
 
-    def _finish(self, res: CrossRankResult, layout: Layout, reached: Tensor, pi: Tensor, counts: list[int],
-                invalid: list[int], policy: StepPolicy) -> bool:
+    def _finish(
+        self,
+        res: CrossRankResult,
+        layout: Layout,
+        reached: Tensor,
+        pi: Tensor,
+        counts: list[int],
+        invalid: list[int],
+        policy: StepPolicy,
+    ) -> bool:
         """Apply the outcome on this rank; every rank sees the same ``res`` and takes the same branch."""
         self.num_combines += 1
         if res.bad_ranks or invalid:
-            what = (f"non-finite gradient on rank(s) {res.bad_ranks}" if res.bad_ranks
-                    else f"non-finite loss on rank(s) {invalid}")
+            what = (
+                f"non-finite gradient on rank(s) {res.bad_ranks}"
+                if res.bad_ranks
+                else f"non-finite loss on rank(s) {invalid}"
+            )
             self.policy.nonfinite(what, self._global_step())
             self._skip(layout)
             return False
@@ -381,8 +423,7 @@ class GrainDDPStrategy(DDPStrategy):
             p.grad = None
         self.policy.record_skip()
 
-    def _log(self, res: CrossRankResult, decision: Decision, pi: Tensor, counts: list[int],
-             policy: StepPolicy) -> None:
+    def _log(self, res: CrossRankResult, decision: Decision, pi: Tensor, counts: list[int], policy: StepPolicy) -> None:
         module = self.lightning_module
         if not self.policy.log_now or module is None or module._trainer is None:
             return
@@ -393,7 +434,7 @@ class GrainDDPStrategy(DDPStrategy):
         out = {k.replace("grain/", "grain_ddp/"): v for k, v in diag.items()}
         start = 0
         for rank, c in enumerate(counts):
-            out[f"grain_ddp/weight_rank{rank}"] = float(avg[start:start + c].sum())
+            out[f"grain_ddp/weight_rank{rank}"] = float(avg[start : start + c].sum())
             start += c
         out["grain_ddp/skipped_steps"] = float(self.skipped_steps)
         module.log_dict(out, on_step=True, on_epoch=False, batch_size=1)
@@ -418,7 +459,7 @@ class GrainDDPStrategy(DDPStrategy):
         assert self._aggregator is not None and cycle.policy is not None
         grads = cycle.group_gradients
         invalid = cycle.invalid or grads is None or cycle.mean_weights is None
-        k_r = 0 if invalid else grads.num_groups
+        k_r = grads.num_groups if grads is not None and not invalid else 0
         table = self._aggregator.exchange_counts([k_r, int(invalid)])
         bad = torch.nonzero(table[:, 1]).reshape(-1).tolist()
         if bad:
@@ -430,11 +471,11 @@ class GrainDDPStrategy(DDPStrategy):
         counts = table[:, 0].tolist()
         rows = torch.zeros(k_r, layout.length, dtype=layout.buffer.dtype, device=layout.buffer.device)
         for g, o, n in zip(grads.grads, layout.offsets, layout.numels):
-            rows[:, o:o + n] = g.reshape(k_r, n)
-        start = sum(counts[:self.global_rank])
+            rows[:, o : o + n] = g.reshape(k_r, n)
+        start = sum(counts[: self.global_rank])
         pi_local = cycle.mean_weights.double().cpu()
         pi_slot = torch.zeros(sum(counts), dtype=torch.float64)
-        pi_slot[start:start + k_r] = pi_local / pi_local.sum() / self.world_size
+        pi_slot[start : start + k_r] = pi_local / pi_local.sum() / self.world_size
         reached = torch.tensor([float(r) for r in grads.reached], dtype=torch.float64)
         extras = torch.cat([reached, pi_slot])
         n_params = len(layout.params)

@@ -37,7 +37,8 @@ What it cannot do exactly is never computed silently: ``BatchNorm`` in training 
 per-sample output gradients are then not per-sample gradients), parameters shared by several modules
 (tied weights), ``Conv`` with ``groups > 1`` or non-zero padding modes, attention ``bias_k``/``bias_v``, and
 modules of unknown type that own parameters; and, checked at every step by walking the autograd graph,
-a parameter that reaches the losses other than through its own module's recorded calls. With ``unsupported="raise"`` the engine raises
+a parameter that reaches the losses other than through its own module's recorded calls. With
+``unsupported="raise"`` the engine raises
 :class:`UnsupportedModuleError` naming the module; with ``"fallback"`` those parameters get exact per-group
 gradients from the reference engine (one extra backward per group, through the same graph) and join the
 Gram, and a sample-coupling module sends *every* parameter to the reference engine.
@@ -52,9 +53,9 @@ that module's output gradients arrive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class BlockwiseResult:
 
     def gram(self) -> torch.Tensor:
         """The global ``(k, k)`` Gram (sum of the block Grams)."""
-        return sum(self.grams.values())
+        return torch.stack(list(self.grams.values())).sum(0)
 
 
 class GhostGradients:
@@ -92,7 +93,7 @@ class GhostGradients:
     (``num_groups``, ``gram()``, ``combine(weights)``), without storing ``k`` gradients per parameter.
     """
 
-    def __init__(self, engine: "GhostEngine", gram: torch.Tensor, k: int) -> None:
+    def __init__(self, engine: GhostEngine, gram: torch.Tensor, k: int) -> None:
         self.engine, self._gram, self.num_groups = engine, gram, k
 
     def gram(self) -> torch.Tensor:
@@ -136,8 +137,15 @@ class GhostEngine:
     its ``batch_first``); the shapes are checked. Parameters must be used only by their module's forward.
     """
 
-    def __init__(self, module: nn.Module, *, params: Optional[Iterable[torch.Tensor]] = None,
-                 linear_gram: str = "auto", unsupported: str = "raise", combine: str = "bookkeeping") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        linear_gram: str = "auto",
+        unsupported: str = "raise",
+        combine: str = "bookkeeping",
+    ) -> None:
         if combine not in ("bookkeeping", "backward"):
             raise ValueError(f"combine must be 'bookkeeping' or 'backward', got {combine!r}")
         self.combine = combine
@@ -146,16 +154,16 @@ class GhostEngine:
         if unsupported not in ("raise", "fallback"):
             raise ValueError(f"unsupported must be 'raise' or 'fallback', got {unsupported!r}")
         self.linear_gram, self.unsupported = linear_gram, unsupported
-        trainable = [p for p in module.parameters() if p.requires_grad]
+        trainable: list[torch.Tensor] = [p for p in module.parameters() if p.requires_grad]
         if params is not None:
-            mine = {id(p) for p in trainable}
+            module_ids = {id(p) for p in trainable}
             given = [p for p in dict.fromkeys(params) if p.requires_grad]
-            foreign = [tuple(p.shape) for p in given if id(p) not in mine]
+            foreign = [tuple(p.shape) for p in given if id(p) not in module_ids]
             if foreign:
                 raise ValueError(f"params of shapes {foreign} are not trainable parameters of the module")
             trainable = given
         #: the parameters this engine writes, in order (ghost-handled and fallback ones)
-        self.params: list[nn.Parameter] = trainable
+        self.params: list[torch.Tensor] = trainable
         self._named = list(module.named_parameters())
         counted = {id(p) for p in trainable}
 
@@ -171,8 +179,12 @@ class GhostEngine:
         self.coupling: list[tuple[str, nn.Module]] = []
         fallback: set[int] = set()
         claimed: set[int] = set()
-        seq_first = {id(c) for m in module.modules() if isinstance(m, _SEQ_FIRST_PARENTS) and not m.self_attn.batch_first
-                     for c in m.children()}
+        seq_first = {
+            id(c)
+            for m in module.modules()
+            if isinstance(m, _SEQ_FIRST_PARENTS) and not m.self_attn.batch_first
+            for c in m.children()
+        }
         for name, sub in module.named_modules():
             label = f"{name or '<root>'!r} ({type(sub).__name__})"
             if couples_samples(sub) is not None:
@@ -187,8 +199,10 @@ class GhostEngine:
             if not mine:
                 continue
             if rule_cls is None:
-                reason: Optional[str] = ("unsupported module type with trainable parameters (supported: "
-                                         f"{', '.join(supported_types())}; see grain_lightning.ghost.register_rule)")
+                reason: Optional[str] = (
+                    "unsupported module type with trainable parameters (supported: "
+                    f"{', '.join(supported_types())}; see grain_lightning.ghost.register_rule)"
+                )
             else:
                 reason = rule_cls.why_unsupported(sub)
             if reason is None and any(id(p) in tied for p in mine):
@@ -241,7 +255,7 @@ class GhostEngine:
         return not self._fallback_ids and not self._coupled()
 
     # ------------------------------------------------------------------ capture
-    def capture(self) -> "Capture":
+    def capture(self) -> Capture:
         """Context manager recording each layer's input and tapping its output during the forward pass."""
         return Capture(self)
 
@@ -277,8 +291,9 @@ class GhostEngine:
             raise ValueError(f"assignment of {assignment.index.shape[0]} samples for {losses.shape[0]} losses")
         n, k = losses.shape[0], assignment.num_groups
         index = assignment.index.to(losses.device)
-        onehot = torch.zeros(n, k, dtype=torch.float64 if losses.dtype == torch.float64 else torch.float32,
-                             device=losses.device)
+        onehot = torch.zeros(
+            n, k, dtype=torch.float64 if losses.dtype == torch.float64 else torch.float32, device=losses.device
+        )
         onehot[torch.arange(n, device=losses.device), index] = 1.0
         coupled = self._coupled()
         if coupled and self.unsupported == "raise":
@@ -330,6 +345,7 @@ class GhostEngine:
         scale = 1.0 / assignment.counts.to(device=losses.device, dtype=losses.dtype)[index]
         self._listening = True
         try:
+            assert self._anchor is not None  # set by capture()
             torch.autograd.grad((losses * scale).sum(), [self._anchor], allow_unused=True, retain_graph=retain)
         finally:
             self._listening = False
@@ -395,8 +411,10 @@ class GhostEngine:
         if self._second is not None:  # weighted second backward: autograd's own weight gradients
             losses, reached = self._second
             self._second = None
-            scale = ws.to(losses.dtype) / assignment.counts.to(device=losses.device, dtype=losses.dtype)[
-                assignment.index.to(losses.device)]
+            scale = (
+                ws.to(losses.dtype)
+                / assignment.counts.to(device=losses.device, dtype=losses.dtype)[assignment.index.to(losses.device)]
+            )
             wanted = [p for p in self.params if id(p) in reached]
             grads = torch.autograd.grad((losses * scale).sum(), wanted, allow_unused=True) if wanted else []
             out = {id(p): g for p, g in zip(wanted, grads) if g is not None}
@@ -469,8 +487,14 @@ class GhostEngine:
                 reached.append(id(p) in self._reached)
         return GroupGradients(out, reached)
 
-    def blockwise_backward(self, losses: torch.Tensor, assignment: GroupAssignment, *, tol: float = 1e-12,
-                           policy: Optional[StepPolicy] = None) -> BlockwiseResult:
+    def blockwise_backward(
+        self,
+        losses: torch.Tensor,
+        assignment: GroupAssignment,
+        *,
+        tol: float = 1e-12,
+        policy: Optional[StepPolicy] = None,
+    ) -> BlockwiseResult:
         r"""Block-wise GRAIN: a separate min-norm solve per module (block), written into ``.grad``.
 
         Block ``b`` gets ``d_b = sum_j w^b_j g^b_j`` with ``w^b = argmin_{w in simplex} w^T G_b w``. Since
@@ -490,7 +514,7 @@ class GhostEngine:
             terms = self._rule_terms(rule, n, k)
             if not terms:
                 return
-            gram = sum(t.gram(onehot).cpu() for t in terms)
+            gram = torch.stack([t.gram(onehot).cpu() for t in terms]).sum(0)
             solve = policy.solve(gram)
             wk = solve.weights.to(device=onehot.device, dtype=torch.float64)
             ws = wk[index]
@@ -517,7 +541,7 @@ class GhostEngine:
         if fallback is not None:
             gram = fallback.gram()
             solve = policy.solve(gram)
-            for p, d, r in zip(fb_params, fallback.combine(solve.weights), fallback.reached):
+            for p, d in zip(fb_params, fallback.combine(solve.weights)):
                 p.grad = d
             solves["<fallback>"], grams["<fallback>"] = solve, gram
         return BlockwiseResult(solves, grams)

@@ -20,7 +20,8 @@ Modules that couple the samples of a batch (BatchNorm in training mode) are regi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Optional
 
 from torch import nn
 
@@ -29,16 +30,16 @@ if TYPE_CHECKING:
 
 __all__ = ["couples_samples", "register_rule", "register_sample_coupling", "rule_for", "supported_types"]
 
-_RULES: dict[type, "type[GhostRule]"] = {}
+_RULES: dict[type, type[GhostRule]] = {}
 _COUPLING: dict[type, Callable[[nn.Module], bool]] = {}
 
 
-def register_rule(*module_types: type) -> Callable[["type[GhostRule]"], "type[GhostRule]"]:
+def register_rule(*module_types: type) -> Callable[[type[GhostRule]], type[GhostRule]]:
     """Class decorator: ``rule_cls`` handles modules of ``module_types`` (replacing an earlier rule)."""
     if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
         raise TypeError(f"register_rule expects nn.Module subclasses, got {module_types!r}")
 
-    def decorate(rule_cls: "type[GhostRule]") -> "type[GhostRule]":
+    def decorate(rule_cls: type[GhostRule]) -> type[GhostRule]:
         for t in module_types:
             _RULES[t] = rule_cls
         return rule_cls
@@ -46,7 +47,7 @@ def register_rule(*module_types: type) -> Callable[["type[GhostRule]"], "type[Gh
     return decorate
 
 
-def rule_for(module: nn.Module) -> Optional["type[GhostRule]"]:
+def rule_for(module: nn.Module) -> Optional[type[GhostRule]]:
     """The rule registered for ``type(module)`` or its nearest registered base class, else ``None``."""
     for t in type(module).__mro__:
         rule = _RULES.get(t)

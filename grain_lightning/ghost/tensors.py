@@ -6,7 +6,8 @@ one backward is taken with respect to the taps only, so autograd's own weight-gr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
@@ -46,12 +47,17 @@ class Tap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, rule: Any,  # type: ignore[override]
-                sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        anchor: torch.Tensor,
+        rule: Any,
+        sink: Callable[[torch.Tensor], None],
+    ) -> torch.Tensor:
         ctx.sink, ctx.ghost_rule = sink, rule
         return x.detach()  # shares storage, not an autograd view: in-place ops after the layer stay legal
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         ctx.sink(grad)
         return grad, None, None, None

@@ -74,8 +74,9 @@ class VectorTerm(Term):
 class MatrixTerm(Term):
     """``g_i = B_i^T A_i`` with ``A``: ``(n, T, d)``, ``B``: ``(n, T, p)`` (Linear, unfolded Conv, attention)."""
 
-    def __init__(self, param: nn.Parameter, where: Optional[slice], a: torch.Tensor, b: torch.Tensor, mode: str,
-                 k: int) -> None:
+    def __init__(
+        self, param: nn.Parameter, where: Optional[slice], a: torch.Tensor, b: torch.Tensor, mode: str, k: int
+    ) -> None:
         super().__init__(param, where)
         self.a, self.b, self.mode, self.k = a, b, mode, k
         self.g: Optional[torch.Tensor] = None
@@ -104,16 +105,19 @@ class MatrixTerm(Term):
             return (o.T @ kern @ o).double()
         n, t, d = self.a.shape
         p = self.b.shape[2]
-        if self.store and self.k * p * d <= n * t * (d + p):  # keep the smaller of G and (A, B) for the combined gradient
+        if self.store and self.k * p * d <= n * t * (
+            d + p
+        ):  # keep the smaller of G and (A, B) for the combined gradient
             g = self.group_grads(onehot)
             flat = g.reshape(g.shape[0], -1)
-            self.g, self.a, self.b = g, None, None
+            self.g = g
+            self.a = self.b = g.new_empty(0)  # let go of A and B
             return (flat @ flat.T).double()
         # G_j in slices of output rows that stay in cache (about 2 MiB each): never the whole k x p x d
         rows = max(1, 2**19 // (self.k * d))
         gram = torch.zeros(self.k, self.k, dtype=self.a.dtype, device=self.a.device)
         for start in range(0, p, rows):
-            flat = self.group_grads(onehot, self.b[:, :, start:start + rows]).reshape(self.k, -1)
+            flat = self.group_grads(onehot, self.b[:, :, start : start + rows]).reshape(self.k, -1)
             gram.addmm_(flat, flat.T)
         return gram.double()
 

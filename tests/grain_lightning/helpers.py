@@ -53,13 +53,22 @@ class PlainModule(L.LightningModule):
         opt = make_optim(self.parameters(), self.optim, self.lr)
         if not self.scheduler:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 2, 0.5),
-                                                    "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 2, 0.5), "interval": "step"},
+        }
 
 
 class GrainModule(GrainMixin, L.LightningModule):
-    def __init__(self, net: torch.nn.Module, optim: str = "sgd", lr: float = 0.1, scheduler: bool = False,
-                 grain: Optional[GrainConfig] = None, nan_at_step: Optional[int] = None):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        optim: str = "sgd",
+        lr: float = 0.1,
+        scheduler: bool = False,
+        grain: Optional[GrainConfig] = None,
+        nan_at_step: Optional[int] = None,
+    ):
         super().__init__(grain=grain)
         self.net, self.optim, self.lr, self.scheduler = copy.deepcopy(net), optim, lr, scheduler
         self.nan_at_step = nan_at_step
@@ -92,7 +101,15 @@ class ParamRecorder(L.Callback):
 
 
 def trainer(**kw) -> L.Trainer:
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, max_epochs=1, num_sanity_val_steps=0)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+    )
     base.update(kw)
     return L.Trainer(**base)

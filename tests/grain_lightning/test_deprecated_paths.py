@@ -8,12 +8,15 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("old, name, new", [
-    ("grain_lightning.engine", "grain_backward", "grain_lightning.functional"),
-    ("grain_lightning.engine", "group_gradients", "grain_lightning.reference"),
-    ("grain_lightning.ddp", "GrainDDPStrategy", "grain_lightning.distributed.strategy"),
-    ("grain_lightning.cross_rank", "CrossRankMinNorm", "grain_lightning.distributed.cross_rank"),
-])
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("grain_lightning.engine", "grain_backward", "grain_lightning.functional"),
+        ("grain_lightning.engine", "group_gradients", "grain_lightning.reference"),
+        ("grain_lightning.ddp", "GrainDDPStrategy", "grain_lightning.distributed.strategy"),
+        ("grain_lightning.cross_rank", "CrossRankMinNorm", "grain_lightning.distributed.cross_rank"),
+    ],
+)
 def test_old_module_paths_warn_and_give_the_same_objects(old, name, new, monkeypatch):
     monkeypatch.delitem(sys.modules, old, raising=False)
     with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):

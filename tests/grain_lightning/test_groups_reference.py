@@ -20,8 +20,6 @@ from grain_lightning import (
 )
 from tests.grain_lightning.brute_force import brute_force_min_norm
 
-
-
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 

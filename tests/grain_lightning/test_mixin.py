@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from grain_lightning import ByKey, Chunks, GrainConfig
-from tests.grain_lightning.helpers import GrainModule, ParamRecorder, PlainModule, loader, make_data, make_net, trainer
 from tests.grain_lightning.brute_force import brute_force_min_norm
+from tests.grain_lightning.helpers import GrainModule, ParamRecorder, PlainModule, loader, make_data, make_net, trainer
 
 
 def fit_and_record(module, data, ckpt_path=None, **kw):
@@ -26,8 +22,9 @@ def fit_and_record(module, data, ckpt_path=None, **kw):
 def test_one_group_reproduces_plain_training_step_for_step(optim):
     net, data = make_net(), loader(make_data())
     plain, _ = fit_and_record(PlainModule(net, optim, 0.05, scheduler=True), data, max_epochs=2)
-    grain, _ = fit_and_record(GrainModule(net, optim, 0.05, scheduler=True, grain=GrainConfig(grouping=Chunks(1))),
-                              data, max_epochs=2)
+    grain, _ = fit_and_record(
+        GrainModule(net, optim, 0.05, scheduler=True, grain=GrainConfig(grouping=Chunks(1))), data, max_epochs=2
+    )
     assert len(plain) == len(grain) == 8
     for a, b in zip(plain, grain):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
@@ -36,8 +33,9 @@ def test_one_group_reproduces_plain_training_step_for_step(optim):
 def test_mean_mode_with_accumulation_reproduces_lightning_accumulation():
     net, data = make_net(), loader(make_data(n=80))  # 5 batches: the last cycle is partial
     plain, _ = fit_and_record(PlainModule(net, "momentum", 0.05), data, accumulate_grad_batches=2)
-    mean, _ = fit_and_record(GrainModule(net, "momentum", 0.05,
-                                         grain=GrainConfig(aggregation="mean", accumulate_grad_batches=2)), data)
+    mean, _ = fit_and_record(
+        GrainModule(net, "momentum", 0.05, grain=GrainConfig(aggregation="mean", accumulate_grad_batches=2)), data
+    )
     for a, b in zip(plain, mean):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
@@ -65,7 +63,7 @@ def test_applied_update_is_min_norm_combination_and_no_group_is_pushed_up(accumu
     x, y = data.tensors
     blocks = []
     for m in range(accumulate):  # micro-batch m holds samples 16m .. 16m+15
-        xs, ys = x[16 * m:16 * (m + 1)], y[16 * m:16 * (m + 1)]
+        xs, ys = x[16 * m : 16 * (m + 1)], y[16 * m : 16 * (m + 1)]
         keys = torch.unique(ys)
         index = torch.searchsorted(keys, ys)
         blocks.append(_group_grads(make_net(seed=4), xs, ys, index, len(keys)))
@@ -84,14 +82,15 @@ def test_clipping_scheduler_and_accumulation_with_adamw():
     _, t = fit_and_record(module, data, max_epochs=2)
     assert t.global_step == 4
     assert module.grain_policy.steps == 4
-    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 2)  # StepLR(2, 0.5) at step 4
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**2)  # StepLR(2, 0.5) at step 4
     assert t.callback_metrics["grain/num_groups"] == 48.0  # 3 micro-batches x 16 samples
 
 
 def test_value_clipping_bounds_each_coordinate():
     net, data = make_net(), loader(make_data(n=16))
-    module = GrainModule(net, "sgd", 1.0, grain=GrainConfig(grouping=4, gradient_clip_val=1e-3,
-                                                            gradient_clip_algorithm="value"))
+    module = GrainModule(
+        net, "sgd", 1.0, grain=GrainConfig(grouping=4, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    )
     before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
     after, _ = fit_and_record(module, data, max_steps=1)
     assert (before - after[0]).abs().max() <= 1e-3 + 1e-6  # float32 rounding of the update
@@ -103,8 +102,9 @@ def test_resume_from_checkpoint_gives_the_same_next_steps(tmp_path):
     """Epoch-end checkpoint (Lightning cannot resume a plain DataLoader mid-epoch exactly)."""
     net, data = make_net(), loader(make_data(n=96))
     cfg = dict(grouping=ByKey(1), warm_start=True)
-    full, _ = fit_and_record(GrainModule(net, "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg)), data,
-                             max_epochs=2)
+    full, _ = fit_and_record(
+        GrainModule(net, "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg)), data, max_epochs=2
+    )
     first = GrainModule(net, "adamw", 0.02, scheduler=True, grain=GrainConfig(**cfg))
     _, t = fit_and_record(first, data, max_epochs=1)
     path = tmp_path / "epoch1.ckpt"
@@ -124,8 +124,16 @@ def test_validation_loop_unchanged_and_diagnostics_logged():
     t = trainer(limit_val_batches=2, log_every_n_steps=1)
     t.fit(module, data, data)
     assert module.val_seen == 32
-    for key in ("grain/num_groups", "grain/max_weight", "grain/weight_entropy", "grain/norm_ratio",
-                "grain/worst_alignment", "grain/conflict_fraction", "val_loss", "train_loss_epoch"):
+    for key in (
+        "grain/num_groups",
+        "grain/max_weight",
+        "grain/weight_entropy",
+        "grain/norm_ratio",
+        "grain/worst_alignment",
+        "grain/conflict_fraction",
+        "val_loss",
+        "train_loss_epoch",
+    ):
         assert key in t.callback_metrics, key
     assert t.callback_metrics["grain/worst_alignment"] >= 0
 
@@ -218,11 +226,11 @@ def test_epoch_and_plateau_schedulers_step_once_per_epoch():
     net, data = make_net(), loader(make_data())
     m = _EpochSchedulers(net, grain=GrainConfig(grouping=4))
     trainer(max_epochs=3).fit(m, data)
-    assert m.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert m.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     # mode="max" on a decreasing val_loss: no improvement after the first epoch -> halves at epochs 2, 3
     p = _Plateau(net, grain=GrainConfig(grouping=4, plateau_monitor="val_loss"))
     trainer(max_epochs=3, limit_val_batches=1).fit(p, data, data)
-    assert p.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
+    assert p.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
     no_val = _Plateau(net, grain=GrainConfig(grouping=4, plateau_monitor="val_loss"))
     with pytest.raises(RuntimeError, match="monitors 'val_loss'"):
         trainer(max_epochs=1).fit(no_val, data)
@@ -237,7 +245,9 @@ def test_setup_check_rejects_unsynchronised_ranks_and_fp16_scaling():
     module._trainer = SimpleNamespace(world_size=2, strategy=object(), precision_plugin=SimpleNamespace(scaler=None))
     with pytest.raises(RuntimeError, match="world_size=2"):
         module.grain_check_setup()
-    module._trainer = SimpleNamespace(world_size=1, strategy=object(), precision_plugin=SimpleNamespace(scaler=object()))
+    module._trainer = SimpleNamespace(
+        world_size=1, strategy=object(), precision_plugin=SimpleNamespace(scaler=object())
+    )
     with pytest.raises(RuntimeError, match="bf16-mixed"):
         module.grain_check_setup()
 
@@ -262,8 +272,10 @@ class _MeanPool(torch.nn.Module):
         return h.mean(1)
 
 
-@pytest.mark.parametrize("accumulate,grouping,combine", [(1, "sample", "bookkeeping"), (2, ByKey(1), "bookkeeping"),
-                                                       (1, Chunks(4), "backward")])
+@pytest.mark.parametrize(
+    "accumulate,grouping,combine",
+    [(1, "sample", "bookkeeping"), (2, ByKey(1), "bookkeeping"), (1, Chunks(4), "backward")],
+)
 def test_one_backward_engine_trains_like_the_reference_engine(accumulate, grouping, combine):
     net, data = _seq_net(), loader(make_data(n=64))
     runs = {}

@@ -9,7 +9,6 @@ import torch
 import grain_lightning.policy as policy_module
 from grain_lightning import GrainConfig, GrainDDPStrategy, PolicyOptions, StepPolicy
 
-
 BAD_OPTIONS = [
     ("on_collapse", "average", "on_collapse must be one of ('mean', 'skip', 'mix'), got 'average'"),
     ("on_nonfinite", "ignore", "on_nonfinite must be one of ('raise', 'skip'), got 'ignore'"),
@@ -29,8 +28,15 @@ def test_mixin_and_strategy_reject_a_bad_option_with_the_same_message(name, valu
 
 
 def test_every_policy_option_is_accepted_by_both_entry_points():
-    values = dict(on_collapse="mix", collapse_mix=0.25, collapse_eps=1e-2, on_nonfinite="skip", solver_tol=1e-10,
-                  warm_start=False, log_every_n_steps=3)
+    values = dict(
+        on_collapse="mix",
+        collapse_mix=0.25,
+        collapse_eps=1e-2,
+        on_nonfinite="skip",
+        solver_tol=1e-10,
+        warm_start=False,
+        log_every_n_steps=3,
+    )
     assert GrainConfig(**values).policy_options == PolicyOptions(**values)
     assert GrainDDPStrategy(**values).policy.options == PolicyOptions(**values)
 

@@ -7,5 +7,14 @@ from grain_lightning.ghost.rules.embedding import EmbeddingRule
 from grain_lightning.ghost.rules.linear import LinearRule
 from grain_lightning.ghost.rules.norm import NormRule
 
-__all__ = ["AttentionRule", "ConvRule", "EmbeddingRule", "GhostRule", "LinearRule", "NormRule", "RecordedCall",
-           "UnsupportedModuleError", "weight_bias_terms"]
+__all__ = [
+    "AttentionRule",
+    "ConvRule",
+    "EmbeddingRule",
+    "GhostRule",
+    "LinearRule",
+    "NormRule",
+    "RecordedCall",
+    "UnsupportedModuleError",
+    "weight_bias_terms",
+]

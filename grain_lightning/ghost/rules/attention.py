@@ -6,7 +6,8 @@ packed ``in_proj_weight`` each their own term. Trainable ``bias_k``/``bias_v`` a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,15 @@ class AttentionRule(GhostRule):
     whose weight is (a view of) one of the module's projection weights and taps their outputs.
     """
 
-    def __init__(self, engine: "GhostEngine", name: str, module: nn.Module, batch_dim: int = 0) -> None:
+    def __init__(self, engine: GhostEngine, name: str, module: nn.Module, batch_dim: int = 0) -> None:
         super().__init__(engine, name, module, batch_dim)
         m = module
         assert isinstance(m, nn.MultiheadAttention)
-        self.weights = [w for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight,
-                                    m.out_proj.weight) if w is not None]
+        self.weights = [
+            w
+            for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.out_proj.weight)
+            if w is not None
+        ]
         self.biases = [b for b in (m.in_proj_bias, m.out_proj.bias) if b is not None]
         self._saved: Optional[Callable] = None
         self._batch = 0
@@ -59,8 +63,10 @@ class AttentionRule(GhostRule):
         return list(module.children())
 
     def attach(self) -> list[Any]:
-        return [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                self.module.register_forward_hook(self._post)]
+        return [
+            self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.module.register_forward_hook(self._post),
+        ]
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         query = args[0] if args else kwargs["query"]
@@ -77,7 +83,7 @@ class AttentionRule(GhostRule):
                 return out
             return self.record(x, out, (w_slice, b_slice, self._batch))
 
-        F.linear = linear
+        F.linear = linear  # type: ignore[assignment]  # restored by detach() when the module returns
         return None
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -89,7 +95,9 @@ class AttentionRule(GhostRule):
             F.linear, self._saved = self._saved, None
 
     @staticmethod
-    def _locate(t: Optional[torch.Tensor], params: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, Optional[slice]]]:
+    def _locate(
+        t: Optional[torch.Tensor], params: Sequence[torch.Tensor]
+    ) -> Optional[tuple[torch.Tensor, Optional[slice]]]:
         """``(param, slice)`` if ``t`` is one of ``params`` or a contiguous leading-dim slice of one."""
         if t is None:
             return None
@@ -114,11 +122,15 @@ class AttentionRule(GhostRule):
             (w, ws), bias, batch = calls[0].info
             if batch != n:
                 raise RuntimeError(f"module {self.name!r}: attention batch {batch} != {n} losses")
-            rows: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.view(-1, batch, t.shape[-1]) if t.ndim == 2 else t
-            a = self.concat([self.samples(rows(c.inputs), 1, n) for c in calls])
-            b = self.concat([self.samples(rows(c.grad), 1, n) for c in calls])
+            a = self.concat([self.samples(_sequence_rows(c.inputs, batch), 1, n) for c in calls])
+            b = self.concat([self.samples(_sequence_rows(c.output_grad, batch), 1, n) for c in calls])
             if self.counted(w):
                 out.append(MatrixTerm(w, ws, a.to(b.dtype), b, self.engine.linear_gram, k))
             if bias is not None and self.counted(bias[0]):
                 out.append(VectorTerm(bias[0], bias[1], b.sum(1)))
         return out
+
+
+def _sequence_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(L*N, E)`` rows of the out projection back to sequence-first ``(L, N, E)``; 3-D tensors unchanged."""
+    return t.view(-1, batch, t.shape[-1]) if t.ndim == 2 else t

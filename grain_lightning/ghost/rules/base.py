@@ -38,6 +38,13 @@ class RecordedCall:
     info: Any = None
     grad: Optional[torch.Tensor] = None
 
+    @property
+    def output_grad(self) -> torch.Tensor:
+        """The output gradient (only read once the backward delivered it)."""
+        if self.grad is None:
+            raise RuntimeError("the output gradient of this call has not arrived")
+        return self.grad
+
 
 class GhostRule(ABC):
     """How one module's trainable parameters are handled exactly from one backward.
@@ -50,7 +57,7 @@ class GhostRule(ABC):
             sequence-first ``TransformerEncoderLayer``/``DecoderLayer``, else 0).
     """
 
-    def __init__(self, engine: "GhostEngine", name: str, module: nn.Module, batch_dim: int = 0) -> None:
+    def __init__(self, engine: GhostEngine, name: str, module: nn.Module, batch_dim: int = 0) -> None:
         self.engine, self.name, self.module, self.batch_dim = engine, name, module, batch_dim
         self.calls: list[RecordedCall] = []
 
@@ -87,7 +94,7 @@ class GhostRule(ABC):
         """Install the hooks that record calls; returns their handles (removed after the forward)."""
         return [self.module.register_forward_hook(self._forward_hook)]
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # noqa: B027  (optional hook: most rules only add hooks)
         """Undo anything :meth:`attach` did besides hooks (called when the capture ends)."""
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -128,7 +135,7 @@ class GhostRule(ABC):
         """The gradient terms of this module's calls, once their output gradients have arrived."""
 
 
-def weight_bias_terms(rule: GhostRule, m: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int) -> list[Term]:
+def weight_bias_terms(rule: GhostRule, m: Any, a: torch.Tensor, b: torch.Tensor, k: int) -> list[Term]:
     """Terms of a Linear-like layer from inputs ``a`` (n, T, d) and output gradients ``b`` (n, T, p)."""
     out: list[Term] = []
     if rule.counted(m.weight):

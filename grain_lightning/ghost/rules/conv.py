@@ -34,7 +34,9 @@ class ConvRule(GhostRule):
         assert isinstance(m, (nn.Conv1d, nn.Conv2d))
         x = as_autocast(x.detach(), autocast_dtype(x.device.type))
         if x.ndim != m.weight.ndim:
-            raise RuntimeError(f"module {self.name!r}: expected a batched {m.weight.ndim}-D input, got {tuple(x.shape)}")
+            raise RuntimeError(
+                f"module {self.name!r}: expected a batched {m.weight.ndim}-D input, got {tuple(x.shape)}"
+            )
         if isinstance(m, nn.Conv1d):
             x = x.unsqueeze(2)
             pad = [*m._reversed_padding_repeated_twice, 0, 0]
@@ -46,5 +48,7 @@ class ConvRule(GhostRule):
 
     def terms(self, n: int, k: int) -> list[Term]:
         a = self.concat([work(c.inputs) for c in self.calls])
-        b = self.concat([work(c.grad.reshape(n, c.grad.shape[1], -1).transpose(1, 2)) for c in self.calls])
+        b = self.concat(
+            [work(c.output_grad.reshape(n, c.output_grad.shape[1], -1).transpose(1, 2)) for c in self.calls]
+        )
         return weight_bias_terms(self, self.module, a, b, k)

@@ -25,5 +25,5 @@ class LinearRule(GhostRule):
 
     def terms(self, n: int, k: int) -> list[Term]:
         a = self.concat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls])
-        b = self.concat([self.samples(c.grad, self.batch_dim, n) for c in self.calls])
+        b = self.concat([self.samples(c.output_grad, self.batch_dim, n) for c in self.calls])
         return weight_bias_terms(self, self.module, a, b, k)

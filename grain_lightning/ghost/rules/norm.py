@@ -6,7 +6,7 @@ sample-coupling here (every parameter then goes to the reference engine).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ class NormRule(GhostRule):
         assert isinstance(m, (nn.LayerNorm, nn.RMSNorm))
         shape = tuple(m.normalized_shape)
         flat: Callable[[torch.Tensor], torch.Tensor] = lambda t: self.samples(
-            t.reshape(*t.shape[: t.ndim - len(shape)], -1), self.batch_dim, n).sum(1)
+            t.reshape(*t.shape[: t.ndim - len(shape)], -1), self.batch_dim, n
+        ).sum(1)
         wv, bv = [], []
         for c in self.calls:
             x = work(c.inputs)
@@ -35,14 +36,15 @@ class NormRule(GhostRule):
                 xhat = F.layer_norm(x, shape, eps=m.eps)
             else:
                 xhat = F.rms_norm(x, shape, eps=m.eps if m.eps is not None else torch.finfo(c.inputs.dtype).eps)
-            g = work(c.grad).to(xhat.dtype)
+            g = work(c.output_grad).to(xhat.dtype)
             wv.append(flat(g * xhat))
             bv.append(flat(g))
         out: list[Term] = []
         if self.counted(m.weight):
-            out.append(VectorTerm(m.weight, None, sum(wv)))
-        if self.counted(getattr(m, "bias", None)):
-            out.append(VectorTerm(m.bias, None, sum(bv)))
+            out.append(VectorTerm(m.weight, None, torch.stack(wv).sum(0)))
+        bias = getattr(m, "bias", None)
+        if bias is not None and self.counted(bias):
+            out.append(VectorTerm(bias, None, torch.stack(bv).sum(0)))
         return out
 
 

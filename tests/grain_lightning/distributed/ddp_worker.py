@@ -1,10 +1,10 @@
 """Two-process CPU (gloo) fits under ``grain_ddp``, for tests/grain_lightning/distributed/test_strategy.py.
 
-Usage: ``python tests/grain_lightning/distributed/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with ``MASTER_PORT`` set to a free
-port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp`` launcher (popen) re-runs this
-command as the other ranks; every rank runs every scenario in order (rank ``r`` of ``R`` trains on samples
-``r, r + R, ...``), catching the expected errors so that one launch covers them all, and writes
-``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
+Usage: ``python tests/grain_lightning/distributed/ddp_worker.py OUTDIR SCENARIO [SCENARIO ...]`` with
+``MASTER_PORT`` set to a free port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp``
+launcher (popen) re-runs this command as the other ranks; every rank runs every scenario in order (rank
+``r`` of ``R`` trains on samples ``r, r + R, ...``), catching the expected errors so that one launch
+covers them all, and writes ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
 strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from grain_lightning import Chunks, GrainConfig, GrainDDPStrategy, GrainMixin
@@ -70,8 +70,13 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 class Plain(L.LightningModule):
     """An ordinary automatic-optimization module: nothing changed for grain_ddp."""
 
-    def __init__(self, momentum: float = 0.0, nan_at: tuple[int, int] | None = None, extra_on_rank1: bool = False,
-                 batch_norm: bool = False):
+    def __init__(
+        self,
+        momentum: float = 0.0,
+        nan_at: tuple[int, int] | None = None,
+        extra_on_rank1: bool = False,
+        batch_norm: bool = False,
+    ):
         super().__init__()
         self.net, self.momentum, self.nan_at, self.extra_on_rank1 = make_net(), momentum, nan_at, extra_on_rank1
         if batch_norm:
@@ -99,8 +104,11 @@ class WithMixin(GrainMixin, L.LightningModule):
     """GrainMixin module: two chunks of each rank's batch are its groups."""
 
     def __init__(self, accumulate: int = 1, nan_at: tuple[int, int] | None = None, aggregation: str = "grain"):
-        super().__init__(grain=GrainConfig(grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate,
-                                           aggregation=aggregation))
+        super().__init__(
+            grain=GrainConfig(
+                grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate, aggregation=aggregation
+            )
+        )
         self.net, self.nan_at = make_net(), nan_at
 
     def grain_losses(self, batch, batch_idx):
@@ -126,9 +134,19 @@ class Recorder(L.Callback):
 
 def make_trainer(strategy: GrainDDPStrategy, callbacks: list, **kw) -> L.Trainer:
     devices = int(os.environ.get("GRAIN_TEST_DEVICES", "2"))
-    base = dict(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, callbacks=callbacks, use_distributed_sampler=False)
+    base = dict(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+    )
     base.update(kw)
     return L.Trainer(**base)
 
@@ -145,13 +163,17 @@ SCENARIOS = {
     "sharded_buckets": dict(strategy=dict(mode="sharded", bucket_cap_mb=2e-4)),
     "blockwise_buckets": dict(strategy=dict(mode="blockwise", bucket_cap_mb=2e-4)),
     "mixin_global_buckets": dict(strategy=dict(mixin_groups="global", bucket_cap_mb=2e-4), mixin=True),
-    "accum_clip": dict(strategy=dict(mode="sharded"), batch_size=BATCH // 2,
-                       trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05)),
+    "accum_clip": dict(
+        strategy=dict(mode="sharded"),
+        batch_size=BATCH // 2,
+        trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05),
+    ),
     "mixin_hierarchical": dict(strategy=dict(mixin_groups="hierarchical"), mixin=True),
     "mixin_global": dict(strategy=dict(mixin_groups="global"), mixin=True),
     "mixin_global_allgather": dict(strategy=dict(mixin_groups="global", mode="allgather"), mixin=True),
-    "mixin_global_accumulate": dict(strategy=dict(mixin_groups="global"), mixin=True, batch_size=BATCH // 2,
-                                    module=dict(accumulate=2)),
+    "mixin_global_accumulate": dict(
+        strategy=dict(mixin_groups="global"), mixin=True, batch_size=BATCH // 2, module=dict(accumulate=2)
+    ),
     "mixin_mean": dict(strategy=dict(), mixin=True, module=dict(aggregation="mean")),
     "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip"), mixin=True, module=dict(nan_at=(1, 1))),
     "batch_norm": dict(strategy=dict(), module=dict(batch_norm=True)),
@@ -185,8 +207,12 @@ def run_resume(out: Path, data: DataLoader) -> None:
     straight, strat = Recorder(), strategy()
     make_trainer(strat, [straight], max_epochs=2).fit(Plain(momentum=0.9), data)
     ckpt_dir = out / "ckpt"
-    first = make_trainer(strategy(), [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
-                         max_epochs=1, enable_checkpointing=True)
+    first = make_trainer(
+        strategy(),
+        [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        max_epochs=1,
+        enable_checkpointing=True,
+    )
     first.fit(Plain(momentum=0.9), data)
     resumed_rec, resumed_strat = Recorder(), strategy()
     resumed = make_trainer(resumed_strat, [resumed_rec], max_epochs=2)
@@ -196,9 +222,17 @@ def run_resume(out: Path, data: DataLoader) -> None:
 
 def save(out: Path, name: str, trainer: L.Trainer, strat: GrainDDPStrategy, params, error, **extra) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("grain")}
-    record = dict(params=params, bytes_sent=strat.bytes_sent, calls=dict(strat.comm.calls),
-                  num_combines=strat.num_combines, skipped_steps=strat.skipped_steps, metrics=metrics,
-                  error=error, rank=trainer.global_rank, **extra)
+    record = dict(
+        params=params,
+        bytes_sent=strat.bytes_sent,
+        calls=dict(strat.comm.calls),
+        num_combines=strat.num_combines,
+        skipped_steps=strat.skipped_steps,
+        metrics=metrics,
+        error=error,
+        rank=trainer.global_rank,
+        **extra,
+    )
     torch.save(record, out / f"{name}_rank{trainer.global_rank}.pt")
 
 

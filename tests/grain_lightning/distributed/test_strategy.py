@@ -1,6 +1,6 @@
 """``grain_ddp``: two gloo processes on the CPU against single-process references.
 
-One launch of ``tests/grain_lightning/distributed/ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
+One launch of ``ddp_worker.py`` (Lightning's popen ``ddp`` launcher re-runs it as rank 1) runs every
 scenario; the tests below check its records. The data of rank ``r`` are samples ``r, r + 2, ...``, so the
 references are computed here from the recorded parameters before each step with an independent autograd
 pass and a brute-force min-norm solver.
@@ -19,25 +19,38 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
-from tests.grain_lightning.distributed import ddp_worker as W
 from tests.conftest import free_port
 from tests.grain_lightning.brute_force import brute_force_min_norm
+from tests.grain_lightning.distributed import ddp_worker as W
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository root
 SCENARIOS = [*W.SCENARIOS, "resume"]
 TOL = 1e-9  # float64 model: the references agree to rounding
 
 
-def launch_worker(out: Path, scenarios: list[str], timeout: float = 240, devices: int = 2) -> subprocess.CompletedProcess:
+def launch_worker(
+    out: Path, scenarios: list[str], timeout: float = 240, devices: int = 2
+) -> subprocess.CompletedProcess:
     """Run the worker with a fresh free port; retry with another port if the chosen one was taken."""
     for _ in range(3):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore",
-                   GRAIN_TEST_DEVICES=str(devices))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            PYTHONWARNINGS="ignore",
+            GRAIN_TEST_DEVICES=str(devices),
+        )
         for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
             env.pop(key, None)
-        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), *scenarios],
-                              env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), *scenarios],
+            env=env,
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if "address already in use" not in (proc.stderr + proc.stdout).lower():
             return proc
     return proc
@@ -55,7 +68,7 @@ def records(tmp_path_factory):
 def rank_batch(rank: int, step: int, batch: int = W.BATCH, world: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = W.make_data().tensors
     x, y = x[rank::world], y[rank::world]
-    return x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+    return x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch]
 
 
 def grad_at(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -105,9 +118,21 @@ def test_update_equals_single_process_grain_over_the_two_ranks_batches(records, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sharded", "allgather", "blockwise", "sharded_buckets", "accum_clip",
-                                  "mixin_hierarchical", "mixin_global", "mixin_global_buckets", "nonfinite_skip",
-                                  "resume"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "sharded",
+        "allgather",
+        "blockwise",
+        "sharded_buckets",
+        "accum_clip",
+        "mixin_hierarchical",
+        "mixin_global",
+        "mixin_global_buckets",
+        "nonfinite_skip",
+        "resume",
+    ],
+)
 def test_parameters_are_bit_identical_across_ranks(records, mode):
     a, b = records[mode]
     assert len(a["params"]) == len(b["params"]) > 1
@@ -273,18 +298,30 @@ def test_registry_names_and_lightning_names_untouched():
     from grain_lightning.distributed.strategy import register_grain_ddp
 
     register_grain_ddp()  # a second registration (re-import) is a no-op
-    expected = {"grain_ddp": "popen", "grain_ddp_spawn": "spawn", "grain_ddp_fork": "fork", "grain_ddp_notebook": "fork"}
+    expected = {
+        "grain_ddp": "popen",
+        "grain_ddp_spawn": "spawn",
+        "grain_ddp_fork": "fork",
+        "grain_ddp_notebook": "fork",
+    }
     for name, start in expected.items():
         assert StrategyRegistry[name]["strategy"] is GrainDDPStrategy
         assert StrategyRegistry[name]["init_params"] == {"start_method": start}
-    assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy and StrategyRegistry["ddp_spawn"]["strategy"] is DDPStrategy
+    assert (
+        StrategyRegistry["ddp"]["strategy"] is DDPStrategy and StrategyRegistry["ddp_spawn"]["strategy"] is DDPStrategy
+    )
     assert grain_lightning.GrainDDPStrategy.supports_grain_mixin
 
 
-@pytest.mark.parametrize("bad, match", [(dict(mode="mean"), "mode must be one of"),
-                                        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
-                                        (dict(mixin_groups="all"), "mixin_groups must be one of"),
-                                        (dict(block_size_mb=0), "block_size_mb must be > 0")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(mode="mean"), "mode must be one of"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
+        (dict(mixin_groups="all"), "mixin_groups must be one of"),
+        (dict(block_size_mb=0), "block_size_mb must be > 0"),
+    ],
+)
 def test_constructor_rejects_bad_options(bad, match):
     from grain_lightning import GrainDDPStrategy
 
@@ -299,24 +336,35 @@ class TinyModule(W.Plain):
         super().__init__()
 
 
-@pytest.mark.parametrize("args, mode", [
-    (["--trainer.strategy", "grain_ddp"], "sharded"),
-    (["--trainer.strategy", '{"class_path": "grain_lightning.GrainDDPStrategy", "init_args": {"mode": "allgather"}}'],
-     "allgather"),
-])
+@pytest.mark.parametrize(
+    "args, mode",
+    [
+        (["--trainer.strategy", "grain_ddp"], "sharded"),
+        (
+            [
+                "--trainer.strategy",
+                '{"class_path": "grain_lightning.GrainDDPStrategy", "init_args": {"mode": "allgather"}}',
+            ],
+            "allgather",
+        ),
+    ],
+)
 def test_lightning_cli_accepts_grain_ddp(args, mode):
     from lightning.pytorch.cli import LightningCLI
 
     from grain_lightning import GrainDDPStrategy
 
-    cli = LightningCLI(TinyModule, run=False, save_config_callback=None,
-                       args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"])
+    cli = LightningCLI(
+        TinyModule,
+        run=False,
+        save_config_callback=None,
+        args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"],
+    )
     assert isinstance(cli.trainer.strategy, GrainDDPStrategy) and cli.trainer.strategy.mode == mode
 
 
 def test_one_device_is_plain_training(restore_environ):
     """``devices=1``: no communication and the same parameters as Lightning's default strategy, bit for bit."""
-    import lightning as L
 
     from grain_lightning import GrainDDPStrategy
 

@@ -14,6 +14,7 @@ from grain_lightning import ByKey, Chunks, PerSample, group_gradients, min_norm_
 from grain_lightning.ghost import GhostEngine, UnsupportedModuleError
 from tests.grain_lightning.ghost.reference_check import RTOL, compare, rel_err
 
+
 class SeqModel(nn.Module):
     """Embedding (padding_idx) -> LayerNorm -> Linear on sequences -> mean pool -> Linear head."""
 
@@ -36,8 +37,7 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.batch_first = batch_first
         self.emb = nn.Embedding(vocab, dim, padding_idx=0)
-        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=dropout, batch_first=batch_first,
-                                           norm_first=norm_first)
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(dim, classes)
 
@@ -189,8 +189,9 @@ def test_both_gram_forms_match_reference(kind, path):
     compare(model, lambda: ce(model(x), y), Chunks(4).assign(12), 1e-6, engine=GhostEngine(model, linear_gram=path))
 
 
-@pytest.mark.parametrize("kind,unsupported", [("transformer", "raise"), ("attention", "raise"), ("lora", "raise"),
-                                              ("custom", "fallback")])
+@pytest.mark.parametrize(
+    "kind,unsupported", [("transformer", "raise"), ("attention", "raise"), ("lora", "raise"), ("custom", "fallback")]
+)
 def test_second_backward_combine_matches_reference(kind, unsupported):
     if kind == "custom":
         model, x = nn.Sequential(nn.Linear(7, 9), Custom(), nn.Tanh(), nn.Linear(9, 3)), torch.randn(12, 7)
@@ -239,14 +240,26 @@ def fallback_cases():
     tied = nn.Sequential(nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
     tied[2].weight = tied[0].weight
     return {
-        "batchnorm_train": (nn.Sequential(nn.Linear(7, 9), nn.BatchNorm1d(9), nn.Tanh(), nn.Linear(9, 3)), "BatchNorm1d"),
+        "batchnorm_train": (
+            nn.Sequential(nn.Linear(7, 9), nn.BatchNorm1d(9), nn.Tanh(), nn.Linear(9, 3)),
+            "BatchNorm1d",
+        ),
         "batchnorm_eval": (bn_eval, "BatchNorm1d"),
         "custom": (nn.Sequential(nn.Linear(7, 9), Custom(), nn.Tanh(), nn.Linear(9, 3)), "Custom"),
         "tied": (tied, "tied"),
-        "grouped_conv": (nn.Sequential(nn.Unflatten(1, (7, 1)), nn.Conv1d(7, 7, 1, groups=7), nn.Flatten(),
-                                       nn.Linear(7, 3)), "groups=7"),
-        "circular_conv": (nn.Sequential(nn.Unflatten(1, (7, 1)), nn.Conv1d(7, 5, 3, padding=1, padding_mode="circular"),
-                                        nn.Flatten(), nn.Linear(5, 3)), "padding_mode='circular'"),
+        "grouped_conv": (
+            nn.Sequential(nn.Unflatten(1, (7, 1)), nn.Conv1d(7, 7, 1, groups=7), nn.Flatten(), nn.Linear(7, 3)),
+            "groups=7",
+        ),
+        "circular_conv": (
+            nn.Sequential(
+                nn.Unflatten(1, (7, 1)),
+                nn.Conv1d(7, 5, 3, padding=1, padding_mode="circular"),
+                nn.Flatten(),
+                nn.Linear(5, 3),
+            ),
+            "padding_mode='circular'",
+        ),
     }
 
 
@@ -362,6 +375,12 @@ def test_parameters_used_outside_their_module_are_detected():
     with pytest.raises(UnsupportedModuleError, match=r"\['other.weight'\]"):
         engine.backward(losses, PerSample().assign(12))
     params = [p for p in model.parameters()]
-    compare(model, lambda: ce(model(x), y), Chunks(4).assign(12), 1e-6,
-            engine=GhostEngine(model, unsupported="fallback"), params=params)
+    compare(
+        model,
+        lambda: ce(model(x), y),
+        Chunks(4).assign(12),
+        1e-6,
+        engine=GhostEngine(model, unsupported="fallback"),
+        params=params,
+    )
     assert model.other.bias.grad is None  # never reached, as with autograd

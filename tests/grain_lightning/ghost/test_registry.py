@@ -71,8 +71,13 @@ def test_user_rule_is_used_twice_in_one_forward():
     model = nn.ModuleList([lin, scale, head]).double()
     x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
-    compare(model, lambda: ce(head(scale(torch.tanh(scale(lin(x))))), y), PerSample().assign(12), 1e-6,
-            engine=GhostEngine(model, unsupported="raise"))
+    compare(
+        model,
+        lambda: ce(head(scale(torch.tanh(scale(lin(x))))), y),
+        PerSample().assign(12),
+        1e-6,
+        engine=GhostEngine(model, unsupported="raise"),
+    )
 
 
 def test_lookup_follows_the_type_hierarchy():
@@ -82,8 +87,16 @@ def test_lookup_follows_the_type_hierarchy():
     assert rule_for(MyLinear(2, 2)) is LinearRule
     assert rule_for(nn.RMSNorm(3)) is NormRule
     assert rule_for(Scale(2)) is None and rule_for(RegisteredScale(2)) is ScaleRule
-    assert {"Linear", "Conv1d", "Conv2d", "Embedding", "LayerNorm", "RMSNorm", "MultiheadAttention",
-            "RegisteredScale"} <= set(supported_types())
+    assert {
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "Embedding",
+        "LayerNorm",
+        "RMSNorm",
+        "MultiheadAttention",
+        "RegisteredScale",
+    } <= set(supported_types())
 
 
 def test_register_rule_rejects_non_module_types():
