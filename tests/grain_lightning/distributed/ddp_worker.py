@@ -4,8 +4,8 @@ Usage: ``python tests/grain_lightning/distributed/ddp_worker.py OUTDIR SCENARIO 
 ``MASTER_PORT`` set to a free port (and ``GRAIN_TEST_DEVICES=3`` for three ranks). Lightning's ``ddp``
 launcher (popen) re-runs this command as the other ranks; every rank runs every scenario in order (rank
 ``r`` of ``R`` trains on samples ``r, r + R, ...``), catching the expected errors so that one launch
-covers them all, and writes ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and after every batch, the
-strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
+covers them all, and writes ``OUTDIR/<scenario>_rank<r>.pt``: the flat parameters before training and
+after every batch, the strategy's counters, the logged ``grain_ddp/*`` metrics, and the error message, if any.
 """
 
 from __future__ import annotations
