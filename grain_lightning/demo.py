@@ -24,9 +24,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
+from grain_lightning.config import GrainConfig
 from grain_lightning.groups import ByKey
-from grain_lightning.mixin import GrainConfig, GrainMixin
+from grain_lightning.mixin import GrainMixin
 
 DIM, CLASSES = 20, 6
 
@@ -89,11 +91,13 @@ class FineTuner(GrainMixin, L.LightningModule):
         self.net[-1] = torch.nn.Linear(64, CLASSES)
         self.lr = lr
 
-    def grain_losses(self, batch, batch_idx):
+    @override
+    def grain_losses(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(self.net(x), y, reduction="none")
 
-    def configure_optimizers(self):
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
 
 
