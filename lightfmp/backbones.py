@@ -152,12 +152,8 @@ class CTRBackbone(nn.Module):
         dense_idx = torch.tensor([self.spec.dense.index(n) for n in new_spec.dense], dtype=torch.long)
         sparse_idx = torch.tensor([self.spec.sparse_names.index(n) for n in new_spec.sparse_names], dtype=torch.long)
         embeddings = self.embeddings.prune(new_spec)
-        self.embeddings, saved = nn.Module(), self.embeddings  # do not deep-copy the old tables
-        try:
-            new = copy.deepcopy(self)
-        finally:
-            self.embeddings = saved
-        new.embeddings = embeddings
+        # do not deep-copy the old tables: the copy gets the pruned embeddings in their place
+        new = copy.deepcopy(self, memo={id(self.embeddings): embeddings})
         new.spec = new_spec
         new._prune_layers(self.spec, dense_idx, sparse_idx)
         return new

@@ -52,6 +52,8 @@ class HardConcreteGate(nn.Module):
     the deterministic ``z_test`` broadcast in eval mode.
     """
 
+    multipliers: torch.Tensor  # buffer (2,): the Lagrange multipliers lam1, lam2
+
     def __init__(
         self,
         names: Sequence[str],

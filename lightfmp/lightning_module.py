@@ -80,6 +80,22 @@ class LightFMPModule(L.LightningModule):
         if lr <= 0 or gate_lr <= 0:
             raise ValueError(f"lr and gate_lr must be > 0, got lr={lr}, gate_lr={gate_lr}")
         self.save_hyperparameters()
+        # typed copies of the hyper-parameters read below (``self.hparams`` keeps them for checkpoints and the CLI)
+        self.backbone = backbone
+        self.embedding_dim = embedding_dim
+        self.hidden = tuple(hidden)
+        self.dense_hidden = tuple(dense_hidden)
+        self.cross_layers = cross_layers
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.field_mask = field_mask
+        self.l0_weight = l0_weight
+        self.target_fields = target_fields
+        self.init_keep_probability = init_keep_probability
+        self.gate_lr = gate_lr
+        self.l0_warmup = l0_warmup
+        self.dual_lr = dual_lr
         self.net: Optional[CTRBackbone] = None
         self.gate: Optional[HardConcreteGate] = None
         self.val_auc, self.val_logloss = BinaryAUROC(), BinaryLogLoss()
@@ -96,24 +112,23 @@ class LightFMPModule(L.LightningModule):
         return self.net.spec
 
     def _backbone_kwargs(self) -> dict[str, Any]:
-        hp = self.hparams
-        common = {"embedding_dim": hp.embedding_dim}
+        common = {"embedding_dim": self.embedding_dim}
         return {
-            "mlp": {**common, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
-            "dlrm": {**common, "dense_hidden": tuple(hp.dense_hidden), "over_hidden": tuple(hp.hidden)},
-            "dcnv2": {**common, "cross_layers": hp.cross_layers, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
-            "deepfm": {**common, "hidden": tuple(hp.hidden), "dropout": hp.dropout},
-        }[hp.backbone]
+            "mlp": {**common, "hidden": self.hidden, "dropout": self.dropout},
+            "dlrm": {**common, "dense_hidden": self.dense_hidden, "over_hidden": self.hidden},
+            "dcnv2": {**common, "cross_layers": self.cross_layers, "hidden": self.hidden, "dropout": self.dropout},
+            "deepfm": {**common, "hidden": self.hidden, "dropout": self.dropout},
+        }[self.backbone]
 
     def _build(self, spec: ModelInputs) -> None:
-        self.net = build_backbone(self.hparams.backbone, spec, **self._backbone_kwargs())
-        self.hparams.feature_spec = spec.to_dict()
-        if self.hparams.field_mask:
+        self.net = build_backbone(self.backbone, spec, **self._backbone_kwargs())
+        self.hparams["feature_spec"] = spec.to_dict()
+        if self.field_mask:
             self.gate = HardConcreteGate(
                 spec.names,
-                init_keep_probability=self.hparams.init_keep_probability,
-                l0_weight=self.hparams.l0_weight,
-                target_fields=self.hparams.target_fields,
+                init_keep_probability=self.init_keep_probability,
+                l0_weight=self.l0_weight,
+                target_fields=self.target_fields,
             )
 
     @override
@@ -200,7 +215,7 @@ class LightFMPModule(L.LightningModule):
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.gate is not None:
-            self.gate.dual_step(self.hparams.dual_lr, self._l0_progress())
+            self.gate.dual_step(self.dual_lr, self._l0_progress())
 
     @override
     def on_train_start(self) -> None:
@@ -208,7 +223,7 @@ class LightFMPModule(L.LightningModule):
         self._total_steps = None if not total or total == float("inf") else float(total)
 
     def _l0_progress(self) -> float:
-        warmup, total = self.hparams.l0_warmup, getattr(self, "_total_steps", None)
+        warmup, total = self.l0_warmup, getattr(self, "_total_steps", None)
         if warmup <= 0 or total is None:
             return 1.0
         return min(1.0, self.global_step / (warmup * total))
@@ -229,12 +244,11 @@ class LightFMPModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
         groups: list[dict[str, Any]] = [
-            {"params": list(self._require_net().parameters()), "lr": hp.lr, "weight_decay": hp.weight_decay}
+            {"params": list(self._require_net().parameters()), "lr": self.lr, "weight_decay": self.weight_decay}
         ]
         if self.gate is not None:
-            groups.append({"params": self.gate.gate_parameters(), "lr": hp.gate_lr, "weight_decay": 0.0})
+            groups.append({"params": self.gate.gate_parameters(), "lr": self.gate_lr, "weight_decay": 0.0})
         return torch.optim.AdamW(groups)
 
 

@@ -18,6 +18,8 @@ class BinaryLogLoss(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    total: torch.Tensor  # states registered by add_state
+    count: torch.Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import CTRDataModule
@@ -46,11 +47,12 @@ def timed_fit(
     raises."""
     _single_process(trainer)
     throughput = TrainingThroughput()
-    trainer.callbacks.append(throughput)
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__, unannotated
+    callbacks.append(throughput)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
-        trainer.callbacks.remove(throughput)
+        callbacks.remove(throughput)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted; the stage's outputs were not written")
     return throughput
@@ -69,7 +71,7 @@ def pretrain(
     _single_process(trainer)
     out = output_directory(output_dir)
     clear_from(out, "pretrain")
-    if not module.hparams.field_mask:
+    if not module.field_mask:
         raise ValueError("pretrain needs a model with field_mask=True")
     if datamodule.subset != "pretrain":
         datamodule = datamodule.for_subset("pretrain")

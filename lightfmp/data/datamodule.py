@@ -31,7 +31,7 @@ from typing_extensions import override
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
 from lightfmp.data.schema import Schema
-from lightfmp.data.splits import Split, split_indices, train_subsets
+from lightfmp.data.splits import Split, SplitKind, split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.inputs import CTRBatch, ModelInputs
 
@@ -61,10 +61,10 @@ class IndexBatches(DistributedSampler):
         if num_replicas is not None and not 0 <= (rank or 0) < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.dataset = None
+        self.dataset = None  # type: ignore[assignment]  # no dataset: the parent's attribute, kept for its readers
         self.drop_last = False
         self._replicas, self._rank = num_replicas, rank
-        self.epoch: Optional[int] = None
+        self._epoch: Optional[int] = None  # set by set_epoch; None: count this sampler's iterations
         self._iterations = 0
 
     @property
@@ -81,7 +81,7 @@ class IndexBatches(DistributedSampler):
 
     @override
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch = epoch
 
     def _num_rows(self) -> int:
         world, rank = self.num_replicas, self.rank
@@ -95,7 +95,7 @@ class IndexBatches(DistributedSampler):
     def __iter__(self) -> Iterator[torch.Tensor]:
         world, rank = self.num_replicas, self.rank
         if self.shuffle:
-            epoch = self.epoch if self.epoch is not None else self._iterations
+            epoch = self._epoch if self._epoch is not None else self._iterations
             seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
             rows = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
             rows = rows[rank::world][: self._num_rows()]
@@ -198,6 +198,34 @@ class CTRDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(ignore=["stage"])
+        # typed copies of the hyper-parameters read below (``self.hparams`` keeps them for checkpoints, the CLI
+        # and ``for_subset``); ``schema`` and ``preprocessor`` name the fitted objects, hence ``*_path`` here
+        self.format = format
+        self.path = path
+        self.schema_path = schema
+        self.fields = fields
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.pretrain_fraction = pretrain_fraction
+        self._subset: Subset = subset
+        self.split: SplitKind = split
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.min_count = min_count
+        self.hash_threshold = hash_threshold
+        self.preprocessor_path = preprocessor
+        self.max_rows = max_rows
+        self.chunksize = chunksize
+        self.synthetic_rows = synthetic_rows
+        self.synthetic_dense = synthetic_dense
+        self.synthetic_sparse = synthetic_sparse
+        self.synthetic_cardinality = synthetic_cardinality
+        self.synthetic_informative = synthetic_informative
+        self.synthetic_num_informative = synthetic_num_informative
+        self.synthetic_interaction = synthetic_interaction
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self._given_preprocessor: Optional[Preprocessor] = None
         self.preprocessor: Optional[Preprocessor] = None
         self.schema: Optional[Schema] = None
@@ -210,23 +238,22 @@ class CTRDataModule(L.LightningDataModule):
     @property
     def synthetic(self) -> SyntheticCTR:
         """The synthetic task of ``format="synthetic"`` (its ``informative_fields`` are the ground truth)."""
-        h = self.hparams
         return SyntheticCTR(
-            num_rows=h.synthetic_rows, num_dense=h.synthetic_dense, num_sparse=h.synthetic_sparse,
-            cardinality=h.synthetic_cardinality, informative=h.synthetic_informative,
-            num_informative=h.synthetic_num_informative, interaction_strength=h.synthetic_interaction, seed=h.seed,
+            num_rows=self.synthetic_rows, num_dense=self.synthetic_dense, num_sparse=self.synthetic_sparse,
+            cardinality=self.synthetic_cardinality, informative=self.synthetic_informative,
+            num_informative=self.synthetic_num_informative, interaction_strength=self.synthetic_interaction,
+            seed=self.seed,
         )
 
     def _read(self, columns: Optional[list[str]]) -> tuple[pd.DataFrame, Schema]:
-        h = self.hparams
-        if h.format != "synthetic":
-            return read_frame(h.format, h.path, schema=h.schema, columns=columns, chunksize=h.chunksize,
-                              max_rows=h.max_rows)
+        if self.format != "synthetic":
+            return read_frame(self.format, self.path, schema=self.schema_path, columns=columns,
+                              chunksize=self.chunksize, max_rows=self.max_rows)
         synthetic = self.synthetic
-        schema = Schema.from_yaml(h.schema) if h.schema else synthetic.schema
+        schema = Schema.from_yaml(self.schema_path) if self.schema_path else synthetic.schema
         frame = synthetic.generate()
-        if h.max_rows is not None:
-            frame = frame.iloc[: h.max_rows]
+        if self.max_rows is not None:
+            frame = frame.iloc[: self.max_rows]
         if columns is not None:
             schema = schema.select(columns)
         return frame[list(schema.columns)], schema
@@ -234,8 +261,8 @@ class CTRDataModule(L.LightningDataModule):
     def _preprocessor_to_reuse(self) -> Optional[Preprocessor]:
         if self._given_preprocessor is not None:
             return self._given_preprocessor
-        if self.hparams.preprocessor:
-            return Preprocessor.load(self.hparams.preprocessor)
+        if self.preprocessor_path:
+            return Preprocessor.load(self.preprocessor_path)
         return None
 
     @override
@@ -243,25 +270,24 @@ class CTRDataModule(L.LightningDataModule):
         """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever Lightning's ``stage``."""
         if self.encoded is not None:
             return
-        h = self.hparams
         reuse = self._preprocessor_to_reuse()
-        if reuse is not None and h.fields is not None:
-            reuse = reuse.select(h.fields)
-        columns = list(h.fields) if h.fields is not None else (list(reuse.schema.names) if reuse else None)
+        if reuse is not None and self.fields is not None:
+            reuse = reuse.select(self.fields)
+        columns = list(self.fields) if self.fields is not None else (list(reuse.schema.names) if reuse else None)
         frame, schema = self._read(columns)
         time = None
-        if h.split == "chronological":
+        if self.split == "chronological":
             if schema.time_column is None:
-                raise ValueError(f"split='chronological' needs a time column, and format {h.format!r} has none "
+                raise ValueError(f"split='chronological' needs a time column, and format {self.format!r} has none "
                                  "(set time_column in a schema YAML, or use split='sequential' for file order)")
             time = frame[schema.time_column].to_numpy()
-        splits = split_indices(len(frame), h.val_fraction, h.test_fraction, h.seed, h.split, time)
-        pretrain, finetune = train_subsets(splits.train, h.pretrain_fraction, h.seed)
-        if h.subset == "finetune" and len(finetune) == 0:
+        splits = split_indices(len(frame), self.val_fraction, self.test_fraction, self.seed, self.split, time)
+        pretrain, finetune = train_subsets(splits.train, self.pretrain_fraction, self.seed)
+        if self.subset == "finetune" and len(finetune) == 0:
             raise ValueError(f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
                              "nothing is left for subset 'finetune'")
         if reuse is None:
-            reuse = Preprocessor(schema, min_count=h.min_count, hash_threshold=h.hash_threshold)
+            reuse = Preprocessor(schema, min_count=self.min_count, hash_threshold=self.hash_threshold)
             reuse.fit(frame.iloc[splits.train])
         self.schema, self.preprocessor = schema, reuse
         self.encoded = reuse.transform(frame)
@@ -282,9 +308,9 @@ class CTRDataModule(L.LightningDataModule):
     def train_indices(self) -> np.ndarray:
         """Rows served by the train loader in this datamodule's ``subset``."""
         self._require_setup()
-        assert self.splits is not None
-        subset = self.subset
-        return {"pretrain": self.pretrain_indices, "finetune": self.finetune_indices, "full": self.splits.train}[subset]
+        splits, pretrain, finetune = self.splits, self.pretrain_indices, self.finetune_indices
+        assert splits is not None and pretrain is not None and finetune is not None  # set with self.encoded
+        return {"pretrain": pretrain, "finetune": finetune, "full": splits.train}[self.subset]
 
     @property
     def num_train_samples(self) -> int:
@@ -295,21 +321,21 @@ class CTRDataModule(L.LightningDataModule):
         dataset = EncodedRows(self._require_setup(), indices)
         return DataLoader(
             dataset,
-            sampler=IndexBatches(len(dataset), batch_size, shuffle, seed=self.hparams.seed),
+            sampler=IndexBatches(len(dataset), batch_size, shuffle, seed=self.seed),
             batch_size=None,
-            collate_fn=_identity,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=_identity,  # type: ignore[arg-type]  # with batch_size=None it gets one item, not a list
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
         )
 
     @property
     def _eval_batch_size(self) -> int:
-        return self.hparams.eval_batch_size or self.hparams.batch_size
+        return self.eval_batch_size or self.batch_size
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_indices, self.hparams.batch_size, shuffle=True)
+        return self._loader(self.train_indices, self.batch_size, shuffle=True)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -331,7 +357,7 @@ class CTRDataModule(L.LightningDataModule):
     @property
     def subset(self) -> Subset:
         """The part of the training split the train loader serves: ``"pretrain"``, ``"finetune"`` or ``"full"``."""
-        return self.hparams.subset
+        return self._subset
 
     def for_subset(self, subset: Subset, fields: Optional[list[str]] = None,
                    preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":

@@ -198,9 +198,10 @@ class Schema:
             if "name" not in fd:
                 raise ValueError(f"{source}: fields[{i}] has no 'name'")
             specs.append(FieldSpec(**fd))
-        positive = d.get("positive")
-        if positive is not None and not isinstance(positive, (list, tuple)):
-            positive = [positive]
+        raw_positive = d.get("positive")
+        positive: Optional[tuple[Any, ...]] = None
+        if raw_positive is not None:
+            positive = tuple(raw_positive) if isinstance(raw_positive, (list, tuple)) else (raw_positive,)
         return cls(label=str(d["label"]), fields=tuple(specs), time_column=d.get("time_column"), positive=positive)
 
     @classmethod

@@ -35,7 +35,7 @@ def check_file(path: PathLike) -> Path:
 
 def open_binary(path: Path) -> io.BufferedIOBase:
     """``path`` opened for binary reading, decompressed when its name ends in ``.gz``."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None, skip_lines: int = 0,
