@@ -20,7 +20,8 @@ returning logits, unlike TorchRec's SimpleDeepFMNN which ends in a sigmoid).
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ class FieldEmbeddings(nn.Module):
     def _device(self) -> torch.device:
         return next(iter(self.parameters()), torch.zeros(())).device
 
-    def prune(self, spec: ModelInputs) -> "FieldEmbeddings":
+    def prune(self, spec: ModelInputs) -> FieldEmbeddings:
         """New collection with only ``spec``'s sparse fields; their tables copied exactly."""
         new = FieldEmbeddings(spec, self.embedding_dim).to(self._device())
         if new.ebc is not None:
@@ -130,12 +131,17 @@ class CTRBackbone(nn.Module):
         self, dense: torch.Tensor, sparse: Optional[KeyedJaggedTensor], gates: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         if dense.dim() != 2 or dense.shape[1] != self.n_dense:
-            raise ValueError(f"dense must have shape (B, {self.n_dense}) for fields {list(self.spec.dense)}, got {tuple(dense.shape)}")
+            raise ValueError(
+                f"dense must have shape (B, {self.n_dense}) for fields {list(self.spec.dense)}, "
+                f"got {tuple(dense.shape)}"
+            )
         batch_size = dense.shape[0]
         emb = self.embeddings(sparse, batch_size)
         if gates is not None:
             if gates.shape != (batch_size, self.spec.num_fields):
-                raise ValueError(f"gates must have shape ({batch_size}, {self.spec.num_fields}), got {tuple(gates.shape)}")
+                raise ValueError(
+                    f"gates must have shape ({batch_size}, {self.spec.num_fields}), got {tuple(gates.shape)}"
+                )
             gates = gates.to(dense.dtype)
             dense = dense * gates[:, : self.n_dense]
             emb = emb * gates[:, self.n_dense :, None]
@@ -144,7 +150,7 @@ class CTRBackbone(nn.Module):
     def _logits(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # (B, Dd), (B, Fs, D) -> (B,)
         raise TypeError(f"{type(self).__name__} must define _logits")
 
-    def prune(self, keep: Iterable[str]) -> "CTRBackbone":
+    def prune(self, keep: Iterable[str]) -> CTRBackbone:
         """A smaller copy that only consumes ``keep`` (see the module docstring for exactness)."""
         new_spec = self.spec.select(keep)
         if new_spec.num_fields == 0:
@@ -171,7 +177,9 @@ class CTRBackbone(nn.Module):
 class EmbeddingMLP(CTRBackbone):
     """``MLP(cat(dense, e_1, ..., e_F))``: the plain embedding + MLP model."""
 
-    def __init__(self, spec: ModelInputs, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128), dropout: float = 0.0) -> None:
+    def __init__(
+        self, spec: ModelInputs, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128), dropout: float = 0.0
+    ) -> None:
         super().__init__(spec, embedding_dim)
         self.mlp = _mlp(self.n_dense + len(spec.sparse) * embedding_dim, hidden, dropout)
 
@@ -197,7 +205,11 @@ class DLRM(CTRBackbone):
         self.dense_arch = DenseArch(self.n_dense, list(dense_hidden) + [embedding_dim], device=torch.device("cpu"))
         self.inter_arch = InteractionArch(len(spec.sparse))
         n_sparse = len(spec.sparse)
-        self.over_arch = OverArch(embedding_dim + n_sparse + n_sparse * (n_sparse - 1) // 2, list(over_hidden) + [1], device=torch.device("cpu"))
+        self.over_arch = OverArch(
+            embedding_dim + n_sparse + n_sparse * (n_sparse - 1) // 2,
+            list(over_hidden) + [1],
+            device=torch.device("cpu"),
+        )
 
     def _logits(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.over_arch(self.inter_arch(self.dense_arch(dense), emb)).squeeze(-1)
@@ -210,7 +222,9 @@ class DLRM(CTRBackbone):
         col = {tuple(p): i for i, p in enumerate(pairs)}
         kept = [0] + (sparse_idx + 1).tolist()
         new_pairs = [(kept[a], kept[b]) for a, b in torch.triu_indices(len(kept), len(kept), offset=1).t().tolist()]
-        columns = torch.tensor(list(range(self.embedding_dim)) + [self.embedding_dim + col[p] for p in new_pairs], dtype=torch.long)
+        columns = torch.tensor(
+            list(range(self.embedding_dim)) + [self.embedding_dim + col[p] for p in new_pairs], dtype=torch.long
+        )
         self.inter_arch = InteractionArch(len(sparse_idx))
         _keep_input_columns(_first_linear(self.over_arch), columns)
 
@@ -250,7 +264,9 @@ class DeepFM(CTRBackbone):
     ``v_f = x V_f``, ``w_f = x u_f``. ``FM = 1/2 sum_d ((sum_f v_fd)^2 - sum_f v_fd^2)``.
     """
 
-    def __init__(self, spec: ModelInputs, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128), dropout: float = 0.0) -> None:
+    def __init__(
+        self, spec: ModelInputs, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128), dropout: float = 0.0
+    ) -> None:
         super().__init__(spec, embedding_dim + 1)
         self.factor_dim = embedding_dim
         self.dense_vectors = nn.Parameter(torch.randn(self.n_dense, embedding_dim) * 0.01)

@@ -43,7 +43,7 @@ class LightFMPTrainer(L.Trainer):
         self._init_arguments = copy.deepcopy((args, kwargs))
         super().__init__(*args, **kwargs)
 
-    def fresh(self, **overrides: Any) -> "LightFMPTrainer":
+    def fresh(self, **overrides: Any) -> LightFMPTrainer:
         """A new trainer with this one's constructor arguments (deep copies) updated by ``overrides``."""
         args, kwargs = copy.deepcopy(self._init_arguments)
         kwargs.update(overrides)
@@ -83,7 +83,8 @@ class LightFMPTrainer(L.Trainer):
         if self.is_global_zero:
             _, report, entry = stages.prune(output_dir, datamodule, checkpoint, threshold, top_k)
             print(report.to_string(index=False))
-            print(f"kept {len(entry['kept_fields'])} of {entry['fields'] + len(entry['dropped_fields'])} fields: {entry['kept_fields']}")
+            total = entry["fields"] + len(entry["dropped_fields"])
+            print(f"kept {len(entry['kept_fields'])} of {total} fields: {entry['kept_fields']}")
 
     def finetune(
         self,
@@ -149,7 +150,12 @@ def run_cli(args: Optional[list[str]] = None) -> LightFMPCLI:
         LightFMPModule,
         CTRDataModule,
         trainer_class=LightFMPTrainer,
-        trainer_defaults={"max_epochs": 5, "logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+        trainer_defaults={
+            "max_epochs": 5,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+        },
         save_config_callback=None,
         args=args,
     )

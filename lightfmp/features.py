@@ -5,7 +5,8 @@ import warnings
 from typing import Any
 
 from lightfmp.inputs import *  # noqa: F401,F403
-from lightfmp.inputs import ModelInputs, __all__ as _inputs_all
+from lightfmp.inputs import ModelInputs
+from lightfmp.inputs import __all__ as _inputs_all
 
 __all__ = list(_inputs_all)  # and FeatureSpec, through __getattr__
 

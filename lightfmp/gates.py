@@ -25,7 +25,8 @@ by keep probability.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -181,4 +182,6 @@ class HardConcreteGate(nn.Module):
                 "kept": kept.cpu().numpy(),
             }
         )
-        return df.sort_values(["keep_probability", "field"], ascending=[False, True], kind="stable").reset_index(drop=True)
+        return df.sort_values(["keep_probability", "field"], ascending=[False, True], kind="stable").reset_index(
+            drop=True
+        )

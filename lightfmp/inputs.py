@@ -15,8 +15,9 @@ or key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -70,7 +71,7 @@ class ModelInputs:
     def num_fields(self) -> int:
         return len(self.dense) + len(self.sparse)
 
-    def select(self, keep: Iterable[str]) -> "ModelInputs":
+    def select(self, keep: Iterable[str]) -> ModelInputs:
         """The spec restricted to ``keep`` (original order kept). Unknown names raise ``KeyError``."""
         keep = list(keep)
         unknown = [n for n in keep if n not in self.names]
@@ -86,13 +87,18 @@ class ModelInputs:
         return {
             "dense": list(self.dense),
             "sparse": [
-                {"name": f.name, "num_embeddings": f.num_embeddings, "multi_valued": f.multi_valued, "pooling": f.pooling}
+                {
+                    "name": f.name,
+                    "num_embeddings": f.num_embeddings,
+                    "multi_valued": f.multi_valued,
+                    "pooling": f.pooling,
+                }
                 for f in self.sparse
             ],
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelInputs":
+    def from_dict(cls, d: dict[str, Any]) -> ModelInputs:
         return cls(dense=tuple(d["dense"]), sparse=tuple(SparseFeature(**s) for s in d["sparse"]))
 
 
@@ -107,14 +113,14 @@ class CTRBatch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CTRBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CTRBatch:
         return CTRBatch(
             dense=self.dense.to(device, non_blocking=non_blocking),
             sparse=self.sparse.to(torch.device(device), non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "CTRBatch":
+    def pin_memory(self) -> CTRBatch:
         return CTRBatch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
 
 

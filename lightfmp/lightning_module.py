@@ -13,7 +13,8 @@ hyper-parameters, so ``LightFMPModule.load_from_checkpoint(path)`` rebuilds the 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -21,11 +22,10 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 from typing_extensions import override
 
-from lightfmp.inputs import CTRBatch, ModelInputs
-from lightfmp.gates import HardConcreteGate
-from lightfmp.metrics import BinaryLogLoss
 from lightfmp.backbones import BACKBONES, CTRBackbone, build_backbone
-
+from lightfmp.gates import HardConcreteGate
+from lightfmp.inputs import CTRBatch, ModelInputs
+from lightfmp.metrics import BinaryLogLoss
 
 LIGHTFMP_CHECKPOINT_KEY = "lightfmp"
 
@@ -142,7 +142,8 @@ class LightFMPModule(L.LightningModule):
         elif data_spec is not None and data_spec != self.net.spec:
             raise ValueError(
                 "the model and the data disagree on the fields: model "
-                f"{list(self.net.spec.names)}, data {list(data_spec.names)} (was the checkpoint made from another schema?)"
+                f"{list(self.net.spec.names)}, data {list(data_spec.names)} "
+                "(was the checkpoint made from another schema?)"
             )
 
     @override
@@ -159,10 +160,12 @@ class LightFMPModule(L.LightningModule):
         if self.net is None:
             self._build(spec)
         elif spec != self.net.spec:
-            raise ValueError(f"checkpoint fields {list(spec.names)} differ from this model's {list(self.net.spec.names)}")
+            raise ValueError(
+                f"checkpoint fields {list(spec.names)} differ from this model's {list(self.net.spec.names)}"
+            )
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any], **overrides: Any) -> "LightFMPModule":
+    def from_checkpoint(cls, checkpoint: dict[str, Any], **overrides: Any) -> LightFMPModule:
         """The module saved in an already loaded ``checkpoint`` dict (what ``load_from_checkpoint`` does after
         reading the file): constructor arguments from its hyper-parameters updated by ``overrides``, then
         ``on_load_checkpoint`` and a strict ``load_state_dict``."""
@@ -173,7 +176,7 @@ class LightFMPModule(L.LightningModule):
         module.load_state_dict(checkpoint["state_dict"])
         return module
 
-    def pruned(self, keep: Iterable[str]) -> "LightFMPModule":
+    def pruned(self, keep: Iterable[str]) -> LightFMPModule:
         """A new module without a mask that only consumes ``keep`` (weights copied, see ``CTRBackbone.prune``)."""
         net = self._require_net().prune(keep)
         hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
@@ -253,7 +256,9 @@ class LightFMPModule(L.LightningModule):
 
 
 @torch.no_grad()
-def evaluate(model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None) -> dict[str, float]:
+def evaluate(
+    model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None
+) -> dict[str, float]:
     """AUC and LogLoss over a whole loader; ``gates`` (F,) overrides the model's own mask (e.g. 0/1 gates)."""
     was_training = model.training
     model.eval()

@@ -29,7 +29,9 @@ class BinaryLogLoss(Metric):
     @override
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if logits.shape != target.shape:
-            raise ValueError(f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
         bad = (target != 0) & (target != 1)
         if bool(bad.any()):
             raise ValueError(f"target must be 0 or 1, got {target[bad][:5].tolist()}")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning as L
 import pandas as pd
@@ -104,8 +105,9 @@ def record(output_dir: Path, stage: str, entry: dict[str, Any]) -> None:
     _write_metrics(output_dir, metrics)
 
 
-def metrics_entry(module: LightFMPModule, scores: dict[str, float],
-                  throughput: Optional[TrainingThroughput]) -> dict[str, Any]:
+def metrics_entry(
+    module: LightFMPModule, scores: dict[str, float], throughput: Optional[TrainingThroughput]
+) -> dict[str, Any]:
     """A stage's ``metrics.json`` entry: test scores, size of the model and, after a fit, its throughput."""
     entry: dict[str, Any] = {
         "auc": scores["auc"],
@@ -146,14 +148,20 @@ def summary_table(output_dir: PathLike) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path: Path, extra: dict[str, Any],
-                    preprocessor: Optional[dict[str, Any]] = None) -> None:
+def save_checkpoint(
+    trainer: Optional[L.Trainer],
+    module: LightFMPModule,
+    path: Path,
+    extra: dict[str, Any],
+    preprocessor: Optional[dict[str, Any]] = None,
+) -> None:
     """A Lightning checkpoint (loadable by ``LightFMPModule.load_from_checkpoint``) plus ``extra`` under 'lightfmp'.
 
     With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included. Without one,
     ``preprocessor`` (a :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it.
     """
     if trainer is not None:
+
         def write(tmp: Path) -> None:
             module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
             try:
@@ -161,6 +169,7 @@ def save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path: 
             finally:
                 module.checkpoint_extra = None
     else:
+
         def write(tmp: Path) -> None:
             checkpoint = {
                 "state_dict": module.state_dict(),
@@ -171,6 +180,7 @@ def save_checkpoint(trainer: Optional[L.Trainer], module: LightFMPModule, path: 
             if preprocessor is not None:
                 checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
             torch.save(checkpoint, tmp)
+
     atomic_write(path, write)
 
 
@@ -209,4 +219,3 @@ def read_preprocessor(checkpoint: dict[str, Any], path: Path) -> Preprocessor:
     loaded = preprocessor_from_state(checkpoint_preprocessor_state(checkpoint, path))
     assert loaded is not None
     return loaded
-

@@ -10,9 +10,23 @@ from lightfmp.outputs import METRICS_FILE, STAGE_FILES, STAGES, read_metrics, su
 from lightfmp.stages import finetune, pretrain, prune
 
 __all__ = [
-    "LIGHTFMP_CHECKPOINT_KEY", "METRICS_FILE", "STAGES", "STAGE_FILES", "LightFMPModule", "Preprocessor",
-    "TrainingThroughput", "evaluate", "finetune", "pretrain", "prune", "read_metrics", "summary_table",
+    "LIGHTFMP_CHECKPOINT_KEY",
+    "METRICS_FILE",
+    "STAGES",
+    "STAGE_FILES",
+    "LightFMPModule",
+    "Preprocessor",
+    "TrainingThroughput",
+    "evaluate",
+    "finetune",
+    "pretrain",
+    "prune",
+    "read_metrics",
+    "summary_table",
 ]
 
-warnings.warn("lightfmp.pipeline is deprecated; import from lightfmp.stages (and lightfmp.outputs, "
-              "lightfmp.callbacks)", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "lightfmp.pipeline is deprecated; import from lightfmp.stages (and lightfmp.outputs, lightfmp.callbacks)",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -25,8 +25,18 @@ from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 from lightfmp.outputs import (
-    PathLike, checkpoint_preprocessor_state, clear_from, metrics_entry, output_directory, read_checkpoint,
-    read_preprocessor, record, save_checkpoint, stage_checkpoint, write_feature_report, write_preprocessor,
+    PathLike,
+    checkpoint_preprocessor_state,
+    clear_from,
+    metrics_entry,
+    output_directory,
+    read_checkpoint,
+    read_preprocessor,
+    record,
+    save_checkpoint,
+    stage_checkpoint,
+    write_feature_report,
+    write_preprocessor,
 )
 
 __all__ = ["finetune", "pretrain", "prune", "timed_fit"]
@@ -59,7 +69,10 @@ def timed_fit(
 
 
 def pretrain(
-    trainer: L.Trainer, module: LightFMPModule, datamodule: CTRDataModule, output_dir: PathLike,
+    trainer: L.Trainer,
+    module: LightFMPModule,
+    datamodule: CTRDataModule,
+    output_dir: PathLike,
     ckpt_path: Optional[str] = None,
 ) -> dict[str, Any]:
     """Stage 1: fit backbone and field gates on the datamodule's pretrain subset.
@@ -129,7 +142,10 @@ def prune(
     scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
     write_feature_report(out, report)
     save_checkpoint(
-        None, pruned_module, out / "pruned.ckpt", {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path)},
+        None,
+        pruned_module,
+        out / "pruned.ckpt",
+        {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path)},
         preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
     )
     entry = metrics_entry(pruned_module, scores, None)

@@ -6,8 +6,8 @@ CTRDataModule``.
 
 from typing import Any
 
-from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.formats import FORMATS, adult_path, criteo_schema, read_frame
+from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.schema import FieldSpec, Schema
 from lightfmp.data.splits import Split, split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR, write_criteo_tsv

@@ -1,13 +1,13 @@
 """``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
 
-The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader
-draws index batches (:class:`IndexBatches` yields whole index tensors, sharded across DDP ranks; the
-DataLoader runs with ``batch_size=None``) and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader serves the part of the
-training split chosen by ``subset``: ``"pretrain"`` (a seeded ``pretrain_fraction`` subset, Light-FMP's
-pretrain stage), ``"finetune"`` (the rest, the finetune stage) or ``"full"``; validation and test loaders
-serve the same splits whatever the subset. The finetune stage reuses the pretrain stage's vocabularies
-(``preprocessor=`` a saved file, or :meth:`CTRDataModule.for_subset`, which passes the fitted one on) and
-reads only the kept ``fields``.
+The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader draws
+index batches (:class:`IndexBatches` yields whole index tensors, sharded across DDP ranks; the DataLoader runs
+with ``batch_size=None``) and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader
+serves the part of the training split chosen by ``subset``: ``"pretrain"`` (a seeded ``pretrain_fraction``
+subset, Light-FMP's pretrain stage), ``"finetune"`` (the rest, the finetune stage) or ``"full"``; validation
+and test loaders serve the same splits whatever the subset. The finetune stage reuses the pretrain stage's
+vocabularies (``preprocessor=`` a saved file, or :meth:`CTRDataModule.for_subset`, which passes the fitted one
+on) and reads only the kept ``fields``.
 
 The fitted preprocessor is persisted in one format, :meth:`Preprocessor.state_dict`: Lightning stores
 :meth:`CTRDataModule.state_dict` in every checkpoint under ``DATAMODULE_CHECKPOINT_KEY``, and
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterator, Literal, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -28,8 +29,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from typing_extensions import override
 
-from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
+from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.schema import Schema
 from lightfmp.data.splits import Split, SplitKind, split_indices, train_subsets
 from lightfmp.data.synthetic import SyntheticCTR
@@ -55,8 +56,15 @@ class IndexBatches(DistributedSampler):
     parent's constructor, which needs a process group.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+    ) -> None:
         Sampler.__init__(self)
         if num_replicas is not None and not 0 <= (rank or 0) < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
@@ -191,8 +199,10 @@ class CTRDataModule(L.LightningDataModule):
         if not 0 < pretrain_fraction <= 1:
             raise ValueError(f"pretrain_fraction must be in (0, 1], got {pretrain_fraction}")
         if subset == "finetune" and pretrain_fraction == 1:
-            raise ValueError("subset 'finetune' serves the training rows outside the pretrain subset; "
-                             "with pretrain_fraction=1 there are none")
+            raise ValueError(
+                "subset 'finetune' serves the training rows outside the pretrain subset; "
+                "with pretrain_fraction=1 there are none"
+            )
         if fields is not None and len(fields) == 0:
             raise ValueError("fields must name at least one field (or be None for all)")
         if num_workers < 0:
@@ -239,16 +249,26 @@ class CTRDataModule(L.LightningDataModule):
     def synthetic(self) -> SyntheticCTR:
         """The synthetic task of ``format="synthetic"`` (its ``informative_fields`` are the ground truth)."""
         return SyntheticCTR(
-            num_rows=self.synthetic_rows, num_dense=self.synthetic_dense, num_sparse=self.synthetic_sparse,
-            cardinality=self.synthetic_cardinality, informative=self.synthetic_informative,
-            num_informative=self.synthetic_num_informative, interaction_strength=self.synthetic_interaction,
+            num_rows=self.synthetic_rows,
+            num_dense=self.synthetic_dense,
+            num_sparse=self.synthetic_sparse,
+            cardinality=self.synthetic_cardinality,
+            informative=self.synthetic_informative,
+            num_informative=self.synthetic_num_informative,
+            interaction_strength=self.synthetic_interaction,
             seed=self.seed,
         )
 
     def _read(self, columns: Optional[list[str]]) -> tuple[pd.DataFrame, Schema]:
         if self.format != "synthetic":
-            return read_frame(self.format, self.path, schema=self.schema_path, columns=columns,
-                              chunksize=self.chunksize, max_rows=self.max_rows)
+            return read_frame(
+                self.format,
+                self.path,
+                schema=self.schema_path,
+                columns=columns,
+                chunksize=self.chunksize,
+                max_rows=self.max_rows,
+            )
         synthetic = self.synthetic
         schema = Schema.from_yaml(self.schema_path) if self.schema_path else synthetic.schema
         frame = synthetic.generate()
@@ -278,14 +298,18 @@ class CTRDataModule(L.LightningDataModule):
         time = None
         if self.split == "chronological":
             if schema.time_column is None:
-                raise ValueError(f"split='chronological' needs a time column, and format {self.format!r} has none "
-                                 "(set time_column in a schema YAML, or use split='sequential' for file order)")
+                raise ValueError(
+                    f"split='chronological' needs a time column, and format {self.format!r} has none "
+                    "(set time_column in a schema YAML, or use split='sequential' for file order)"
+                )
             time = frame[schema.time_column].to_numpy()
         splits = split_indices(len(frame), self.val_fraction, self.test_fraction, self.seed, self.split, time)
         pretrain, finetune = train_subsets(splits.train, self.pretrain_fraction, self.seed)
         if self.subset == "finetune" and len(finetune) == 0:
-            raise ValueError(f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
-                             "nothing is left for subset 'finetune'")
+            raise ValueError(
+                f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
+                "nothing is left for subset 'finetune'"
+            )
         if reuse is None:
             reuse = Preprocessor(schema, min_count=self.min_count, hash_threshold=self.hash_threshold)
             reuse.fit(frame.iloc[splits.train])
@@ -359,8 +383,9 @@ class CTRDataModule(L.LightningDataModule):
         """The part of the training split the train loader serves: ``"pretrain"``, ``"finetune"`` or ``"full"``."""
         return self._subset
 
-    def for_subset(self, subset: Subset, fields: Optional[list[str]] = None,
-                   preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
+    def for_subset(
+        self, subset: Subset, fields: Optional[list[str]] = None, preprocessor: Union[str, Preprocessor, None] = None
+    ) -> CTRDataModule:
         """A new datamodule with these settings but another ``subset`` and optionally only ``fields``.
 
         It reuses ``preprocessor`` (a path or an object), else this datamodule's fitted one (so ids match
@@ -379,8 +404,9 @@ class CTRDataModule(L.LightningDataModule):
             out._given_preprocessor = self.preprocessor
         return out
 
-    def for_stage(self, stage: Subset, fields: Optional[list[str]] = None,
-                  preprocessor: Union[str, Preprocessor, None] = None) -> "CTRDataModule":
+    def for_stage(
+        self, stage: Subset, fields: Optional[list[str]] = None, preprocessor: Union[str, Preprocessor, None] = None
+    ) -> CTRDataModule:
         """Deprecated name of :meth:`for_subset`."""
         warnings.warn("CTRDataModule.for_stage is deprecated; use for_subset", DeprecationWarning, stacklevel=2)
         return self.for_subset(stage, fields, preprocessor)

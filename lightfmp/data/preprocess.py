@@ -22,14 +22,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
-
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightfmp.data.schema import FieldSpec, Schema
@@ -60,8 +60,10 @@ class EncodedFrame:
         self._single_col = {n: j for j, n in enumerate(singles)}
         n = self.labels.shape[0]
         if self.dense.shape != (n, len(self.spec.dense)) or self.sparse.shape != (n, len(singles)):
-            raise ValueError(f"EncodedFrame: inconsistent shapes dense {tuple(self.dense.shape)}, sparse "
-                             f"{tuple(self.sparse.shape)} for {n} rows and spec {self.spec.names}")
+            raise ValueError(
+                f"EncodedFrame: inconsistent shapes dense {tuple(self.dense.shape)}, sparse "
+                f"{tuple(self.sparse.shape)} for {n} rows and spec {self.spec.names}"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -107,8 +109,12 @@ class EncodedFrame:
         offset_per_key = np.concatenate([[0], np.cumsum(per_key, dtype=np.int64)]).tolist()
         # Metadata given up front: from_lengths_sync would recompute it (about 15 ms for 26 keys x 4096 rows).
         kjt = KeyedJaggedTensor(
-            keys=keys, values=all_values, lengths=all_lengths, stride=b,
-            length_per_key=list(per_key), offset_per_key=offset_per_key,
+            keys=keys,
+            values=all_values,
+            lengths=all_lengths,
+            stride=b,
+            length_per_key=list(per_key),
+            offset_per_key=offset_per_key,
         )
         return CTRBatch(dense=self.dense[index], sparse=kjt, labels=self.labels[index])
 
@@ -202,7 +208,7 @@ class Preprocessor:
     def is_fitted(self) -> bool:
         return all(f.name in self.states for f in self.schema.fields)
 
-    def fit(self, frame: pd.DataFrame) -> "Preprocessor":
+    def fit(self, frame: pd.DataFrame) -> Preprocessor:
         """Fit every field on ``frame`` (the training split only)."""
         self._check_columns(frame, with_label=False)
         if len(frame) == 0:
@@ -244,7 +250,9 @@ class Preprocessor:
             raise ValueError(f"dense field {f.name!r} has a non-numeric value: {e}") from None
         if np.isinf(x).any():
             i = int(np.flatnonzero(np.isinf(x))[0])
-            raise ValueError(f"dense field {f.name!r} has an infinite value at row {i}; expected finite numbers or missing")
+            raise ValueError(
+                f"dense field {f.name!r} has an infinite value at row {i}; expected finite numbers or missing"
+            )
         return x
 
     # -- encoding
@@ -256,7 +264,9 @@ class Preprocessor:
         wanted = list(self.schema.names) + ([self.schema.label] if with_label else [])
         missing = [c for c in wanted if c not in frame.columns]
         if missing:
-            raise ValueError(f"the frame lacks column(s) {missing} required by the schema; it has {list(frame.columns)}")
+            raise ValueError(
+                f"the frame lacks column(s) {missing} required by the schema; it has {list(frame.columns)}"
+            )
 
     def num_embeddings(self, name: str) -> int:
         st = self.states[name]
@@ -276,7 +286,8 @@ class Preprocessor:
             dense=tuple(f.name for f in self.schema.fields if f.is_dense_input),
             sparse=tuple(
                 SparseFeature(f.name, self.num_embeddings(f.name), multi_valued=f.kind == "multi", pooling=f.pooling)
-                for f in self.schema.fields if not f.is_dense_input
+                for f in self.schema.fields
+                if not f.is_dense_input
             ),
         )
 
@@ -350,7 +361,7 @@ class Preprocessor:
         )
 
     # -- restriction and persistence
-    def select(self, names: Iterable[str]) -> "Preprocessor":
+    def select(self, names: Iterable[str]) -> Preprocessor:
         """The preprocessor restricted to ``names`` (same ids); unknown names raise ``KeyError``."""
         schema = self.schema.select(names)
         out = Preprocessor(schema, min_count=self.min_count, hash_threshold=self.hash_threshold)
@@ -370,7 +381,9 @@ class Preprocessor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported preprocessor state version {state.get('version')!r}; expected {STATE_VERSION}")
+            raise ValueError(
+                f"unsupported preprocessor state version {state.get('version')!r}; expected {STATE_VERSION}"
+            )
         schema = Schema.from_dict(state["schema"])
         missing = [n for n in schema.names if n not in state["fields"]]
         if missing:
@@ -382,7 +395,7 @@ class Preprocessor:
         self._indexes = {}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "Preprocessor":
+    def from_state_dict(cls, state: dict[str, Any]) -> Preprocessor:
         out = cls(Schema.from_dict(state["schema"]))
         out.load_state_dict(state)
         return out
@@ -392,16 +405,16 @@ class Preprocessor:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         data = json.dumps(self.state_dict()).encode()
-        with (gzip.open(tmp, "wb") if path.suffix == ".gz" else open(tmp, "wb")) as fh:
+        with gzip.open(tmp, "wb") if path.suffix == ".gz" else open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Preprocessor":
+    def load(cls, path: Union[str, Path]) -> Preprocessor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"preprocessor file {str(path)!r} does not exist")
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
             try:
                 state = json.loads(fh.read())
             except json.JSONDecodeError as e:

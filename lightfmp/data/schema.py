@@ -26,9 +26,11 @@ Schemas come from YAML (:meth:`Schema.from_yaml`)::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields as dc_fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dc_fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -149,7 +151,7 @@ class Schema:
             raise KeyError(f"unknown {what} name(s) {unknown}; the schema has {list(self.names)}")
         return names
 
-    def select(self, names: Iterable[str]) -> "Schema":
+    def select(self, names: Iterable[str]) -> Schema:
         """The schema restricted to ``names`` (schema order kept); unknown names raise ``KeyError``."""
         keep = set(self.check_names(names))
         if not keep:
@@ -161,7 +163,7 @@ class Schema:
             positive=self.positive,
         )
 
-    def replace_fields(self, fields: Iterable[FieldSpec]) -> "Schema":
+    def replace_fields(self, fields: Iterable[FieldSpec]) -> Schema:
         return Schema(label=self.label, fields=tuple(fields), time_column=self.time_column, positive=self.positive)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +175,7 @@ class Schema:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "schema") -> "Schema":
+    def from_dict(cls, d: dict[str, Any], source: str = "schema") -> Schema:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a mapping with 'label' and 'fields', got {type(d).__name__}")
         allowed = ("label", "fields", "time_column", "positive")
@@ -193,8 +195,10 @@ class Schema:
                 raise ValueError(f"{source}: fields[{i}] must be a mapping or a name, got {fd!r}")
             bad = sorted(set(fd) - set(_FIELD_KEYS))
             if bad:
-                raise ValueError(f"{source}: fields[{i}] ({fd.get('name')!r}) has unknown key(s) {bad}; "
-                                 f"expected some of {list(_FIELD_KEYS)}")
+                raise ValueError(
+                    f"{source}: fields[{i}] ({fd.get('name')!r}) has unknown key(s) {bad}; "
+                    f"expected some of {list(_FIELD_KEYS)}"
+                )
             if "name" not in fd:
                 raise ValueError(f"{source}: fields[{i}] has no 'name'")
             specs.append(FieldSpec(**fd))
@@ -205,7 +209,7 @@ class Schema:
         return cls(label=str(d["label"]), fields=tuple(specs), time_column=d.get("time_column"), positive=positive)
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "Schema":
+    def from_yaml(cls, path: Union[str, Path]) -> Schema:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"schema file {str(path)!r} does not exist")

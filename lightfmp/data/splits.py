@@ -15,8 +15,8 @@ All index arrays are sorted int64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -31,15 +31,25 @@ class Split:
     test: np.ndarray
 
 
-def split_indices(n: int, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                  kind: SplitKind = "random", time: Optional[np.ndarray] = None) -> Split:
+def split_indices(
+    n: int,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    kind: SplitKind = "random",
+    time: Optional[np.ndarray] = None,
+) -> Split:
     """Row indices of the three splits of ``n`` rows (see the module docstring)."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1, got "
-                         f"{val_fraction} and {test_fraction}")
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1, got "
+            f"{val_fraction} and {test_fraction}"
+        )
     n_test, n_val = int(round(test_fraction * n)), int(round(val_fraction * n))
     if n - n_test - n_val < 1:
-        raise ValueError(f"{n} rows leave no training rows with val_fraction={val_fraction}, test_fraction={test_fraction}")
+        raise ValueError(
+            f"{n} rows leave no training rows with val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
     if kind == "random":
         order = np.random.default_rng(seed).permutation(n)
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
@@ -52,7 +62,9 @@ def split_indices(n: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
         if time.shape != (n,):
             raise ValueError(f"time must have shape ({n},), got {time.shape}")
         if time.dtype.kind == "f" and np.isnan(time).any():
-            raise ValueError(f"the time column has missing values at rows {np.flatnonzero(np.isnan(time))[:5].tolist()}")
+            raise ValueError(
+                f"the time column has missing values at rows {np.flatnonzero(np.isnan(time))[:5].tolist()}"
+            )
         order = np.argsort(time, kind="stable")
         train, val, test = order[: n - n_val - n_test], order[n - n_val - n_test : n - n_test], order[n - n_test :]
     else:
@@ -72,7 +84,8 @@ def train_subsets(train: np.ndarray, pretrain_fraction: float, seed: int = 0) ->
 
 def __getattr__(name: str) -> Any:
     if name == "stage_subsets":
-        warnings.warn("lightfmp.data.splits.stage_subsets is deprecated; use train_subsets", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "lightfmp.data.splits.stage_subsets is deprecated; use train_subsets", DeprecationWarning, stacklevel=2
+        )
         return train_subsets
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,10 +19,11 @@ ground truth for tests and benchmarks. Generation is vectorised (millions of row
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,9 @@ class SyntheticCTR:
         if self.num_rows < 1:
             raise ValueError(f"num_rows must be >= 1, got {self.num_rows}")
         if self.num_dense < 0 or self.num_sparse < 0 or self.num_dense + self.num_sparse == 0:
-            raise ValueError(f"need num_dense >= 0, num_sparse >= 0 and at least one field, got "
-                             f"{self.num_dense}, {self.num_sparse}")
+            raise ValueError(
+                f"need num_dense >= 0, num_sparse >= 0 and at least one field, got {self.num_dense}, {self.num_sparse}"
+            )
         cards = self.cardinalities
         if any(c < 1 for c in cards):
             raise ValueError(f"cardinalities must be >= 1, got {list(cards)}")
@@ -79,7 +81,9 @@ class SyntheticCTR:
             if unknown:
                 raise KeyError(f"unknown informative field(s) {unknown}; the fields are {list(names)}")
         elif not 0 <= self.num_informative <= self.num_dense + self.num_sparse:
-            raise ValueError(f"num_informative must be in 0..{self.num_dense + self.num_sparse}, got {self.num_informative}")
+            raise ValueError(
+                f"num_informative must be in 0..{self.num_dense + self.num_sparse}, got {self.num_informative}"
+            )
 
     @property
     def cardinalities(self) -> tuple[int, ...]:

@@ -23,7 +23,11 @@ def random_batch(spec: ModelInputs = SPEC, batch_size: int = 6, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     lengths, values = [], []
     for f in spec.sparse:
-        n = torch.randint(0, 4, (batch_size,), generator=g) if f.multi_valued else torch.ones(batch_size, dtype=torch.long)
+        n = (
+            torch.randint(0, 4, (batch_size,), generator=g)
+            if f.multi_valued
+            else torch.ones(batch_size, dtype=torch.long)
+        )
         lengths.append(n)
         values.append(torch.randint(0, f.num_embeddings, (int(n.sum()),), generator=g))
     sparse = KeyedJaggedTensor.from_lengths_sync(

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lightfmp.inputs import ModelInputs
 from lightfmp.backbones import BACKBONES, build_backbone
+from lightfmp.inputs import ModelInputs
 from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 KEEPS = {

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC
 
-from lightfmp.metrics import BinaryLogLoss
 from lightfmp.lightning_module import LightFMPModule, evaluate
+from lightfmp.metrics import BinaryLogLoss
 from tests.lightfmp.batches import SPEC, random_batch, restrict
 
 
@@ -45,7 +45,11 @@ def test_checkpoint_round_trip_and_pruned_module(tmp_path):
         module.gate.log_alpha.copy_(torch.linspace(-3, 3, SPEC.num_fields))
     path = tmp_path / "m.ckpt"
     torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__},
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
         path,
     )
     loaded = LightFMPModule.load_from_checkpoint(path)
@@ -57,7 +61,9 @@ def test_checkpoint_round_trip_and_pruned_module(tmp_path):
     small = module.pruned(kept)
     assert small.gate is None and small.hparams.field_mask is False and small.num_parameters() < module.num_parameters()
     gates = module.gate.kept_mask().float()[None].expand(8, -1)
-    torch.testing.assert_close(small(restrict(batch, SPEC, small.feature_spec)), module(batch, gates), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        small(restrict(batch, SPEC, small.feature_spec)), module(batch, gates), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_checkpoint_from_other_schema_is_rejected(tmp_path):

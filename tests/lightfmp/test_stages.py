@@ -14,10 +14,30 @@ from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.lightning_module import LightFMPModule, evaluate
 
 TINY = [
-    "--data.format", "synthetic", "--data.synthetic_rows", "3000", "--data.synthetic_dense", "4",
-    "--data.synthetic_sparse", "6", "--data.synthetic_num_informative", "3", "--data.batch_size", "256",
-    "--data.pretrain_fraction", "0.5", "--model.backbone", "dlrm", "--model.embedding_dim", "4",
-    "--model.hidden", "[16]", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+    "--data.format",
+    "synthetic",
+    "--data.synthetic_rows",
+    "3000",
+    "--data.synthetic_dense",
+    "4",
+    "--data.synthetic_sparse",
+    "6",
+    "--data.synthetic_num_informative",
+    "3",
+    "--data.batch_size",
+    "256",
+    "--data.pretrain_fraction",
+    "0.5",
+    "--model.backbone",
+    "dlrm",
+    "--model.embedding_dim",
+    "4",
+    "--model.hidden",
+    "[16]",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
 ]
 
 
@@ -29,12 +49,20 @@ def test_planted_fields_are_recovered():
     """Precision and recall of the kept fields >= 0.9 on a task whose label uses 5 of 20 fields."""
     L.seed_everything(0, verbose=False)
     dm = CTRDataModule(
-        format="synthetic", synthetic_rows=20000, synthetic_dense=8, synthetic_sparse=12, synthetic_num_informative=5,
-        batch_size=256, pretrain_fraction=0.5, subset="pretrain", seed=0,
+        format="synthetic",
+        synthetic_rows=20000,
+        synthetic_dense=8,
+        synthetic_sparse=12,
+        synthetic_num_informative=5,
+        batch_size=256,
+        pretrain_fraction=0.5,
+        subset="pretrain",
+        seed=0,
     )
     module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=(64,), l0_weight=0.02, lr=0.01)
-    L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, dm)
+    L.Trainer(
+        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    ).fit(module, dm)
     report = module.gate.report()
     kept = set(report.field[report.kept])
     truth = set(dm.synthetic.informative_fields)
@@ -66,9 +94,17 @@ def test_stage_subcommands_write_consistent_outputs(tmp_path):
     # the pruned checkpoint equals the stage-1 model with its gates fixed to 0/1, on real batches
     masked = LightFMPModule.load_from_checkpoint(out / "pretrain.ckpt").eval()
     pruned = LightFMPModule.load_from_checkpoint(out / "pruned.ckpt").eval()
-    assert pruned.gate is None and list(pruned.feature_spec.names) == [n for n in masked.feature_spec.names if n in kept]
-    dm = CTRDataModule(format="synthetic", synthetic_rows=3000, synthetic_dense=4, synthetic_sparse=6,
-                       synthetic_num_informative=3, batch_size=256)
+    assert pruned.gate is None and list(pruned.feature_spec.names) == [
+        n for n in masked.feature_spec.names if n in kept
+    ]
+    dm = CTRDataModule(
+        format="synthetic",
+        synthetic_rows=3000,
+        synthetic_dense=4,
+        synthetic_sparse=6,
+        synthetic_num_informative=3,
+        batch_size=256,
+    )
     dm.setup()
     small = dm.for_subset("finetune", fields=kept, preprocessor=str(out / "preprocessor.json"))
     small.setup()
@@ -84,8 +120,21 @@ def test_pipeline_on_a_criteo_file_with_defaults(tmp_path, capsys):
     """The least a user types: format, path and output directory."""
     data = SyntheticCTR(num_rows=1500, seed=3).write_criteo_tsv(tmp_path / "train.txt")
     out = tmp_path / "out"
-    cli("pipeline", "--data.format", "criteo", "--data.path", str(data), "--output_dir", str(out),
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--model.hidden", "[16]")
+    cli(
+        "pipeline",
+        "--data.format",
+        "criteo",
+        "--data.path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.hidden",
+        "[16]",
+    )
     printed = capsys.readouterr().out
     assert "kept" in printed and "finetune" in printed
     metrics = outputs.read_metrics(out)

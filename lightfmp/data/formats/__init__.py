@@ -14,37 +14,69 @@ One module per format (its docstring describes the layout): :mod:`.criteo`, :mod
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Optional, Union
 
 import pandas as pd
 
+from lightfmp.data.formats.adult import ADULT_COLUMNS, ADULT_DENSE, adult_path, adult_schema, read_adult  # noqa: E402
+from lightfmp.data.formats.avazu import avazu_schema, read_avazu  # noqa: E402
 from lightfmp.data.formats.base import DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts
-from lightfmp.data.formats.registry import READERS, Format, Reader, register_reader
-from lightfmp.data.schema import Schema
 
 # Imported for their registration, in FORMATS order.
 from lightfmp.data.formats.criteo import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, criteo_schema, read_criteo  # noqa: E402
-from lightfmp.data.formats.avazu import avazu_schema, read_avazu  # noqa: E402
 from lightfmp.data.formats.movielens import (  # noqa: E402
-    ML100K_GENRES, ML_AGE_GROUPS, movielens_schema, read_movielens,
+    ML100K_GENRES,
+    ML_AGE_GROUPS,
+    movielens_schema,
+    read_movielens,
 )
-from lightfmp.data.formats.adult import ADULT_COLUMNS, ADULT_DENSE, adult_path, adult_schema, read_adult  # noqa: E402
+from lightfmp.data.formats.registry import READERS, Format, Reader, register_reader
 from lightfmp.data.formats.table import read_csv, read_parquet, read_table  # noqa: E402
+from lightfmp.data.schema import Schema
 
 FORMATS: tuple[str, ...] = tuple(READERS)
 
 __all__ = [
-    "ADULT_COLUMNS", "ADULT_DENSE", "CRITEO_NUM_DENSE", "CRITEO_NUM_SPARSE", "DEFAULT_CHUNKSIZE", "FORMATS",
-    "ML100K_GENRES", "ML_AGE_GROUPS", "READERS", "Format", "PathLike", "Reader", "adult_path", "adult_schema",
-    "avazu_schema", "binary_labels", "check_field_counts", "criteo_schema", "movielens_schema", "read_adult",
-    "read_avazu", "read_criteo", "read_csv", "read_frame", "read_movielens", "read_parquet", "read_table",
+    "ADULT_COLUMNS",
+    "ADULT_DENSE",
+    "CRITEO_NUM_DENSE",
+    "CRITEO_NUM_SPARSE",
+    "DEFAULT_CHUNKSIZE",
+    "FORMATS",
+    "ML100K_GENRES",
+    "ML_AGE_GROUPS",
+    "READERS",
+    "Format",
+    "PathLike",
+    "Reader",
+    "adult_path",
+    "adult_schema",
+    "avazu_schema",
+    "binary_labels",
+    "check_field_counts",
+    "criteo_schema",
+    "movielens_schema",
+    "read_adult",
+    "read_avazu",
+    "read_criteo",
+    "read_csv",
+    "read_frame",
+    "read_movielens",
+    "read_parquet",
+    "read_table",
     "register_reader",
 ]
 
 
-def read_frame(format: str, path: Optional[PathLike] = None, schema: Union[Schema, PathLike, None] = None,
-               columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-               max_rows: Optional[int] = None) -> tuple[pd.DataFrame, Schema]:
+def read_frame(
+    format: str,
+    path: Optional[PathLike] = None,
+    schema: Union[Schema, PathLike, None] = None,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """Read a data set into ``(frame, schema)``; see the module docstring for formats and frame layout.
 
     Args:
@@ -67,5 +99,6 @@ def read_frame(format: str, path: Optional[PathLike] = None, schema: Union[Schem
         raise ValueError(f"format {format!r} needs a path")
     if schema is not None and not isinstance(schema, Schema):
         schema = Schema.from_yaml(schema)
-    return reader.read(path, columns=None if columns is None else list(columns), chunksize=chunksize,
-                       max_rows=max_rows, schema=schema)
+    return reader.read(
+        path, columns=None if columns is None else list(columns), chunksize=chunksize, max_rows=max_rows, schema=schema
+    )

@@ -3,23 +3,46 @@ is 1, ``<=50K`` or ``<=50K.`` is 0), ``?`` is missing."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from lightfmp.data.formats.base import (
-    DEFAULT_CHUNKSIZE, PathLike, check_field_counts, check_file, concat_chunks, convert_fields, fast_then_exact,
-    finish_frame, override_schema, read_chunks, read_header, select_columns,
+    DEFAULT_CHUNKSIZE,
+    PathLike,
+    check_field_counts,
+    check_file,
+    concat_chunks,
+    convert_fields,
+    fast_then_exact,
+    finish_frame,
+    override_schema,
+    read_chunks,
+    read_header,
+    select_columns,
 )
 from lightfmp.data.formats.registry import register_reader
 from lightfmp.data.schema import FieldSpec, Schema
 
 ADULT_COLUMNS = (
-    "age", "workclass", "fnlwgt", "education", "educational-num", "marital-status", "occupation",
-    "relationship", "race", "gender", "capital-gain", "capital-loss", "hours-per-week", "native-country",
+    "age",
+    "workclass",
+    "fnlwgt",
+    "education",
+    "educational-num",
+    "marital-status",
+    "occupation",
+    "relationship",
+    "race",
+    "gender",
+    "capital-gain",
+    "capital-loss",
+    "hours-per-week",
+    "native-country",
     "income",
 )
 ADULT_DENSE = ("age", "fnlwgt", "educational-num", "capital-gain", "capital-loss", "hours-per-week")
@@ -37,9 +60,13 @@ def adult_schema() -> Schema:
 
 
 @register_reader("adult", needs_path=False)
-def read_adult(path: Optional[PathLike] = None, columns: Optional[Iterable[str]] = None,
-               chunksize: int = DEFAULT_CHUNKSIZE, max_rows: Optional[int] = None,
-               schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
+def read_adult(
+    path: Optional[PathLike] = None,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """UCI Adult CSV with header; ``path=None`` reads the copy packaged with lightfmp."""
     if path is None:
         path = adult_path()
@@ -57,16 +84,26 @@ def read_adult(path: Optional[PathLike] = None, columns: Optional[Iterable[str]]
     def collect(dense_dtype: Any) -> list[pd.DataFrame]:
         dtypes = {raw: (dense_dtype if raw.strip() in dense else str) for raw in raw_header}
         chunks, offset = [], 0
-        for chunk in read_chunks(path, chunksize, max_rows, usecols=lambda c: c.strip() in schema.columns,
-                                  dtype=dtypes, keep_default_na=False, na_values=["", "?"], skipinitialspace=True):
+        for chunk in read_chunks(
+            path,
+            chunksize,
+            max_rows,
+            usecols=lambda c: c.strip() in schema.columns,
+            dtype=dtypes,
+            keep_default_na=False,
+            na_values=["", "?"],
+            skipinitialspace=True,
+        ):
             chunk.columns = [c.strip() for c in chunk.columns]
             lines = offset + 2 + np.arange(len(chunk))
             raw = chunk["income"].str.strip().str.rstrip(".")
             known = raw.isin([">50K", "<=50K"]).to_numpy()
             if not known.all():
                 i = int(np.flatnonzero(~known)[0])
-                raise ValueError(f"non-binary label {chunk['income'].iloc[i]!r} in column 'income' of {str(path)!r} "
-                                 f"at line {int(lines[i])}: expected '>50K' or '<=50K' (optionally with a final '.')")
+                raise ValueError(
+                    f"non-binary label {chunk['income'].iloc[i]!r} in column 'income' of {str(path)!r} "
+                    f"at line {int(lines[i])}: expected '>50K' or '<=50K' (optionally with a final '.')"
+                )
             chunk["income"] = (raw == ">50K").astype(np.int8)
             for f in schema.fields:
                 if f.kind != "dense":

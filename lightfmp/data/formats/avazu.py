@@ -3,14 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from lightfmp.data.formats.base import (
-    DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts, check_file, concat_chunks, convert_fields,
-    finish_frame, override_schema, read_chunks, read_header, select_columns,
+    DEFAULT_CHUNKSIZE,
+    PathLike,
+    binary_labels,
+    check_field_counts,
+    check_file,
+    concat_chunks,
+    convert_fields,
+    finish_frame,
+    override_schema,
+    read_chunks,
+    read_header,
+    select_columns,
 )
 from lightfmp.data.formats.registry import register_reader
 from lightfmp.data.schema import FieldSpec, Schema
@@ -24,15 +35,22 @@ def avazu_schema(file_columns: Sequence[str]) -> Schema:
 
 
 @register_reader("avazu")
-def read_avazu(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-               max_rows: Optional[int] = None, schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
+def read_avazu(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """Avazu CSV with header (see the module docstring)."""
     path = check_file(path)
     header = read_header(path)
     missing = [c for c in ("click", "hour") if c not in header]
     if missing:
-        raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing} "
-                         f"(an Avazu file needs 'click' and 'hour'); the file has {header}")
+        raise ValueError(
+            f"schema does not match {str(path)!r}: missing column(s) {missing} "
+            f"(an Avazu file needs 'click' and 'hour'); the file has {header}"
+        )
     check_field_counts(path, ",", expected=len(header), skip_lines=1)
     full = avazu_schema(header)
     full = override_schema(full, schema)
@@ -40,16 +58,19 @@ def read_avazu(path: PathLike, columns: Optional[Iterable[str]] = None, chunksiz
     derived = {"hour_of_day", "weekday", "weekend"}
     usecols = ["click", "hour"] + [n for n in schema.names if n not in derived]
     chunks, offset = [], 0
-    for chunk in read_chunks(path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False,
-                              na_values=[""]):
+    for chunk in read_chunks(
+        path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""]
+    ):
         lines = offset + 2 + np.arange(len(chunk))
         chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
         when = pd.to_datetime(chunk["hour"], format="%y%m%d%H", errors="coerce")
         bad = when.isna().to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
-                             "expected YYMMDDHH")
+            raise ValueError(
+                f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
+                "expected YYMMDDHH"
+            )
         chunk["hour"] = chunk["hour"].astype(np.int64)
         chunk["hour_of_day"] = when.dt.hour.astype(str)
         chunk["weekday"] = when.dt.dayofweek.astype(str)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gzip
 import io
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -38,8 +39,14 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def check_field_counts(path: PathLike, sep: str, expected: Optional[int] = None, skip_lines: int = 0,
-                       quote: Optional[str] = None, block_bytes: int = 1 << 24) -> int:
+def check_field_counts(
+    path: PathLike,
+    sep: str,
+    expected: Optional[int] = None,
+    skip_lines: int = 0,
+    quote: Optional[str] = None,
+    block_bytes: int = 1 << 24,
+) -> int:
     """Check that every record of a delimited file has the same number of fields; vectorised with numpy.
 
     ``expected``: the field count every record must have (the first checked record's count when None).
@@ -184,8 +191,9 @@ def to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) ->
     return num.astype(np.float64)
 
 
-def binary_labels(raw: pd.Series, path: Path, lines: np.ndarray, name: str,
-                  positive: Optional[Sequence[Any]] = None) -> pd.Series:
+def binary_labels(
+    raw: pd.Series, path: Path, lines: np.ndarray, name: str, positive: Optional[Sequence[Any]] = None
+) -> pd.Series:
     """The label as int8 0/1. With ``positive``: 1 where ``raw`` (as a stripped string) is one of them.
 
     Without: the raw label must be 0/1, 0.0/1.0 or true/false. Missing or other values raise naming the
@@ -220,8 +228,10 @@ def override_schema(full: Schema, schema: Optional[Schema]) -> Schema:
         return full
     full.check_names(schema.names)
     if schema.label != full.label or schema.time_column not in (None, full.time_column):
-        raise ValueError(f"a schema for this format must keep label {full.label!r} and time column "
-                         f"{full.time_column!r}, got {schema.label!r} and {schema.time_column!r}")
+        raise ValueError(
+            f"a schema for this format must keep label {full.label!r} and time column "
+            f"{full.time_column!r}, got {schema.label!r} and {schema.time_column!r}"
+        )
     return schema
 
 

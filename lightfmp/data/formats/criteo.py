@@ -3,14 +3,25 @@ categories, may be empty). A file with more categorical columns is read as C1..C
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from lightfmp.data.formats.base import (
-    DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts, check_file, concat_chunks, convert_fields,
-    fast_then_exact, finish_frame, override_schema, read_chunks, select_columns,
+    DEFAULT_CHUNKSIZE,
+    PathLike,
+    binary_labels,
+    check_field_counts,
+    check_file,
+    concat_chunks,
+    convert_fields,
+    fast_then_exact,
+    finish_frame,
+    override_schema,
+    read_chunks,
+    select_columns,
 )
 from lightfmp.data.formats.registry import register_reader
 from lightfmp.data.schema import FieldSpec, Schema
@@ -29,25 +40,47 @@ def criteo_schema(num_dense: int = CRITEO_NUM_DENSE, num_sparse: int = CRITEO_NU
 
 
 @register_reader("criteo")
-def read_criteo(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-                max_rows: Optional[int] = None, schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
+def read_criteo(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """Criteo Kaggle/DAC TSV (see the module docstring)."""
     path = check_file(path)
     n = check_field_counts(path, "\t")
     if n < 1 + CRITEO_NUM_DENSE + 1:
-        raise ValueError(f"{str(path)!r} has {n} tab-separated fields; the Criteo layout needs label, "
-                         f"I1..I{CRITEO_NUM_DENSE} and at least one categorical field")
+        raise ValueError(
+            f"{str(path)!r} has {n} tab-separated fields; the Criteo layout needs label, "
+            f"I1..I{CRITEO_NUM_DENSE} and at least one categorical field"
+        )
     full = criteo_schema(CRITEO_NUM_DENSE, n - 1 - CRITEO_NUM_DENSE)
     full = override_schema(full, schema)
     schema = select_columns(full, columns)
-    names = ["label"] + [f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)] + [f"C{i}" for i in range(1, n - CRITEO_NUM_DENSE)]
+    names = (
+        ["label"]
+        + [f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)]
+        + [f"C{i}" for i in range(1, n - CRITEO_NUM_DENSE)]
+    )
     usecols = ["label"] + list(schema.names)
 
     def collect(dense_dtype: Any) -> list[pd.DataFrame]:
         dtypes = {c: (dense_dtype if c in dense else str) for c in usecols}
         chunks, offset = [], 0
-        for chunk in read_chunks(path, chunksize, max_rows, sep="\t", header=None, names=names, usecols=usecols,
-                                  dtype=dtypes, keep_default_na=False, na_values=[""], quoting=3):
+        for chunk in read_chunks(
+            path,
+            chunksize,
+            max_rows,
+            sep="\t",
+            header=None,
+            names=names,
+            usecols=usecols,
+            dtype=dtypes,
+            keep_default_na=False,
+            na_values=[""],
+            quoting=3,
+        ):
             lines = offset + 1 + np.arange(len(chunk))
             chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
             chunks.append(convert_fields(chunk, schema, path, lines))

@@ -5,21 +5,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from lightfmp.data.formats.base import (
-    DEFAULT_CHUNKSIZE, PathLike, check_field_counts, check_file, finish_frame, override_schema, select_columns,
+    DEFAULT_CHUNKSIZE,
+    PathLike,
+    check_field_counts,
+    check_file,
+    finish_frame,
+    override_schema,
+    select_columns,
 )
 from lightfmp.data.formats.registry import register_reader
 from lightfmp.data.schema import FieldSpec, Schema
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 # ml-1m's age groups (lower bounds); ml-100k's exact ages are bucketed into them.
 ML_AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)
@@ -31,9 +55,14 @@ def movielens_schema() -> Schema:
         label="rating",
         time_column="timestamp",
         fields=(
-            FieldSpec("user_id"), FieldSpec("item_id"), FieldSpec("age"), FieldSpec("gender"),
-            FieldSpec("occupation"), FieldSpec("zip_prefix"),
-            FieldSpec("genres", kind="multi", separator="|", pooling="mean"), FieldSpec("release_year"),
+            FieldSpec("user_id"),
+            FieldSpec("item_id"),
+            FieldSpec("age"),
+            FieldSpec("gender"),
+            FieldSpec("occupation"),
+            FieldSpec("zip_prefix"),
+            FieldSpec("genres", kind="multi", separator="|", pooling="mean"),
+            FieldSpec("release_year"),
         ),
     )
 
@@ -41,8 +70,16 @@ def movielens_schema() -> Schema:
 def _ml_table(path: Path, sep: str, names: Sequence[str], encoding: str) -> pd.DataFrame:
     check_file(path)
     check_field_counts(path, sep, expected=len(names))
-    kwargs: dict[str, Any] = dict(sep=sep, header=None, names=list(names), dtype=str, keep_default_na=False,
-                                  na_values=[""], encoding=encoding, quoting=3)
+    kwargs: dict[str, Any] = dict(
+        sep=sep,
+        header=None,
+        names=list(names),
+        dtype=str,
+        keep_default_na=False,
+        na_values=[""],
+        encoding=encoding,
+        quoting=3,
+    )
     if len(sep) > 1:
         kwargs["engine"] = "python"
         kwargs["sep"] = sep.replace(":", "[:]")  # a literal multi-character separator, not a regex
@@ -57,13 +94,20 @@ def _ml_int(col: pd.Series, path: Path, name: str, line_offset: int = 1) -> pd.S
     bad = (num.isna() | (num != num.round())).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"malformed {name} {col.iloc[i]!r} in {str(path)!r} at line {i + line_offset}: expected an integer")
+        raise ValueError(
+            f"malformed {name} {col.iloc[i]!r} in {str(path)!r} at line {i + line_offset}: expected an integer"
+        )
     return num.astype(np.int64)
 
 
 @register_reader("movielens")
-def read_movielens(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-                   max_rows: Optional[int] = None, schema: Optional[Schema] = None) -> tuple[pd.DataFrame, Schema]:
+def read_movielens(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """A GroupLens MovieLens directory (ml-100k or ml-1m layout; see the module docstring)."""
     root = Path(path)
     if root.is_file():
@@ -90,8 +134,10 @@ def read_movielens(path: PathLike, columns: Optional[Iterable[str]] = None, chun
         items = _ml_table(root / "movies.dat", "::", ["item_id", "title", "genres"], "latin-1")
         items["release_year"] = items["title"].str.extract(r"\((\d{4})\)\s*$", expand=False)
     else:
-        raise ValueError(f"{str(root)!r} is not a MovieLens directory: expected u.data, u.user, u.item (ml-100k) "
-                         "or ratings.dat, users.dat, movies.dat (ml-1m)")
+        raise ValueError(
+            f"{str(root)!r} is not a MovieLens directory: expected u.data, u.user, u.item (ml-100k) "
+            "or ratings.dat, users.dat, movies.dat (ml-1m)"
+        )
     if len(ratings) == 0:
         raise ValueError(f"data file {str(ratings_path)!r} has no data rows")
     if max_rows is not None:
@@ -109,8 +155,10 @@ def read_movielens(path: PathLike, columns: Optional[Iterable[str]] = None, chun
         unknown = ~ratings[key].isin(table[key])
         if unknown.any():
             i = int(np.flatnonzero(unknown.to_numpy())[0])
-            raise ValueError(f"rating at line {i + 1} of {str(ratings_path)!r} refers to {key} {ratings[key].iloc[i]!r} "
-                             f"that the {what} table does not list")
+            raise ValueError(
+                f"rating at line {i + 1} of {str(ratings_path)!r} refers to {key} {ratings[key].iloc[i]!r} "
+                f"that the {what} table does not list"
+            )
     users["zip_prefix"] = users["zip"].str[:3]
     frame = ratings.merge(users[["user_id", "age", "gender", "occupation", "zip_prefix"]], on="user_id", how="left")
     frame = frame.merge(items[["item_id", "genres", "release_year"]], on="item_id", how="left")

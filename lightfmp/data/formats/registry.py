@@ -3,8 +3,9 @@ add themselves (``lightfmp.data.formats`` imports them in ``FORMATS`` order)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Optional, Protocol, TypeVar
 
 import pandas as pd
 
@@ -14,8 +15,15 @@ from lightfmp.data.schema import Schema
 class Reader(Protocol):
     """How :func:`~lightfmp.data.formats.read_frame` calls a format: keyword arguments, ``(frame, schema)`` back."""
 
-    def __call__(self, path: Any, *, columns: Optional[list[str]], chunksize: int, max_rows: Optional[int],
-                 schema: Optional[Schema]) -> tuple[pd.DataFrame, Schema]: ...
+    def __call__(
+        self,
+        path: Any,
+        *,
+        columns: Optional[list[str]],
+        chunksize: int,
+        max_rows: Optional[int],
+        schema: Optional[Schema],
+    ) -> tuple[pd.DataFrame, Schema]: ...
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,38 @@ a :class:`~lightfmp.data.schema.Schema`)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 
 from lightfmp.data.formats.base import (
-    DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts, check_file, concat_chunks, convert_fields,
-    fast_then_exact, finish_frame, read_chunks, read_header, select_columns,
+    DEFAULT_CHUNKSIZE,
+    PathLike,
+    binary_labels,
+    check_field_counts,
+    check_file,
+    concat_chunks,
+    convert_fields,
+    fast_then_exact,
+    finish_frame,
+    read_chunks,
+    read_header,
+    select_columns,
 )
 from lightfmp.data.formats.registry import register_reader
 from lightfmp.data.schema import Schema
 
 
-def read_table(path: PathLike, schema: Union[Schema, PathLike, None], columns: Optional[Iterable[str]] = None,
-               chunksize: int = DEFAULT_CHUNKSIZE, max_rows: Optional[int] = None,
-               file_format: str = "csv") -> tuple[pd.DataFrame, Schema]:
+def read_table(
+    path: PathLike,
+    schema: Union[Schema, PathLike, None],
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    file_format: str = "csv",
+) -> tuple[pd.DataFrame, Schema]:
     """Any CSV (with header) or Parquet file described by a schema (a :class:`Schema` or a YAML path)."""
     if schema is None:
         raise ValueError(f"format {file_format!r} needs a schema (a YAML file naming label and fields)")
@@ -47,12 +63,21 @@ def read_table(path: PathLike, schema: Union[Schema, PathLike, None], columns: O
         remaining = max_rows if file_format == "parquet" else None  # read_csv applies max_rows itself
         chunks, offset = [], 0
         if file_format == "parquet":
-            it: Iterable[pd.DataFrame] = (b.to_pandas() for b in pfile.iter_batches(batch_size=chunksize, columns=wanted))
+            it: Iterable[pd.DataFrame] = (
+                b.to_pandas() for b in pfile.iter_batches(batch_size=chunksize, columns=wanted)
+            )
         else:
             dtypes = {f.name: (dense_dtype if f.kind == "dense" else str) for f in schema.fields}
             dtypes[schema.label] = str
-            it = read_chunks(path, chunksize, max_rows, usecols=wanted, dtype=dtypes, keep_default_na=False,
-                              na_values=["", "NA", "NaN", "nan", "null"])
+            it = read_chunks(
+                path,
+                chunksize,
+                max_rows,
+                usecols=wanted,
+                dtype=dtypes,
+                keep_default_na=False,
+                na_values=["", "NA", "NaN", "nan", "null"],
+            )
         for chunk in it:
             if remaining is not None:
                 chunk = chunk.iloc[:remaining]
@@ -69,15 +94,24 @@ def read_table(path: PathLike, schema: Union[Schema, PathLike, None], columns: O
 
 
 @register_reader("csv")
-def read_csv(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-             max_rows: Optional[int] = None, schema: Union[Schema, PathLike, None] = None) -> tuple[pd.DataFrame, Schema]:
+def read_csv(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Union[Schema, PathLike, None] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """A CSV file with a header, described by ``schema`` (required)."""
     return read_table(path, schema, columns, chunksize, max_rows, file_format="csv")
 
 
 @register_reader("parquet")
-def read_parquet(path: PathLike, columns: Optional[Iterable[str]] = None, chunksize: int = DEFAULT_CHUNKSIZE,
-                 max_rows: Optional[int] = None,
-                 schema: Union[Schema, PathLike, None] = None) -> tuple[pd.DataFrame, Schema]:
+def read_parquet(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Union[Schema, PathLike, None] = None,
+) -> tuple[pd.DataFrame, Schema]:
     """A Parquet file, described by ``schema`` (required)."""
     return read_table(path, schema, columns, chunksize, max_rows, file_format="parquet")

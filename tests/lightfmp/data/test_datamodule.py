@@ -14,8 +14,15 @@ from tests.lightfmp.data.files import ml100k_dir, write
 
 
 def test_datamodule_subsets_cover_train_split_and_loaders():
-    dm = CTRDataModule(format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256,
-                       eval_batch_size=1000, pretrain_fraction=0.25, seed=3)
+    dm = CTRDataModule(
+        format="synthetic",
+        synthetic_rows=4000,
+        subset="pretrain",
+        batch_size=256,
+        eval_batch_size=1000,
+        pretrain_fraction=0.25,
+        seed=3,
+    )
     dm.setup("fit")
     assert dm.num_train_samples == 800  # 0.25 of the 3200 training rows
     fine = dm.for_subset("finetune")
@@ -33,14 +40,16 @@ def test_datamodule_subsets_cover_train_split_and_loaders():
     assert [len(b) for b in batches] == [256, 256, 256, 32]
     first = dm.encoded.batch(loader.dataset.indices[positions[0]])
     assert not torch.equal(batches[0].labels, first.labels) or not torch.equal(batches[0].dense, first.dense)
-    again = CTRDataModule(format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256, seed=3,
-                          pretrain_fraction=0.25)
+    again = CTRDataModule(
+        format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256, seed=3, pretrain_fraction=0.25
+    )
     again.setup()
     assert torch.equal(next(iter(again.train_dataloader())).dense, first.dense)  # same seed, same first epoch
     val = list(dm.val_dataloader())
-    assert [len(b) for b in val] == [400] and torch.equal(val[0].labels, dm.encoded.labels[torch.as_tensor(dm.splits.val)])
+    assert [len(b) for b in val] == [400] and torch.equal(
+        val[0].labels, dm.encoded.labels[torch.as_tensor(dm.splits.val)]
+    )
     assert val[0].sparse.keys() == list(dm.feature_spec.sparse_names)
-
 
 
 def test_datamodule_kept_fields_reuse_vocabulary(tmp_path):
@@ -49,8 +58,9 @@ def test_datamodule_kept_fields_reuse_vocabulary(tmp_path):
     path = tmp_path / "prep.json"
     dm.preprocessor.save(path)
     keep = ["age", "education", "occupation"]
-    stage3 = CTRDataModule(format="adult", batch_size=512, max_rows=5000, subset="finetune", fields=keep,
-                           preprocessor=str(path))
+    stage3 = CTRDataModule(
+        format="adult", batch_size=512, max_rows=5000, subset="finetune", fields=keep, preprocessor=str(path)
+    )
     stage3.setup()
     assert stage3.feature_spec == dm.feature_spec.select(keep)
     assert set(stage3.encoded.spec.names) == set(keep)
@@ -63,18 +73,25 @@ def test_datamodule_kept_fields_reuse_vocabulary(tmp_path):
         CTRDataModule(format="adult", max_rows=500, fields=["age", "salary"]).setup()
 
 
-
 def test_datamodule_state_dict_and_chronological(tmp_path):
     root = ml100k_dir(tmp_path / "ml")
-    dm = CTRDataModule(format="movielens", path=str(root), split="chronological", val_fraction=0.25,
-                       test_fraction=0.25, batch_size=2)
+    dm = CTRDataModule(
+        format="movielens", path=str(root), split="chronological", val_fraction=0.25, test_fraction=0.25, batch_size=2
+    )
     dm.setup()
     times = pd.Series([100, 300, 200, 50])  # u.data timestamps, in file order
     assert list(dm.splits.test) == [1] and list(dm.splits.val) == [2] and sorted(dm.splits.train) == [0, 3]
     assert times[dm.splits.train].max() <= times[dm.splits.val].min()
     state = dm.state_dict()
-    other = CTRDataModule(format="movielens", path=str(root), split="chronological", val_fraction=0.25,
-                          test_fraction=0.25, batch_size=2, min_count=5)  # would fit an all-OOV vocabulary
+    other = CTRDataModule(
+        format="movielens",
+        path=str(root),
+        split="chronological",
+        val_fraction=0.25,
+        test_fraction=0.25,
+        batch_size=2,
+        min_count=5,
+    )  # would fit an all-OOV vocabulary
     other.setup()
     other.load_state_dict(state)
     assert other.preprocessor.state_dict() == dm.preprocessor.state_dict()
@@ -85,7 +102,6 @@ def test_datamodule_state_dict_and_chronological(tmp_path):
         CTRDataModule(format="adult", split="chronological", max_rows=100).setup()
     with pytest.raises(ValueError, match="unknown data format"):
         CTRDataModule(format="svmlight")
-
 
 
 class _TinyCTRModel:
@@ -100,9 +116,14 @@ class _TinyCTRModel:
         class Tiny(L.LightningModule):
             def __init__(self):
                 super().__init__()
-                self.ebc = EmbeddingBagCollection(tables=[
-                    EmbeddingBagConfig(num_embeddings=f.num_embeddings, embedding_dim=2, name=f"t_{f.name}",
-                                       feature_names=[f.name]) for f in spec.sparse])
+                self.ebc = EmbeddingBagCollection(
+                    tables=[
+                        EmbeddingBagConfig(
+                            num_embeddings=f.num_embeddings, embedding_dim=2, name=f"t_{f.name}", feature_names=[f.name]
+                        )
+                        for f in spec.sparse
+                    ]
+                )
                 self.head = torch.nn.Linear(len(spec.dense) + 2 * len(spec.sparse), 1)
 
             def training_step(self, batch, _):
@@ -119,16 +140,27 @@ class _TinyCTRModel:
         return Tiny()
 
 
-
 def test_lightning_fit_checkpoint_carries_preprocessor(tmp_path):
     import lightning as L
 
-    kwargs = dict(format="synthetic", synthetic_rows=3000, synthetic_sparse=5, synthetic_dense=3,
-                  synthetic_num_informative=2, batch_size=512)
+    kwargs = dict(
+        format="synthetic",
+        synthetic_rows=3000,
+        synthetic_sparse=5,
+        synthetic_dense=3,
+        synthetic_num_informative=2,
+        batch_size=512,
+    )
     dm = CTRDataModule(**kwargs)
     dm.setup()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     trainer.fit(_TinyCTRModel.build(dm.feature_spec), datamodule=dm)
     assert trainer.global_step == math.ceil(2400 / 512)
     ckpt_path = trainer.checkpoint_callback.best_model_path
@@ -137,10 +169,10 @@ def test_lightning_fit_checkpoint_carries_preprocessor(tmp_path):
     fresh = CTRDataModule(**{**kwargs, "min_count": 10_000})  # alone, it would map everything to OOV
     model = _TinyCTRModel.build(dm.feature_spec)
     L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
-        model, datamodule=fresh, ckpt_path=ckpt_path, verbose=False)
+        model, datamodule=fresh, ckpt_path=ckpt_path, verbose=False
+    )
     assert fresh.preprocessor.state_dict() == dm.preprocessor.state_dict()
     assert torch.equal(fresh.encoded.sparse, dm.encoded.sparse)
-
 
 
 def test_datamodule_arguments_parse_from_command_line():
@@ -148,8 +180,20 @@ def test_datamodule_arguments_parse_from_command_line():
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(CTRDataModule, "data")
-    cfg = parser.parse_args(["--data.format", "criteo", "--data.path", "train.txt", "--data.fields", "[I1, C3]",
-                             "--data.subset", "finetune", "--data.pretrain_fraction", "0.3"])
+    cfg = parser.parse_args(
+        [
+            "--data.format",
+            "criteo",
+            "--data.path",
+            "train.txt",
+            "--data.fields",
+            "[I1, C3]",
+            "--data.subset",
+            "finetune",
+            "--data.pretrain_fraction",
+            "0.3",
+        ]
+    )
     dm = CTRDataModule(**cfg.data.as_dict())
     assert dm.hparams.fields == ["I1", "C3"] and dm.subset == "finetune" and dm.hparams.path == "train.txt"
     with pytest.raises(Exception, match="subset"):
@@ -160,7 +204,6 @@ def test_datamodule_arguments_parse_from_command_line():
         assert CTRDataModule(**old.data.as_dict()).subset == "finetune"
     with pytest.raises(Exception, match="stage"):
         parser.parse_args(["--data.stage", "warmup"])
-
 
 
 def test_index_batches_epochs_and_rank_shards():
@@ -179,19 +222,22 @@ def test_index_batches_epochs_and_rank_shards():
     assert sorted(torch.cat(evals).tolist()) == list(range(103))
 
 
-
 def test_datamodule_parquet_list_valued_field_matches_csv_strings(tmp_path):
     rng = np.random.default_rng(0)
     n = 300
     tag_lists = [list(rng.choice(["a", "b", "c", "d"], size=k, replace=False)) for k in rng.integers(0, 4, n)]
-    frame = pd.DataFrame({"x": rng.normal(size=n), "u": rng.integers(0, 9, n).astype(str),
-                          "tags": tag_lists, "y": rng.integers(0, 2, n)})
+    frame = pd.DataFrame(
+        {"x": rng.normal(size=n), "u": rng.integers(0, 9, n).astype(str), "tags": tag_lists, "y": rng.integers(0, 2, n)}
+    )
     frame.to_parquet(tmp_path / "d.parquet")
     frame.assign(tags=["|".join(t) for t in tag_lists]).to_csv(tmp_path / "d.csv", index=False)
-    write(tmp_path / "s.yaml", """
+    write(
+        tmp_path / "s.yaml",
+        """
         label: y
         fields: [{name: x, kind: dense}, u, {name: tags, kind: multi}]
-        """)
+        """,
+    )
     loaders = []
     for fmt in ("parquet", "csv"):
         dm = CTRDataModule(format=fmt, path=str(tmp_path / f"d.{fmt}"), schema=str(tmp_path / "s.yaml"), batch_size=64)

@@ -22,19 +22,27 @@ def toy_frame(n: int = 200, seed: int = 0) -> tuple[pd.DataFrame, Schema]:
     cat = rng.choice(["a", "b", "c", "d", "rare"], size=n, p=[0.4, 0.3, 0.2, 0.095, 0.005]).astype(object)
     cat[rng.random(n) < 0.1] = None
     tags = np.array(["p|q", "q", "", None, "r|p|s", "s|s"], dtype=object)[rng.integers(0, 6, n)]
-    frame = pd.DataFrame({
-        "x": x, "xb": rng.normal(size=n), "cat": cat, "num": rng.integers(0, 50, n),
-        "tags": tags, "y": rng.integers(0, 2, n).astype(np.int8),
-    })
-    schema = Schema("y", (
-        FieldSpec("x", kind="dense", transform="log"),
-        FieldSpec("cat", kind="sparse", min_count=3),
-        FieldSpec("xb", kind="dense", transform="bucket", num_buckets=4),
-        FieldSpec("tags", kind="multi"),
-        FieldSpec("num", kind="sparse", hash_buckets=16),
-    ))
+    frame = pd.DataFrame(
+        {
+            "x": x,
+            "xb": rng.normal(size=n),
+            "cat": cat,
+            "num": rng.integers(0, 50, n),
+            "tags": tags,
+            "y": rng.integers(0, 2, n).astype(np.int8),
+        }
+    )
+    schema = Schema(
+        "y",
+        (
+            FieldSpec("x", kind="dense", transform="log"),
+            FieldSpec("cat", kind="sparse", min_count=3),
+            FieldSpec("xb", kind="dense", transform="bucket", num_buckets=4),
+            FieldSpec("tags", kind="multi"),
+            FieldSpec("num", kind="sparse", hash_buckets=16),
+        ),
+    )
     return frame, schema
-
 
 
 def reference_batch(prep: Preprocessor, frame: pd.DataFrame, rows: list[int]):
@@ -45,7 +53,11 @@ def reference_batch(prep: Preprocessor, frame: pd.DataFrame, rows: list[int]):
         row = []
         for name in spec.dense:
             st, v = prep.states[name], frame[name].iloc[r]
-            row.append(0.0 if pd.isna(v) else (float(dense_transform(np.array([v]), prep.schema[name].transform)[0]) - st["mean"]) / st["std"])
+            row.append(
+                0.0
+                if pd.isna(v)
+                else (float(dense_transform(np.array([v]), prep.schema[name].transform)[0]) - st["mean"]) / st["std"]
+            )
         dense.append(row)
     for feat in spec.sparse:
         st, f = prep.states[feat.name], prep.schema[feat.name]
@@ -66,8 +78,12 @@ def reference_batch(prep: Preprocessor, frame: pd.DataFrame, rows: list[int]):
             lengths.append(len(ids))
             values.extend(ids)
     labels = [float(frame[prep.schema.label].iloc[r]) for r in rows]
-    return torch.tensor(dense, dtype=torch.float32).reshape(len(rows), -1), torch.tensor(lengths), torch.tensor(values), torch.tensor(labels)
-
+    return (
+        torch.tensor(dense, dtype=torch.float32).reshape(len(rows), -1),
+        torch.tensor(lengths),
+        torch.tensor(values),
+        torch.tensor(labels),
+    )
 
 
 def test_collation_equals_per_row_reference():
@@ -89,7 +105,6 @@ def test_collation_equals_per_row_reference():
     assert batch.sparse.length_per_key() == ref.length_per_key()
     assert batch.sparse.offset_per_key() == ref.offset_per_key() and batch.sparse.stride() == len(rows)
     assert torch.equal(batch.sparse.offsets(), ref.offsets())
-
 
 
 def test_preprocessor_vocab_oov_hash_and_buckets():
@@ -117,13 +132,17 @@ def test_preprocessor_vocab_oov_hash_and_buckets():
         prep.transform(frame.assign(y=2))
 
 
-
 def test_hash_ids_are_stable_across_processes():
-    code = "import numpy as np, pandas as pd; print(pd.util.hash_array(np.array(['a', 'zz', '12'], dtype=object)).tolist())"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    code = (
+        "import numpy as np, pandas as pd; "
+        "print(pd.util.hash_array(np.array(['a', 'zz', '12'], dtype=object)).tolist())"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
     assert len(outs) == 1
     assert eval(outs.pop()) == pd.util.hash_array(np.array(["a", "zz", "12"], dtype=object)).tolist()
-
 
 
 def test_preprocessor_save_load_round_trip(tmp_path):

@@ -9,7 +9,9 @@ from tests.lightfmp.data.files import write
 
 
 def test_schema_yaml_round_trip_and_errors(tmp_path):
-    yaml_path = write(tmp_path / "s.yaml", """
+    yaml_path = write(
+        tmp_path / "s.yaml",
+        """
         label: clicked
         time_column: ts
         positive: ["yes"]
@@ -19,7 +21,8 @@ def test_schema_yaml_round_trip_and_errors(tmp_path):
           - {name: user, kind: sparse, min_count: 2}
           - {name: tags, kind: multi, separator: ";", pooling: mean}
           - city
-        """)
+        """,
+    )
     s = Schema.from_yaml(yaml_path)
     assert s.names == ("price", "age", "user", "tags", "city")
     assert s["tags"].separator == ";" and s["city"].kind == "sparse" and s.positive == ("yes",)

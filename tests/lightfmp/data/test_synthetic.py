@@ -30,7 +30,6 @@ def test_synthetic_shapes_and_determinism(tmp_path):
         SyntheticCTR(informative=["C99"])
 
 
-
 def quick_naive_bayes_auc(enc, names: list[str], n_train: int = 15000) -> float:
     """Held-out AUC (rows ``n_train``..) of naive Bayes: the sum of per-field smoothed log-odds of each id
     (dense columns cut at their training deciles), counted on the first ``n_train`` rows. Closed form."""
@@ -54,7 +53,6 @@ def quick_naive_bayes_auc(enc, names: list[str], n_train: int = 15000) -> float:
     return float((ranks[pos_te].sum() - pos_te.sum() * (pos_te.sum() + 1) / 2) / (pos_te.sum() * (~pos_te).sum()))
 
 
-
 def test_synthetic_label_depends_only_on_informative_fields():
     gen = SyntheticCTR(num_rows=20_000, seed=0)
     frame = gen.generate()
@@ -71,8 +69,10 @@ def test_synthetic_label_depends_only_on_informative_fields():
     # and a quick model sees it: informative fields alone are as good as all fields, noise alone is chance
     prep = Preprocessor(gen.schema).fit(frame.iloc[:15000])
     enc = prep.transform(frame)
-    auc = {name: quick_naive_bayes_auc(enc, names) for name, names in
-           (("all", list(gen.field_names)), ("informative", informative), ("noise", noise))}
+    auc = {
+        name: quick_naive_bayes_auc(enc, names)
+        for name, names in (("all", list(gen.field_names)), ("informative", informative), ("noise", noise))
+    }
     assert auc["informative"] > 0.75
     assert auc["informative"] >= auc["all"] - 0.01
     assert auc["noise"] < 0.56

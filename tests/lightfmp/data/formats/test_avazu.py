@@ -9,12 +9,15 @@ from tests.lightfmp.data.files import write
 
 
 def test_avazu_reader(tmp_path):
-    path = write(tmp_path / "avazu.csv", """
+    path = write(
+        tmp_path / "avazu.csv",
+        """
         id,click,hour,C1,banner_pos,site_id,device_type
         1000009418151094273,0,14102100,1005,0,1fbe01fe,1
         10000169349117863715,1,14102513,1005,1,1fbe01fe,1
         10000371904215119486,0,14102623,1002,0,,0
-        """)
+        """,
+    )
     frame, schema = read_frame("avazu", path)
     assert schema.label == "click" and schema.time_column == "hour"
     assert schema.names == ("hour_of_day", "weekday", "weekend", "C1", "banner_pos", "site_id", "device_type")

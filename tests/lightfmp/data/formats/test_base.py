@@ -23,7 +23,6 @@ def test_empty_and_missing_files(tmp_path):
         read_frame("libsvm", empty)
 
 
-
 def test_field_count_check_across_blocks(tmp_path):
     lines = ["a,b,c"] * 50 + ["a,b"] + ["a,b,c"] * 10
     path = write(tmp_path / "x.csv", "\n".join(lines))  # no final newline
@@ -31,7 +30,6 @@ def test_field_count_check_across_blocks(tmp_path):
         check_field_counts(path, ",", block_bytes=7)
     ok = write(tmp_path / "ok.csv", "\n".join(["a::b::c"] * 5))
     assert check_field_counts(ok, "::", block_bytes=5) == 3
-
 
 
 def test_field_count_check_with_quotes(tmp_path):

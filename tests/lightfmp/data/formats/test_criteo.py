@@ -11,7 +11,11 @@ from tests.lightfmp.data.files import criteo_line, write
 
 def test_criteo_reader(criteo_file):
     frame, schema = read_frame("criteo", criteo_file)
-    assert sorted(frame.columns) == sorted(schema.columns) == sorted([f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)] + ["label"])
+    assert (
+        sorted(frame.columns)
+        == sorted(schema.columns)
+        == sorted([f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)] + ["label"])
+    )
     assert list(schema.names) == [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
     assert frame["label"].tolist() == [1, 0, 0]
     assert frame["I2"].tolist() == [-1.0, 5.0, 0.0]
@@ -24,7 +28,6 @@ def test_criteo_reader(criteo_file):
     with pytest.raises(KeyError, match="C99"):
         read_frame("criteo", criteo_file, columns=["C99"])
     assert len(read_frame("criteo", criteo_file, max_rows=2)[0]) == 2
-
 
 
 @pytest.mark.parametrize(
@@ -44,9 +47,10 @@ def test_criteo_malformed_rows_name_file_and_line(tmp_path, bad_line, message):
     assert "bad.tsv" in str(info.value)
 
 
-
 def test_builtin_format_schema_override(criteo_file):
-    schema = Schema("label", (FieldSpec("I2", kind="dense", transform="bucket", num_buckets=2), FieldSpec("C1", min_count=2)))
+    schema = Schema(
+        "label", (FieldSpec("I2", kind="dense", transform="bucket", num_buckets=2), FieldSpec("C1", min_count=2))
+    )
     frame, got = read_frame("criteo", criteo_file, schema=schema)
     assert got == schema and sorted(frame.columns) == ["C1", "I2", "label"]
     prep = Preprocessor(got).fit(frame)

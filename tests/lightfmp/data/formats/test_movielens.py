@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightfmp.data import read_frame
-from tests.lightfmp.data.files import ml100k_dir, ml1m_dir
+from tests.lightfmp.data.files import ml1m_dir, ml100k_dir
 
 
 @pytest.mark.parametrize("layout", ["ml-100k", "ml-1m"])
@@ -21,7 +21,6 @@ def test_movielens_readers(tmp_path, layout):
     assert frame["age"].tolist() == ["18", "50", "18", "1"]  # ml-100k ages 24, 53, 17 -> groups 18, 50, 1
     assert frame["gender"].tolist() == ["M", "F", "M", "M"]
     assert frame["user_id"].tolist() == ["1", "2", "1", "3"] and frame["item_id"].tolist() == ["10", "10", "20", "20"]
-
 
 
 def test_movielens_errors(tmp_path):

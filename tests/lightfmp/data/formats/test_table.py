@@ -11,7 +11,9 @@ from tests.lightfmp.data.files import write
 
 
 def test_csv_and_parquet_with_schema(tmp_path):
-    schema_path = write(tmp_path / "schema.yaml", """
+    schema_path = write(
+        tmp_path / "schema.yaml",
+        """
         label: y
         time_column: t
         positive: ["yes"]
@@ -19,13 +21,17 @@ def test_csv_and_parquet_with_schema(tmp_path):
           - {name: x, kind: dense, transform: none}
           - {name: cat, kind: sparse}
           - {name: tags, kind: multi, separator: ";"}
-        """)
-    csv = write(tmp_path / "data.csv", """
+        """,
+    )
+    csv = write(
+        tmp_path / "data.csv",
+        """
         t,x,cat,tags,y,unused
         3,1.5,a,p;q,yes,0
         1,,b,,no,0
         2,-2,a,q,yes,0
-        """)
+        """,
+    )
     frame, schema = read_frame("csv", csv, schema=schema_path)
     assert sorted(frame.columns) == ["cat", "t", "tags", "x", "y"]
     assert frame["y"].tolist() == [1, 0, 1] and np.isnan(frame["x"].iloc[1])
