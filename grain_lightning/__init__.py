@@ -20,7 +20,7 @@ from grain_lightning.ghost import (
 from grain_lightning.groups import ByKey, Chunks, GroupAssignment, Grouping, PerSample, as_grouping
 from grain_lightning.mixin import GrainMixin
 from grain_lightning.policy import Decision, StepPolicy
-from grain_lightning.protocol import GrainStrategy, MixinCycle
+from grain_lightning.protocol import GrainModule, GrainStrategy, MixinCycle
 from grain_lightning.reference import GroupGradients, combine_gradients, group_gradients, trainable_parameters
 from grain_lightning.solver import MinNormResult, min_norm_weights, solve_min_norm, validate_gram
 
@@ -30,6 +30,7 @@ __all__ = [
     "BlockwiseResult",
     "Decision",
     "GhostRule",
+    "GrainModule",
     "GrainStrategy",
     "MixinCycle",
     "PolicyOptions",

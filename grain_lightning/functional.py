@@ -1,9 +1,9 @@
 r"""Functional GRAIN without Lightning: ``grain_backward`` is ``loss.backward()`` with the min-norm combination.
 
-For ``k`` group losses: the reference engine's group gradients ``J`` (``k x P``), ``G = J J^T``, the weights
-of the step policy (:class:`~grain_lightning.policy.StepPolicy`: min-norm ``w*``, no collapse handling
-unless asked) and ``d = J^T w`` accumulated into ``p.grad``. Cost: ``k`` backward passes, ``k x P`` stored
-gradient entries.
+For ``k`` group losses: the reference engine's group gradients ``J`` (``k x P``), ``G = J J^T``, the
+min-norm weights ``w*`` from the step policy's solver (:meth:`~grain_lightning.policy.StepPolicy.solve`; no
+collapse handling: a functional call has no step history) and ``d = J^T w*`` accumulated into ``p.grad``.
+Cost: ``k`` backward passes, ``k x P`` stored gradient entries.
 """
 
 from __future__ import annotations

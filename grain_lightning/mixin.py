@@ -173,8 +173,7 @@ class GrainMixin(_MixinBase):
             self._grain_nonfinite(f"per-sample loss {bad} is {float(losses[bad])}")
             cycle.invalid = True
         elif cfg.aggregation == "mean":
-            with self._grain_no_sync():
-                self.manual_backward(losses.mean() / n_acc)
+            self.manual_backward(losses.mean() / n_acc)  # a GRAIN strategy does not synchronise a GrainModule
         else:
             self._grain_accumulate(losses, batch, groups)
         cycle.micro += 1
@@ -208,11 +207,6 @@ class GrainMixin(_MixinBase):
         if trainer is None or trainer.world_size <= 1 or not isinstance(trainer.strategy, GrainStrategy):
             return None
         return trainer.strategy
-
-    def _grain_no_sync(self) -> contextlib.AbstractContextManager:
-        """No gradient synchronisation in ``manual_backward``: the cycle is combined at its end."""
-        strategy = self._grain_strategy()
-        return strategy.block_backward_sync() if strategy is not None else contextlib.nullcontext()  # type: ignore[attr-defined]
 
     def _grain_optimizers(self) -> list:
         opts = self.optimizers()
@@ -349,9 +343,11 @@ class GrainMixin(_MixinBase):
     def _grain_nonfinite(self, what: str) -> None:
         if self._grain_strategy() is not None:  # the strategy decides for every rank at the end of the cycle
             return
-        if self.grain_config.on_nonfinite == "raise":
+        try:
+            self.grain_policy.nonfinite(what, self.trainer.global_step)
+        except FloatingPointError:
             self._grain_reset_cycle()
-        self.grain_policy.nonfinite(what, self.trainer.global_step)
+            raise
 
     def _grain_nonfinite_where(self, grads: Any) -> str:
         if not isinstance(grads, GroupGradients):

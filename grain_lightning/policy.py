@@ -98,6 +98,14 @@ class StepPolicy:
             )
         return res
 
+    def min_norm(self, gram: Tensor, *, init: Optional[Tensor] = None) -> Decision:
+        """The plain min-norm weights of each block of ``gram`` (``(k, k)`` or ``(B, k, k)``): no collapse
+        handling, no state. ``init`` warm-starts a single block."""
+        blocks = gram.double().cpu().reshape(-1, gram.shape[-2], gram.shape[-1])
+        results = [self.solve(0.5 * (g + g.T), init=init if blocks.shape[0] == 1 else None) for g in blocks]
+        solved = torch.stack([r.weights for r in results]).reshape(gram.shape[:-1])
+        return Decision(weights=solved, solved=solved, collapsed=False, kkt_gap=max(r.kkt_gap for r in results))
+
     def decide(self, gram: Tensor, mean_weights: Tensor, keys: Optional[Tensor] = None) -> Decision:
         """The weights of this step from ``gram`` (``(k, k)`` or ``(B, k, k)``) and the mean weights ``(k,)``.
 
@@ -117,8 +125,8 @@ class StepPolicy:
             and torch.equal(self.prev_keys, keys)
         ):
             init = self.prev_weights
-        results = [self.solve(0.5 * (g + g.T), init=init) for g in blocks]
-        solved = torch.stack([r.weights for r in results])
+        plain = self.min_norm(blocks, init=init)
+        solved = plain.solved
         d2 = float(torch.einsum("bi,bij,bj->", solved, blocks, solved))
         m2 = float(torch.einsum("i,bij,j->", pi, blocks, pi))
         collapsed = m2 > 0 and math.sqrt(max(d2, 0.0)) <= opts.collapse_eps * math.sqrt(m2)
@@ -139,7 +147,7 @@ class StepPolicy:
             weights=None if weights is None else weights.reshape(shape),
             solved=solved.reshape(shape),
             collapsed=collapsed,
-            kkt_gap=max(r.kkt_gap for r in results),
+            kkt_gap=plain.kkt_gap,
         )
 
     def nonfinite(self, what: str, global_step: int) -> None:

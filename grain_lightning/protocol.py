@@ -5,18 +5,24 @@ At the end of each accumulation cycle with ``world_size > 1``, the mixin builds 
 strategy combines the ranks and returns whether ``.grad`` now holds the step's gradient. The mixin then
 clips and steps (or skips) itself. Neither side reads the other's private members.
 
-Two ways to combine, chosen by the strategy's ``needs_group_gradients``:
+Two ways to combine. The mixin picks one from the strategy's ``needs_group_gradients`` (and its own
+``aggregation``), and the strategy dispatches on ``cycle.policy`` (set on every rank alike, even on a rank whose
+cycle is invalid, so that all ranks enter the same collectives):
 
-- ``False`` (hierarchical): ``.grad`` already holds this rank's own direction (its GRAIN step, or its mean
-  gradient with ``aggregation="mean"``); the strategy combines one vector per rank.
-- ``True`` (global): the cycle carries this rank's ``k_r`` group gradients and mean weights, and the
-  module's step policy decides over every group of every rank.
+- ``cycle.policy is None`` (hierarchical): ``.grad`` already holds this rank's own direction (its GRAIN step,
+  or its mean gradient with ``aggregation="mean"``); the strategy combines one vector per rank.
+- ``cycle.policy`` set (global): the cycle carries this rank's ``k_r`` group gradients and mean weights (``None``
+  when invalid), and the module's step policy (its solver and collapse options) decides over every group of
+  every rank.
+
+A module that runs GRAIN itself is a :class:`GrainModule`; a GRAIN strategy must not synchronise that module's
+backward passes (its cycle is combined once, at the end).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -24,7 +30,7 @@ if TYPE_CHECKING:
     from grain_lightning.policy import StepPolicy
     from grain_lightning.reference import GroupGradients
 
-__all__ = ["GrainStrategy", "MixinCycle"]
+__all__ = ["GrainModule", "GrainStrategy", "MixinCycle"]
 
 
 @dataclass
@@ -46,6 +52,17 @@ class MixinCycle:
     group_gradients: Optional[GroupGradients] = None
     mean_weights: Optional[Tensor] = None
     policy: Optional[StepPolicy] = None
+
+
+@runtime_checkable
+class GrainModule(Protocol):
+    """A LightningModule that runs GRAIN itself (:class:`~grain_lightning.GrainMixin`)."""
+
+    grain_policy: StepPolicy
+
+    def grain_step(self, losses: Tensor, batch: Any = None, groups: Optional[Tensor] = None) -> Tensor:
+        """One micro-batch of per-sample losses; steps at the end of an accumulation cycle."""
+        ...
 
 
 @runtime_checkable

@@ -77,6 +77,16 @@ class CrossRankResult:
     bad_ranks: list[int]
     decision: Optional[Decision] = None
 
+    @property
+    def solved(self) -> Optional[torch.Tensor]:
+        """``(B, K)`` weights from the solver, before collapse handling (``None`` when not solved)."""
+        return None if self.decision is None else self.decision.solved
+
+    @property
+    def kkt_gap(self) -> float:
+        """Largest solver KKT gap over the blocks, in the units of ``G`` (0 when not solved)."""
+        return 0.0 if self.decision is None else self.decision.kkt_gap
+
 
 class CrossRankMinNorm:
     """Min-norm combination of rows spread over the ranks of a process group (see module docstring).
@@ -99,7 +109,7 @@ class CrossRankMinNorm:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.group = mode, group
-        self.policy = StepPolicy(PolicyOptions(solver_tol=tol, warm_start=False, collapse_eps=0.0), owner="cross_rank")
+        self.policy = StepPolicy(PolicyOptions(solver_tol=tol, warm_start=False), owner="cross_rank")
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._nccl = dist.get_backend(group) == "nccl"  # NCCL: collectives on CUDA tensors only
@@ -337,8 +347,7 @@ class CrossRankMinNorm:
             bad_ranks = sorted({next(r for r in range(self.world) if starts[r] <= i < starts[r + 1]) for i in bad_rows})
             return CrossRankResult(gram, None, extras_sum, bad_ranks)
         if decide is None:
-            k = gram.shape[-1]
-            decision: Optional[Decision] = self.policy.decide(gram, torch.full((k,), 1.0 / k, dtype=torch.float64))
+            decision: Optional[Decision] = self.policy.min_norm(gram)
         else:
             decision = decide(gram, extras_sum)
         weights = None if decision is None else decision.weights

@@ -52,7 +52,7 @@ from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
 from grain_lightning.distributed.layout import Layout, Overlap
 from grain_lightning.policy import Decision, StepPolicy
-from grain_lightning.protocol import MixinCycle
+from grain_lightning.protocol import GrainModule, MixinCycle
 
 __all__ = ["GrainDDPStrategy"]
 
@@ -80,8 +80,8 @@ class GrainDDPStrategy(DDPStrategy):
         collapse_eps, on_collapse, collapse_mix, solver_tol, warm_start, log_every_n_steps: the step-policy
             options (:class:`~grain_lightning.config.PolicyOptions`: same names, values and checks as
             ``GrainConfig``) for the combination of the ranks; ``on_collapse="mean"`` is DDP's update. With
-            ``mixin_groups="global"`` the module's ``GrainConfig`` collapse options apply instead. The warm
-            start reuses the last step's rank weights.
+            ``mixin_groups="global"`` the module's ``GrainConfig`` solver and collapse options apply instead
+            (its policy decides over all groups). The warm start reuses the last step's rank weights.
         broadcast_buffers: broadcast the module's buffers from rank 0 before every training step (as DDP).
         timeout: process-group timeout (shorten it in tests).
         start_method: ``"popen"`` (``grain_ddp``), ``"spawn"`` (``grain_ddp_spawn``), ``"fork"``.
@@ -170,6 +170,26 @@ class GrainDDPStrategy(DDPStrategy):
     def skipped_steps(self) -> int:
         """Steps skipped on every rank (non-finite values, or a collapse with ``on_collapse="skip"``)."""
         return self.policy.skipped
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.policy.options.on_nonfinite
+
+    @property
+    def collapse_eps(self) -> float:
+        return self.policy.options.collapse_eps
+
+    @property
+    def on_collapse(self) -> str:
+        return self.policy.options.on_collapse
+
+    @property
+    def solver_tol(self) -> float:
+        return self.policy.options.solver_tol
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.policy.options.log_every_n_steps
 
     @property
     def bytes_sent(self) -> int:
@@ -264,7 +284,8 @@ class GrainDDPStrategy(DDPStrategy):
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
         """Local backward, then (unless sync is blocked) the combination of the ranks' gradients."""
         module = self._module()
-        sync = not self._sync_blocked and self.world_size > 1
+        # a GrainModule combines its ranks once per cycle (combine_mixin_cycle), never in its backward passes
+        sync = not self._sync_blocked and self.world_size > 1 and not isinstance(module, GrainModule)
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         if sync and self.mode != "allgather":
@@ -443,9 +464,10 @@ class GrainDDPStrategy(DDPStrategy):
     def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:
         """End of a GrainMixin accumulation cycle: combine the ranks into ``.grad``; ``False``: every rank skips.
 
-        Hierarchical (``cycle.group_gradients is None``): ``.grad`` holds this rank's own direction; the ranks'
-        directions are combined as plain ``grain_ddp`` combines gradients. Global: one min-norm problem over
-        every group of every rank, decided by the module's step policy.
+        Hierarchical (``cycle.policy is None``): ``.grad`` holds this rank's own direction; the ranks' directions
+        are combined as plain ``grain_ddp`` combines gradients. Global (``cycle.policy`` set, on every rank, even
+        one whose cycle is invalid): one min-norm problem over every group of every rank, decided by the
+        module's step policy (its solver tolerance and collapse options).
         """
         if self.world_size == 1:
             return not (cycle.invalid or cycle.vote_skip)

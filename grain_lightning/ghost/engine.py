@@ -89,7 +89,7 @@ class BlockwiseResult:
 class GhostGradients:
     """The result of :meth:`GhostEngine.backward`: the group Gram and, on demand, the combined gradient.
 
-    Same protocol as the reference engine's :class:`~grain_lightning.engine.GroupGradients`
+    Same protocol as the reference engine's :class:`~grain_lightning.reference.GroupGradients`
     (``num_groups``, ``gram()``, ``combine(weights)``), without storing ``k`` gradients per parameter.
     """
 
@@ -195,7 +195,7 @@ class GhostEngine:
             own = rule_cls.own_parameters(sub) if rule_cls is not None else sub.parameters(recurse=False)
             mine = [p for p in own if id(p) in counted]
             if rule_cls is not None:
-                claimed.update(id(c) for c in rule_cls.claimed_children(sub))
+                claimed.update(id(m) for c in rule_cls.claimed_children(sub) for m in c.modules())
             if not mine:
                 continue
             if rule_cls is None:
@@ -459,7 +459,7 @@ class GhostEngine:
     def group_gradients(self, losses: torch.Tensor, assignment: GroupAssignment) -> GroupGradients:
         """The ``(k, *p.shape)`` group gradients of every counted parameter, from one backward.
 
-        Same result as the reference :func:`~grain_lightning.engine.group_gradients` of
+        Same result as the reference :func:`~grain_lightning.reference.group_gradients` of
         ``assignment.group_means(losses)`` (used for gradient accumulation across micro-batches, where the
         Gram needs gradients of groups from different micro-batches).
         """
@@ -503,7 +503,7 @@ class GhostEngine:
         block takes its own minimum), and ``d`` is no longer one convex combination of the ``g_j``. Each
         layer is solved and written as soon as its output gradients arrive and its activations are then
         dropped: no group gradients or Grams are kept across layers. Fallback parameters form one block.
-        Each block's weights come from ``policy.solve`` (default: a policy with solver tolerance ``tol``).
+        Each block's weights come from ``policy.solve``; ``tol`` is only used when no ``policy`` is given.
         """
         policy = policy if policy is not None else StepPolicy(PolicyOptions(solver_tol=tol))
         n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)

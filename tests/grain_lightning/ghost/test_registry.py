@@ -9,7 +9,7 @@ from torch import nn
 
 from grain_lightning import Chunks, GhostRule, PerSample, register_rule
 from grain_lightning.ghost import GhostEngine, UnsupportedModuleError, VectorTerm, rule_for, supported_types
-from grain_lightning.ghost.rules import LinearRule, NormRule
+from grain_lightning.ghost.rules import LinearRule, NormRule, weight_bias_terms
 from tests.grain_lightning.ghost.reference_check import compare
 
 
@@ -102,3 +102,40 @@ def test_lookup_follows_the_type_hierarchy():
 def test_register_rule_rejects_non_module_types():
     with pytest.raises(TypeError, match="nn.Module subclasses"):
         register_rule(int)
+
+
+class Block(nn.Module):
+    """``y = inner(x)`` with ``inner = Sequential(Linear)``: a rule for Block accounts for the nested Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@register_rule(Block)
+class BlockRule(GhostRule):
+    @classmethod
+    def own_parameters(cls, module: nn.Module) -> list:
+        return list(module.parameters())
+
+    @classmethod
+    def claimed_children(cls, module: nn.Module) -> list:
+        return list(module.children())
+
+    def terms(self, n: int, k: int) -> list:
+        a = self.concat([self.samples(c.inputs, self.batch_dim, n) for c in self.calls])
+        b = self.concat([self.samples(c.output_grad, self.batch_dim, n) for c in self.calls])
+        return weight_bias_terms(self, self.module.inner[0], a, b, k)
+
+
+def test_a_rule_claiming_a_child_claims_its_descendants_too():
+    """Without claiming grandchildren, the nested Linear would get a rule of its own and count twice."""
+    model = model_with(Block())
+    engine = GhostEngine(model, unsupported="raise")
+    assert [type(r).__name__ for r in engine.rules] == ["LinearRule", "BlockRule", "LinearRule"]
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
+    compare(model, lambda: ce(model(x), y), Chunks(4).assign(12), 1e-6, engine=engine)
