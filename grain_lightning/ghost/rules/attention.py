@@ -7,19 +7,16 @@ packed ``in_proj_weight`` each their own term. Trainable ``bias_k``/``bias_v`` a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from grain_lightning.ghost.registry import register_rule
-from grain_lightning.ghost.rules.base import GhostRule, RecordedCall
+from grain_lightning.ghost.rules.base import GhostRule, RecordedCall, RuleHost
 from grain_lightning.ghost.tensors import as_autocast, autocast_dtype
 from grain_lightning.ghost.terms import MatrixTerm, Term, VectorTerm
-
-if TYPE_CHECKING:
-    from grain_lightning.ghost.engine import GhostEngine
 
 __all__ = ["AttentionRule"]
 
@@ -34,7 +31,7 @@ class AttentionRule(GhostRule):
     whose weight is (a view of) one of the module's projection weights and taps their outputs.
     """
 
-    def __init__(self, engine: GhostEngine, name: str, module: nn.Module, batch_dim: int = 0) -> None:
+    def __init__(self, engine: RuleHost, name: str, module: nn.Module, batch_dim: int = 0) -> None:
         super().__init__(engine, name, module, batch_dim)
         m = module
         assert isinstance(m, nn.MultiheadAttention)

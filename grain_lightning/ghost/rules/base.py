@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -20,10 +20,7 @@ from torch import nn
 from grain_lightning.ghost.tensors import Tap, cat_calls, work
 from grain_lightning.ghost.terms import MatrixTerm, Term, VectorTerm
 
-if TYPE_CHECKING:
-    from grain_lightning.ghost.engine import GhostEngine
-
-__all__ = ["GhostRule", "RecordedCall", "UnsupportedModuleError", "weight_bias_terms"]
+__all__ = ["GhostRule", "RecordedCall", "RuleHost", "UnsupportedModuleError", "weight_bias_terms"]
 
 
 class UnsupportedModuleError(TypeError):
@@ -46,6 +43,25 @@ class RecordedCall:
         return self.grad
 
 
+class RuleHost(Protocol):
+    """What a rule needs of its engine (:class:`~grain_lightning.ghost.engine.GhostEngine` provides it)."""
+
+    linear_gram: str  # "auto", "ghost" or "materialize": the Gram form of matrix terms
+
+    @property
+    def anchor(self) -> Optional[torch.Tensor]:
+        """The scalar every tap hangs on (the one backward is taken with respect to it)."""
+        ...
+
+    def counts(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s gradient comes from the rules' terms this step."""
+        ...
+
+    def receive(self, rule: GhostRule, call: RecordedCall, grad: torch.Tensor) -> None:
+        """A tap's backward delivers a call's output gradient."""
+        ...
+
+
 class GhostRule(ABC):
     """How one module's trainable parameters are handled exactly from one backward.
 
@@ -57,7 +73,7 @@ class GhostRule(ABC):
             sequence-first ``TransformerEncoderLayer``/``DecoderLayer``, else 0).
     """
 
-    def __init__(self, engine: GhostEngine, name: str, module: nn.Module, batch_dim: int = 0) -> None:
+    def __init__(self, engine: RuleHost, name: str, module: nn.Module, batch_dim: int = 0) -> None:
         self.engine, self.name, self.module, self.batch_dim = engine, name, module, batch_dim
         self.calls: list[RecordedCall] = []
 
