@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from grain_lightning.groups import Grouping, as_grouping
 
-__all__ = ["GrainConfig", "PolicyOptions", "POLICY_CHOICES", "check_choices", "check_policy_options"]
+__all__ = ["GrainConfig", "POLICY_CHOICES", "POLICY_FIELDS", "PolicyOptions", "check_choices", "check_policy_options"]
 
 #: allowed values of the step-policy options with a fixed set of choices
 POLICY_CHOICES: dict[str, tuple[str, ...]] = {
@@ -88,6 +88,10 @@ class PolicyOptions:
         mine = {k: v for k, v in values.items() if k in names}
         check_policy_options(owner, mine)
         return cls(**mine)
+
+
+#: names of the step-policy options (attributes of both ``PolicyOptions`` and ``GrainConfig``)
+POLICY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PolicyOptions))
 
 
 @dataclass
@@ -168,4 +172,4 @@ class GrainConfig:
     @property
     def policy_options(self) -> PolicyOptions:
         """The step-policy options of this config (validated)."""
-        return PolicyOptions.from_values("GrainConfig", {f.name: getattr(self, f.name) for f in fields(self)})
+        return PolicyOptions.from_values("GrainConfig", {name: getattr(self, name) for name in POLICY_FIELDS})

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from typing_extensions import override
 
-from grain_lightning.config import GrainConfig
+from grain_lightning.config import POLICY_FIELDS, GrainConfig
 from grain_lightning.ghost import BlockwiseResult, GhostEngine
 from grain_lightning.groups import GroupAssignment, as_grouping
 from grain_lightning.policy import StepPolicy
@@ -185,7 +185,8 @@ class GrainMixin(_MixinBase):
         return mean_loss
 
     def grain_check_setup(self) -> None:
-        """Refuse set-ups the mixin cannot run correctly (multi-process without a GRAIN strategy, fp16 scaling)."""
+        """Refuse set-ups the mixin cannot run (multi-process without a GRAIN strategy, fp16 scaling); pick up
+        step-policy options changed in ``grain_config`` since the last step (validated again)."""
         trainer = self.trainer
         if trainer.world_size > 1 and not isinstance(trainer.strategy, GrainStrategy):
             raise RuntimeError(
@@ -198,7 +199,9 @@ class GrainMixin(_MixinBase):
                 "GrainMixin writes gradients itself and does not support fp16 loss scaling "
                 "(precision='16-mixed' on GPU): use precision='bf16-mixed' or '32-true'"
             )
-        self.grain_policy.options = self.grain_config.policy_options
+        cfg, options = self.grain_config, self.grain_policy.options
+        if any(getattr(cfg, name) != getattr(options, name) for name in POLICY_FIELDS):  # changed since last step
+            self.grain_policy.options = cfg.policy_options
 
     # ------------------------------------------------------------------ internals
     def _grain_strategy(self) -> Optional[GrainStrategy]:

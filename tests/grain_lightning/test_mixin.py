@@ -252,6 +252,20 @@ def test_setup_check_rejects_unsynchronised_ranks_and_fp16_scaling():
         module.grain_check_setup()
 
 
+def test_policy_options_changed_in_the_config_are_picked_up_and_checked():
+    from types import SimpleNamespace
+
+    module = GrainModule(make_net())
+    module._trainer = SimpleNamespace(world_size=1, strategy=object(), precision_plugin=SimpleNamespace(scaler=None))
+    assert module.grain_policy.options.on_collapse == "mean"
+    module.grain_config.on_collapse = "skip"
+    module.grain_check_setup()
+    assert module.grain_policy.options.on_collapse == "skip"
+    module.grain_config.collapse_mix = 2.0
+    with pytest.raises(ValueError, match=r"GrainConfig: collapse_mix must be in \[0, 1\], got 2.0"):
+        module.grain_check_setup()
+
+
 class _Transformer(GrainModule):
     """Sequence classifier: embedding, one TransformerEncoderLayer, mean pool, head (inputs: token ids)."""
 
