@@ -33,15 +33,32 @@ by module type through :mod:`grain_lightning.ghost.registry` (register your own 
 * ``LayerNorm``/``RMSNorm`` weights and every bias: per-sample vectors, materialised.
 * A module called several times: its calls are concatenated along ``T`` (still exact).
 
-What it cannot do exactly is never computed silently: ``BatchNorm`` in training mode couples samples (the
-per-sample output gradients are then not per-sample gradients), parameters shared by several modules
-(tied weights), ``Conv`` with ``groups > 1`` or non-zero padding modes, attention ``bias_k``/``bias_v``, and
-modules of unknown type that own parameters; and, checked at every step by walking the autograd graph,
-a parameter that reaches the losses other than through its own module's recorded calls. With
-``unsupported="raise"`` the engine raises
-:class:`UnsupportedModuleError` naming the module; with ``"fallback"`` those parameters get exact per-group
-gradients from the reference engine (one extra backward per group, through the same graph) and join the
-Gram, and a sample-coupling module sends *every* parameter to the reference engine.
+* ``transformers``' ``Conv1D`` (GPT-2): a Linear with a transposed weight.
+* Any other module with trainable parameters (RMSNorm-like norms, ViT embeddings, your own layers), and
+  configurations a registered rule refuses: the generic ``torch.func`` rule
+  (:class:`~grain_lightning.ghost.rules.functional.FunctionalRule`), exact at the cost of a vmapped
+  forward and backward of that module.
+* A parameter used by several modules (tied weights: GPT-2's ``wte``/``lm_head``): one term per use and the
+  cross terms between uses (:meth:`~grain_lightning.ghost.terms.Term.cross`).
+
+Checked at every step, before the backward (a failed check is never computed silently):
+
+* every recorded call carries the ``n`` samples of the losses in its batch dimension, in its input and its
+  output. A call with a batch of one (position ids ``(1, S)`` broadcast over the batch afterwards, as BERT
+  and GPT-2 do) is expanded to the forward's batch size when it is recorded, which is exact: every sample
+  used the same input, and each sample's output gradient then arrives separately. The batch size is the
+  one given to :meth:`GhostEngine.capture`, else the batch dim of the first recorded call;
+* a recorded input was not modified in place after the call;
+* ``BatchNorm`` in training mode (samples coupled: every parameter goes to the reference engine);
+* by walking the autograd graph, that each parameter reaches the losses only through its own module's
+  recorded calls.
+
+A module that fails a check is refused: with ``unsupported="raise"`` the engine raises
+:class:`UnsupportedModuleError` naming the module and why; with ``"fallback"`` its parameters get exact
+per-group gradients from the reference engine (one extra backward per group, through the same graph) and
+join the Gram, with a warning. The self-check (``backward(..., self_check=True)``,
+:mod:`~grain_lightning.ghost.self_check`) compares the result with autograd on random group weights, for
+what no shape can reveal (a batch moved to another dimension of the same size).
 
 Precision: per-term products in float32 (float64 for float64 models; bf16/fp16 activations are upcast, and
 under autocast the layer input is rounded to the autocast dtype as the layer itself sees it), the Gram
@@ -53,6 +70,7 @@ that module's output gradients arrive.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -61,17 +79,37 @@ import torch
 from torch import nn
 
 from grain_lightning.config import PolicyOptions
-from grain_lightning.ghost.registry import couples_samples, rule_for, supported_types
+from grain_lightning.ghost.registry import couples_samples, rule_for
 from grain_lightning.ghost.rules.base import GhostRule, RecordedCall, UnsupportedModuleError
+from grain_lightning.ghost.rules.functional import FunctionalRule
+from grain_lightning.ghost.self_check import SelfCheckError, SelfCheckReport, compare, random_weights
 from grain_lightning.ghost.terms import MatrixTerm, Term
 from grain_lightning.groups import GroupAssignment
 from grain_lightning.policy import StepPolicy
 from grain_lightning.reference import GroupGradients, group_gradients
 from grain_lightning.solver import MinNormResult
 
-__all__ = ["BlockwiseResult", "Capture", "GhostEngine", "GhostGradients"]
+__all__ = ["BlockwiseResult", "Capture", "GhostEngine", "GhostGradients", "check_losses"]
 
 _SEQ_FIRST_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def check_losses(losses: Any, batch_size: Optional[int] = None) -> int:
+    """Validate per-sample losses: a ``(n,)`` floating tensor with an autograd graph (and ``n == batch_size``
+    when given). Returns ``n``; raises ``ValueError`` naming the expected and the received shape."""
+    if not isinstance(losses, torch.Tensor):
+        raise ValueError(f"expected (n,) per-sample losses as a tensor, got {type(losses).__name__}")
+    expected = f"({batch_size},)" if batch_size is not None else "(n,)"
+    if losses.ndim != 1 or losses.numel() == 0 or (batch_size is not None and losses.shape[0] != batch_size):
+        raise ValueError(
+            f"expected {expected} per-sample losses (one per sample, reduction='none'), got shape {tuple(losses.shape)}"
+        )
+    if not losses.requires_grad or losses.grad_fn is None:
+        raise ValueError(
+            f"the losses of shape {tuple(losses.shape)} have no autograd graph (computed under torch.no_grad(), "
+            "detached, or from parameters that do not require grad)"
+        )
+    return int(losses.shape[0])
 
 
 @dataclass
@@ -165,19 +203,13 @@ class GhostEngine:
         #: the parameters this engine writes, in order (ghost-handled and fallback ones)
         self.params: list[torch.Tensor] = trainable
         self._named = list(module.named_parameters())
+        self._names = {id(p): name for name, p in self._named}
         counted = {id(p) for p in trainable}
 
-        owners: dict[int, list[str]] = {}
-        for name, sub in module.named_modules(remove_duplicate=False):
-            for p in sub.parameters(recurse=False):
-                if id(p) in counted:
-                    owners.setdefault(id(p), []).append(name)
-        tied = {i for i, names in owners.items() if len(set(names)) > 1}
-
         self.rules: list[GhostRule] = []
+        #: modules refused for good (label -> why): their parameters always go to the reference engine
         self.fallback_reasons: dict[str, str] = {}
         self.coupling: list[tuple[str, nn.Module]] = []
-        fallback: set[int] = set()
         claimed: set[int] = set()
         seq_first = {
             id(c)
@@ -192,45 +224,43 @@ class GhostEngine:
             if id(sub) in claimed:
                 continue
             rule_cls = rule_for(sub)
-            own = rule_cls.own_parameters(sub) if rule_cls is not None else sub.parameters(recurse=False)
-            mine = [p for p in own if id(p) in counted]
             if rule_cls is not None:
                 claimed.update(id(m) for c in rule_cls.claimed_children(sub) for m in c.modules())
-            if not mine:
+                if rule_cls.why_unsupported(sub) is not None:  # a configuration its rule refuses: generic rule
+                    rule_cls = None
+            own = rule_cls.own_parameters(sub) if rule_cls is not None else list(sub.parameters(recurse=False))
+            if not any(id(p) in counted for p in own):
                 continue
-            if rule_cls is None:
-                reason: Optional[str] = (
-                    "unsupported module type with trainable parameters (supported: "
-                    f"{', '.join(supported_types())}; see grain_lightning.ghost.register_rule)"
-                )
-            else:
-                reason = rule_cls.why_unsupported(sub)
-            if reason is None and any(id(p) in tied for p in mine):
-                shared = [owners[id(p)] for p in mine if id(p) in tied][0]
-                reason = f"a parameter is shared by modules {shared} (tied weights)"
-            if reason is not None or rule_cls is None:
-                if unsupported == "raise":
-                    raise UnsupportedModuleError(
-                        f"module {label}: {reason}; use unsupported='fallback' (reference engine for these "
-                        "parameters) or the reference engine"
-                    )
-                self.fallback_reasons[label] = str(reason)
-                fallback.update(id(p) for p in mine)
-                continue
-            self.rules.append(rule_cls(self, name, sub, 1 if id(sub) in seq_first else 0))
-        self._fallback_ids = fallback
-        self._ghost_ids = counted - fallback
-        self._outside: set[int] = set()  # this step: parameters used outside their recorded calls
+            self.rules.append((rule_cls or FunctionalRule)(self, name, sub, 1 if id(sub) in seq_first else 0))
+        self._labels = {id(r): f"module {r.name or '<root>'!r} ({type(r.module).__name__})" for r in self.rules}
+        owners: dict[int, list[str]] = {}
+        for rule in self.rules:
+            for p in rule.own_parameters(rule.module):
+                if id(p) in counted:
+                    owners.setdefault(id(p), []).append(rule.name)
+        #: parameters used by several modules (tied weights): their Gram adds the cross terms between uses
+        self._shared = {i for i, names in owners.items() if len(names) > 1}
+        self._fallback_ids: set[int] = set()
+        self._ghost_ids = counted
+        self._counted = counted
+        self._refused: set[int] = set()  # this step: parameters of modules that failed a check
+        self._warned: set[str] = set()
         if unsupported == "raise":
             self._check_coupling()
         self._anchor: Optional[torch.Tensor] = None
+        self._batch_size: Optional[int] = None
+        self._batch_given = False
         self._listening = False
         self._captured = False
         self._terms: list[Term] = []
+        self._param_grams: dict[int, torch.Tensor] = {}
         self._reached: set[int] = set()
         self._state: Optional[tuple] = None
         self._second: Optional[tuple] = None
         self._on_ready: Optional[Callable[[GhostRule], None]] = None
+        #: the last self-check's report (``None`` until one ran)
+        self.last_self_check: Optional[SelfCheckReport] = None
+        self._last_refused: list[str] = []
 
     def _coupled(self) -> list[str]:
         return [label for label, m in self.coupling if couples_samples(m)]
@@ -246,7 +276,7 @@ class GhostEngine:
 
     @property
     def unsupported_modules(self) -> list[str]:
-        """Modules whose parameters go to the reference engine (unsupported, tied, or coupling samples now)."""
+        """Modules whose parameters go to the reference engine (refused for good, or coupling samples now)."""
         return list(self.fallback_reasons) + [c for c in self._coupled() if c not in self.fallback_reasons]
 
     @property
@@ -254,10 +284,44 @@ class GhostEngine:
         """Whether every counted parameter is handled by the one-backward rules (no fallback, no coupling)."""
         return not self._fallback_ids and not self._coupled()
 
+    @property
+    def refused_last_step(self) -> list[str]:
+        """Names of the parameters the last backward sent to the reference engine (for any reason)."""
+        return list(self._last_refused)
+
+    def _refuse_for_good(self, label: str, reason: str, ids: set[int]) -> None:
+        self.fallback_reasons[label] = reason
+        self._fallback_ids |= ids
+        self._ghost_ids = self._counted - self._fallback_ids
+
     # ------------------------------------------------------------------ capture
-    def capture(self) -> Capture:
-        """Context manager recording each layer's input and tapping its output during the forward pass."""
-        return Capture(self)
+    def capture(self, batch_size: Optional[int] = None) -> Capture:
+        """Context manager recording each layer's input and tapping its output during the forward pass.
+
+        Args:
+            batch_size: the number of samples of the forward (default: the batch dim of the first recorded
+                call). Calls with a batch of one are expanded to it (broadcast inputs such as position ids),
+                and the losses must have this length.
+        """
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return Capture(self, batch_size)
+
+    def broadcast(self, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expand a call with a batch of one to the forward's batch size (see :class:`RuleHost`)."""
+        if x.ndim <= batch_dim or output.ndim <= batch_dim:
+            return x, output
+        if self._batch_size is None:
+            if x.shape[batch_dim] > 1:
+                self._batch_size = int(x.shape[batch_dim])
+            return x, output
+        n = self._batch_size
+        if n > 1 and x.shape[batch_dim] == 1 and output.shape[batch_dim] == 1:
+            grow = lambda t: t.expand(*t.shape[:batch_dim], n, *t.shape[batch_dim + 1 :])  # noqa: E731
+            return grow(x), grow(output)
+        return x, output
 
     @property
     def captured(self) -> bool:
@@ -266,7 +330,7 @@ class GhostEngine:
 
     def counts(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s gradient comes from the rules' terms this step (not the reference engine)."""
-        return id(p) in self._ghost_ids and id(p) not in self._outside
+        return id(p) in self._ghost_ids and id(p) not in self._refused
 
     @property
     def anchor(self) -> Optional[torch.Tensor]:
@@ -282,14 +346,30 @@ class GhostEngine:
             self._on_ready(rule)
 
     # ------------------------------------------------------------------ backward
-    def _begin(self, losses: torch.Tensor, assignment: GroupAssignment):
-        if losses.ndim != 1:
-            raise ValueError(f"expected (n,) per-sample losses, got shape {tuple(losses.shape)}")
+    def _begin(self, losses: torch.Tensor, assignment: GroupAssignment, *, retain: bool = False, split: bool = False):
+        """Validate the losses, check every recorded call, and run the reference engine for refused parameters.
+
+        ``retain``: keep the graph after the reference engine even when samples are coupled (self-check).
+        ``split``: block-wise mode, where a parameter shared by several modules cannot be split into blocks.
+        """
         if not self._captured:
             raise RuntimeError("no captured forward: compute the losses inside `with engine.capture():`")
-        if assignment.index.shape != losses.shape:
-            raise ValueError(f"assignment of {assignment.index.shape[0]} samples for {losses.shape[0]} losses")
-        n, k = losses.shape[0], assignment.num_groups
+        try:
+            n = check_losses(losses, self._batch_size if self._batch_given else None)
+            seen = {c.batch[0] for r in self.rules for c in r.calls}
+            if seen and n not in seen:
+                raise ValueError(
+                    f"expected one loss per sample: the recorded layers saw batches of {sorted(seen)} samples, "
+                    f"got losses of shape {tuple(losses.shape)}"
+                )
+            if assignment.index.shape != losses.shape:
+                raise ValueError(
+                    f"assignment of {assignment.index.shape[0]} samples for losses of shape {tuple(losses.shape)}"
+                )
+        except ValueError:
+            self._reset()
+            raise
+        k = assignment.num_groups
         index = assignment.index.to(losses.device)
         onehot = torch.zeros(
             n, k, dtype=torch.float64 if losses.dtype == torch.float64 else torch.float32, device=losses.device
@@ -299,21 +379,72 @@ class GhostEngine:
         if coupled and self.unsupported == "raise":
             self._reset()
             self._check_coupling()
-        self._outside = set() if coupled else self._uses_outside_layers(losses)
-        if self._outside and self.unsupported == "raise":
-            names = {id(p): n for n, p in self._named}
-            bad = [names.get(i, "?") for i in self._outside]
-            self._reset()
-            raise UnsupportedModuleError(
-                f"parameters {bad} reach the losses outside their module's recorded forward (used functionally, "
-                "or their module was not called inside capture()); use unsupported='fallback' or the reference engine"
-            )
-        fb_ids = {id(p) for p in self.params} if coupled else self._fallback_ids | self._outside
+        self._refused = set()
+        if not coupled:
+            problems = self._check_calls(n, split)
+            walk = self._uses_outside_layers(losses)
+            if walk:
+                names = sorted(self._names.get(i, "?") for i in walk)
+                problems[f"parameters {names}"] = (
+                    "they reach the losses outside their module's recorded forward (used functionally, or their "
+                    "module was not called inside capture())",
+                    walk,
+                )
+            for label, (reason, ids) in problems.items():
+                if self.unsupported == "raise":
+                    self._reset()
+                    raise UnsupportedModuleError(
+                        f"{label}: {reason}; use unsupported='fallback' (reference engine for its parameters) "
+                        "or the reference engine"
+                    )
+                if label + reason not in self._warned:
+                    self._warned.add(label + reason)
+                    warnings.warn(
+                        f"GRAIN one-backward engine: {label}: {reason}; its parameters use the reference "
+                        "engine (exact, one backward per group)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                self._refused |= ids
+        fb_ids = {id(p) for p in self.params} if coupled else self._fallback_ids | self._refused
         fb_params = [p for p in self.params if id(p) in fb_ids]
+        self._last_refused = [self._names.get(id(p), "?") for p in fb_params]
         fallback = None
         if fb_params:
-            fallback = group_gradients(assignment.group_means(losses), fb_params, retain_graph=not coupled)
+            fallback = group_gradients(assignment.group_means(losses), fb_params, retain_graph=not coupled or retain)
         return n, k, index, onehot, fb_params, fallback, coupled
+
+    def _check_calls(self, n: int, split: bool) -> dict[str, tuple[str, set[int]]]:
+        """Every recorded call of every rule against the ``n`` samples: ``{module label: (why, parameter ids)}``."""
+        problems: dict[str, tuple[str, set[int]]] = {}
+        for rule in self.rules:
+            ids = {id(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
+            if not ids:
+                continue
+            if split and ids & self._shared:
+                problems[self._labels[id(rule)]] = (
+                    "block-wise mode cannot split a parameter shared with another module (tied weights) into blocks",
+                    ids,
+                )
+                continue
+            for call in rule.calls:
+                reason = rule.check_call(call, n)
+                if reason is not None:
+                    if getattr(
+                        rule, "couples", False
+                    ):  # its backward mixes samples: no output gradient below is per-sample
+                        reason += "; every parameter uses the reference engine"
+                        ids = set(self._ghost_ids)
+                    problems[self._labels[id(rule)]] = (reason, ids)
+                    break
+        # a shared parameter refused in one of its modules is refused in all of them
+        refused = set().union(*(ids for _, ids in problems.values())) if problems else set()
+        for rule in self.rules:
+            own = {id(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
+            label = self._labels[id(rule)]
+            if own & refused & self._shared and label not in problems:
+                problems[label] = ("it shares a parameter with a refused module", own & refused)
+        return problems
 
     def _uses_outside_layers(self, losses: torch.Tensor) -> set[int]:
         """Ids of one-backward parameters whose gradient does not flow only through their own rule's taps.
@@ -355,36 +486,54 @@ class GhostEngine:
             rule.calls = [c for c in rule.calls if c.grad is not None]
         terms = rule.terms(n, k) if rule.calls else []
         for call in rule.calls:  # the taps in the graph still reference their calls: let go of the tensors
-            call.inputs = call.grad = None
+            call.inputs = call.grad = call.source = call.info = None
         rule.calls = []
         self._reached.update(id(t.param) for t in terms)
         return terms
 
-    def backward(self, losses: torch.Tensor, assignment: GroupAssignment) -> GhostGradients:
+    def backward(
+        self, losses: torch.Tensor, assignment: GroupAssignment, *, self_check: bool = False
+    ) -> GhostGradients:
         """One backward of ``sum_i l_i / n_{group(i)}``: the ``(k, k)`` float64 group Gram.
 
         Each layer's Gram term is computed as soon as its output gradients arrive; the combined gradient
-        is written by :meth:`write_gradients` (or returned by ``GhostGradients.combine``).
+        is written by :meth:`write_gradients` (or returned by ``GhostGradients.combine``). With
+        ``self_check=True`` the result is compared with autograd (:mod:`~grain_lightning.ghost.self_check`):
+        one more backward; a mismatch raises :class:`~grain_lightning.ghost.self_check.SelfCheckError`
+        naming the parameters (``unsupported="raise"``) or sends them to the reference engine for good.
         """
-        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)
+        second = self.combine == "backward"
+        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment, retain=self_check)
+        second = second and not coupled
+        check = self_check and not coupled
         gram = torch.zeros(k, k, dtype=torch.float64)
         terms: list[Term] = []
+        by_param: dict[int, list[Term]] = {}  # terms of shared parameters, for the cross terms between uses
+        param_grams: dict[int, torch.Tensor] = {}
         self._reached = set()
-
-        second = self.combine == "backward" and not coupled
 
         def on_ready(rule: GhostRule) -> None:
             nonlocal gram
             for term in self._rule_terms(rule, n, k):
-                if second and isinstance(term, MatrixTerm):
+                pid = id(term.param)
+                shared = pid in self._shared
+                if second and isinstance(term, MatrixTerm) and not shared:
                     term.store = False
-                gram += term.gram(onehot).cpu()
-                if not second:
+                part = term.gram(onehot).cpu()
+                for other in by_param.get(pid, []):
+                    if term.overlaps(other):
+                        cross = term.cross(other, onehot).cpu()
+                        part = part + cross + cross.T
+                if shared:
+                    by_param.setdefault(pid, []).append(term)
+                gram += part
+                param_grams[pid] = part if pid not in param_grams else param_grams[pid] + part
+                if not second or check:
                     terms.append(term)
 
         self._on_ready = on_ready
         try:
-            self._run_backward(losses, assignment, index, coupled, retain=second)
+            self._run_backward(losses, assignment, index, coupled, retain=second or check)
             if not coupled:
                 for rule in self.rules:  # layers whose outputs got no gradient, or partly
                     if rule.calls:
@@ -394,10 +543,71 @@ class GhostEngine:
             self._reset()
         if fallback is not None:
             gram += fallback.gram()
+        self._param_grams = param_grams
+        if check:
+            bad = self._self_check(losses, assignment, terms, param_grams, lambda u: None if second else u)
+            if bad:
+                gram, terms, fb_params, fallback = self._move_to_reference(
+                    bad, losses, assignment, gram, terms, fb_params, fallback, retain=second
+                )
+            if second:
+                terms = []
         self._terms = [] if coupled else terms
         self._state = (assignment, onehot, fb_params, fallback)
         self._second = (losses, self._reached) if second else None
         return GhostGradients(self, gram, k)
+
+    def _self_check(self, losses, assignment, terms, param_grams, engine_side) -> dict[int, str]:
+        """Compare the rules' combined gradient and Gram blocks with autograd on random group weights."""
+        k = assignment.num_groups
+        u = random_weights(k)
+        index = assignment.index.to(losses.device)
+        scale = (u.to(losses.device)[index] / assignment.counts.to(losses.device)[index]).to(losses.dtype)
+        checked = [p for p in self.params if self.counts(p)]
+        if not checked:
+            return {}
+        auto = torch.autograd.grad((losses * scale).sum(), checked, allow_unused=True, retain_graph=True)
+        ws = u.to(losses.device)[index]
+        mine = self._assemble(terms, ws, u.to(losses.device), None) if engine_side(u) is not None else None
+        quad = [float(u @ param_grams[id(p)] @ u) if id(p) in param_grams else 0.0 for p in checked]
+        engine_grads = (
+            [mine.get(id(p), torch.zeros_like(p)) for p in checked] if mine is not None else [None] * len(checked)
+        )
+        report = compare(
+            [self._names.get(id(p), "?") for p in checked], list(auto), engine_grads, quad, [p.dtype for p in checked]
+        )
+        self.last_self_check = report
+        if report.ok:
+            return {}
+        if self.unsupported == "raise":
+            raise SelfCheckError(
+                "the one-backward engine's gradients differ from autograd's for parameters "
+                + "; ".join(f"{name}: {why}" for name, why in report.mismatched.items())
+                + " (use unsupported='fallback' to send them to the reference engine, or the reference engine)"
+            )
+        ids = {id(p): self._names.get(id(p), "?") for p in checked}
+        return {i: report.mismatched[name] for i, name in ids.items() if name in report.mismatched}
+
+    def _move_to_reference(self, bad, losses, assignment, gram, terms, fb_params, fallback, *, retain: bool):
+        """Send parameters that failed the self-check to the reference engine, for this step and for good."""
+        for pid, why in bad.items():
+            label = f"parameter {self._names.get(pid, '?')!r}"
+            warnings.warn(
+                f"GRAIN self-check: {label}: {why}; it uses the reference engine from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._refuse_for_good(label, f"failed the self-check ({why})", {pid})
+            gram = gram - self._param_grams.pop(pid, torch.zeros_like(gram))
+        if fallback is not None:
+            gram = gram - fallback.gram()
+        fb_params = [p for p in self.params if id(p) in {id(q) for q in fb_params} or id(p) in bad]
+        fallback = group_gradients(assignment.group_means(losses), fb_params, retain_graph=retain)
+        gram = gram + fallback.gram()
+        terms = [t for t in terms if id(t.param) not in bad]
+        self._reached -= set(bad)
+        self._last_refused = [self._names.get(id(p), "?") for p in fb_params]
+        return gram, terms, fb_params, fallback
 
     def _combine(self, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:
         if self._state is None:
@@ -456,26 +666,41 @@ class GhostEngine:
         """Drop the activations (or the graph) kept for the combined gradient."""
         self._terms, self._state, self._second = [], None, None
 
-    def group_gradients(self, losses: torch.Tensor, assignment: GroupAssignment) -> GroupGradients:
+    def group_gradients(
+        self, losses: torch.Tensor, assignment: GroupAssignment, *, self_check: bool = False
+    ) -> GroupGradients:
         """The ``(k, *p.shape)`` group gradients of every counted parameter, from one backward.
 
         Same result as the reference :func:`~grain_lightning.reference.group_gradients` of
         ``assignment.group_means(losses)`` (used for gradient accumulation across micro-batches, where the
-        Gram needs gradients of groups from different micro-batches).
+        Gram needs gradients of groups from different micro-batches). ``self_check``: as in :meth:`backward`.
         """
-        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)
+        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment, retain=self_check)
+        check = self_check and not coupled
         self._reached = set()
         try:
-            self._run_backward(losses, assignment, index, coupled)
+            self._run_backward(losses, assignment, index, coupled, retain=check)
             terms = [] if coupled else [t for r in self.rules for t in self._rule_terms(r, n, k)]
         finally:
             self._reset()
         grads = {id(p): torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in self.params}
-        for term in terms:
+        for term in terms:  # several terms of one parameter (slices, or the uses of a tied weight) add up
             full = grads[id(term.param)]
             g = term.group_grads(onehot)
             for j in range(k):
-                term.slot(full[j]).copy_(g[j].reshape(term.slot(full[j]).shape))
+                term.slot(full[j]).add_(g[j].reshape(term.slot(full[j]).shape))
+        if check:
+            grams = {id(p): torch.zeros(k, k, dtype=torch.float64) for p in self.params if id(p) in self._reached}
+            for pid in grams:
+                flat = grads[pid].reshape(k, -1).double()
+                grams[pid] = (flat @ flat.T).cpu()
+            self._param_grams = grams
+            bad = self._self_check(losses, assignment, terms, grams, lambda w: w)
+            if bad:
+                unused = torch.zeros(k, k, dtype=torch.float64)
+                _, _, fb_params, fallback = self._move_to_reference(
+                    bad, losses, assignment, unused, terms, fb_params, fallback, retain=False
+                )
         fb = dict(zip(map(id, fb_params), zip(fallback.grads, fallback.reached))) if fallback is not None else {}
         out, reached = [], []
         for p in self.params:
@@ -506,7 +731,7 @@ class GhostEngine:
         Each block's weights come from ``policy.solve``; ``tol`` is only used when no ``policy`` is given.
         """
         policy = policy if policy is not None else StepPolicy(PolicyOptions(solver_tol=tol))
-        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment)
+        n, k, index, onehot, fb_params, fallback, coupled = self._begin(losses, assignment, split=True)
         solves: dict[str, MinNormResult] = {}
         grams: dict[str, torch.Tensor] = {}
 
@@ -549,7 +774,7 @@ class GhostEngine:
     def _reset(self) -> None:
         for rule in self.rules:
             for call in rule.calls:
-                call.inputs = call.grad = None
+                call.inputs = call.grad = call.source = call.info = None
             rule.calls = []
         self._listening = False
         self._captured = False
@@ -557,14 +782,17 @@ class GhostEngine:
 
 
 class Capture:
-    def __init__(self, engine: GhostEngine) -> None:
-        self.engine = engine
+    """What :meth:`GhostEngine.capture` returns: installs the rules' hooks for one forward."""
+
+    def __init__(self, engine: GhostEngine, batch_size: Optional[int] = None) -> None:
+        self.engine, self.batch_size = engine, batch_size
         self.handles: list = []
 
     def __enter__(self) -> GhostEngine:
         eng = self.engine
         eng._reset()
         eng.release()
+        eng._batch_size, eng._batch_given = self.batch_size, self.batch_size is not None
         eng._anchor = torch.zeros((), requires_grad=True)
         self.handles = [h for rule in eng.rules for h in rule.attach()]
         return eng

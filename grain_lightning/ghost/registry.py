@@ -14,6 +14,11 @@ registered type covers its subclasses unless a subclass has a rule of its own. I
             b = self.concat([self.samples(c.grad, 0, n) for c in self.calls])     # (n, T, d)
             return [VectorTerm(self.module.weight, None, (x * b).sum(1))]         # per-sample (n, d)
 
+A type can also be named by its qualified name (``"transformers.pytorch_utils.Conv1D"``), so that a rule for
+an optional library's layer is registered without importing that library. A module type with trainable
+parameters and no registered rule gets the generic rule
+(:class:`~grain_lightning.ghost.rules.functional.FunctionalRule`: exact, ``torch.func``, costlier).
+
 Modules that couple the samples of a batch (BatchNorm in training mode) are registered with
 :func:`register_sample_coupling`: the engine then sends every parameter to the reference engine.
 """
@@ -21,23 +26,37 @@ Modules that couple the samples of a batch (BatchNorm in training mode) are regi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from torch import nn
 
 if TYPE_CHECKING:
     from grain_lightning.ghost.rules.base import GhostRule
 
-__all__ = ["couples_samples", "register_rule", "register_sample_coupling", "rule_for", "supported_types"]
+__all__ = [
+    "couples_samples",
+    "qualified_name",
+    "register_rule",
+    "register_sample_coupling",
+    "rule_for",
+    "supported_types",
+]
 
-_RULES: dict[type, type[GhostRule]] = {}
+_RULES: dict[Union[type, str], type[GhostRule]] = {}
 _COUPLING: dict[type, Callable[[nn.Module], bool]] = {}
 
 
-def register_rule(*module_types: type) -> Callable[[type[GhostRule]], type[GhostRule]]:
-    """Class decorator: ``rule_cls`` handles modules of ``module_types`` (replacing an earlier rule)."""
-    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
-        raise TypeError(f"register_rule expects nn.Module subclasses, got {module_types!r}")
+def qualified_name(t: type) -> str:
+    """``module.QualName`` of a type, as :func:`register_rule` accepts it."""
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def register_rule(*module_types: Union[type, str]) -> Callable[[type[GhostRule]], type[GhostRule]]:
+    """Class decorator: ``rule_cls`` handles modules of ``module_types`` (``nn.Module`` subclasses or their
+    qualified names), replacing an earlier rule."""
+    ok = all(isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)) for t in module_types)
+    if not module_types or not ok:
+        raise TypeError(f"register_rule expects nn.Module subclasses or qualified type names, got {module_types!r}")
 
     def decorate(rule_cls: type[GhostRule]) -> type[GhostRule]:
         for t in module_types:
@@ -48,9 +67,10 @@ def register_rule(*module_types: type) -> Callable[[type[GhostRule]], type[Ghost
 
 
 def rule_for(module: nn.Module) -> Optional[type[GhostRule]]:
-    """The rule registered for ``type(module)`` or its nearest registered base class, else ``None``."""
+    """The rule registered for ``type(module)`` or its nearest registered base class (by type or by qualified
+    name), else ``None``."""
     for t in type(module).__mro__:
-        rule = _RULES.get(t)
+        rule = _RULES.get(t) or _RULES.get(qualified_name(t))
         if rule is not None:
             return rule
     return None
@@ -58,7 +78,7 @@ def rule_for(module: nn.Module) -> Optional[type[GhostRule]]:
 
 def supported_types() -> list[str]:
     """Names of the module types with a registered rule, in registration order."""
-    return [t.__name__ for t in _RULES]
+    return [t if isinstance(t, str) else t.__name__ for t in _RULES]
 
 
 def register_sample_coupling(module_type: type, active: Callable[[nn.Module], bool]) -> None:

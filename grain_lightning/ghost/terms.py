@@ -14,6 +14,12 @@ gradient. For ``n`` samples in ``k`` groups (``onehot``: ``(n, k)``):
                    ``<g_i, g_j> = sum_{t,s} [id_i(t) = id_j(s)] <B_i(t), B_j(s)>`` (``(nT)^2 D``) or the group
                    gradients over the ``U`` rows the batch touches (``n T D + k^2 U D``).
 
+A parameter used by several modules (tied weights, e.g. GPT-2's ``wte``/``lm_head``) gets one term per use;
+its per-sample gradient is the sum of the uses, so its Gram adds the cross terms ``<G^u_j, G^v_l>`` of every
+pair of uses (:meth:`Term.cross`): an embedding use against any other use costs the other use's group
+gradients over the ``U`` rows the batch touches (``n T U d`` for a Linear); other pairs materialise both
+uses' group gradients (``k x numel`` each).
+
 Products run in float32 (float64 for float64 models); each term's Gram is returned in float64.
 """
 
@@ -52,6 +58,38 @@ class Term(ABC):
         """The part of a full ``param``-shaped tensor this term writes."""
         return grad if self.where is None else grad.view(-1)[self.where]
 
+    def overlaps(self, other: Term) -> bool:
+        """Whether the two terms write common entries of the same parameter (then their Grams have cross terms)."""
+        if other.param is not self.param:
+            return False
+        if self.where is None or other.where is None or type(self).slot is not type(other).slot:
+            return True
+        return self.where.start < other.where.stop and other.where.start < self.where.stop
+
+    def dense(self, onehot: torch.Tensor) -> torch.Tensor:
+        """``(k, *param.shape)`` group gradients of the whole parameter (zeros outside this term's slot)."""
+        g = self.group_grads(onehot)
+        k = onehot.shape[1]
+        if self.where is None:
+            return g.reshape(k, *self.param.shape)
+        out = g.new_zeros(k, *self.param.shape)
+        for j in range(k):
+            self.slot(out[j]).copy_(g[j].reshape(self.slot(out[j]).shape))
+        return out
+
+    def group_rows(self, onehot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``(k, U, ...)`` group gradients restricted to rows ``rows`` (sorted) of the parameter."""
+        return self.dense(onehot)[:, rows]
+
+    def cross(self, other: Term, onehot: torch.Tensor) -> torch.Tensor:
+        """``(k, k)`` float64 cross Gram ``C_jl = <G^self_j, G^other_l>`` of two uses of one parameter."""
+        if isinstance(other, EmbeddingTerm):
+            return other.cross(self, onehot).T
+        k = onehot.shape[1]
+        a, b = self.dense(onehot).reshape(k, -1), other.dense(onehot).reshape(k, -1)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return (a.to(dtype) @ b.to(dtype).T).double()
+
 
 class VectorTerm(Term):
     """Per-sample gradient vectors ``v`` (``(n, m)``): biases, norm weights."""
@@ -72,14 +110,25 @@ class VectorTerm(Term):
 
 
 class MatrixTerm(Term):
-    """``g_i = B_i^T A_i`` with ``A``: ``(n, T, d)``, ``B``: ``(n, T, p)`` (Linear, unfolded Conv, attention)."""
+    """``g_i = B_i^T A_i`` with ``A``: ``(n, T, d)``, ``B``: ``(n, T, p)`` (Linear, unfolded Conv, attention).
+
+    ``transposed=True``: the parameter is stored ``(d, p)`` (``y = x @ W``, as ``transformers``' ``Conv1D``);
+    the Gram is the same, the gradients are transposed.
+    """
 
     def __init__(
-        self, param: nn.Parameter, where: Optional[slice], a: torch.Tensor, b: torch.Tensor, mode: str, k: int
+        self,
+        param: nn.Parameter,
+        where: Optional[slice],
+        a: torch.Tensor,
+        b: torch.Tensor,
+        mode: str,
+        k: int,
+        transposed: bool = False,
     ) -> None:
         super().__init__(param, where)
-        self.a, self.b, self.mode, self.k = a, b, mode, k
-        self.g: Optional[torch.Tensor] = None
+        self.a, self.b, self.mode, self.k, self.transposed = a, b, mode, k, transposed
+        self.g: Optional[torch.Tensor] = None  # (k, p, d) group gradients once materialised and kept
         self.store = True  # keep G or (A, B) for the combined gradient
 
     def slot(self, grad: torch.Tensor) -> torch.Tensor:
@@ -108,7 +157,7 @@ class MatrixTerm(Term):
         if self.store and self.k * p * d <= n * t * (
             d + p
         ):  # keep the smaller of G and (A, B) for the combined gradient
-            g = self.group_grads(onehot)
+            g = self._grads(onehot)
             flat = g.reshape(g.shape[0], -1)
             self.g = g
             self.a = self.b = g.new_empty(0)  # let go of A and B
@@ -117,15 +166,31 @@ class MatrixTerm(Term):
         rows = max(1, 2**19 // (self.k * d))
         gram = torch.zeros(self.k, self.k, dtype=self.a.dtype, device=self.a.device)
         for start in range(0, p, rows):
-            flat = self.group_grads(onehot, self.b[:, :, start : start + rows]).reshape(self.k, -1)
+            flat = self._grads(onehot, b=self.b[:, :, start : start + rows]).reshape(self.k, -1)
             gram.addmm_(flat, flat.T)
         return gram.double()
 
-    def group_grads(self, onehot: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(k, p, d)`` group gradients (of the output columns in ``b``, default all)."""
+    def group_grads(self, onehot: torch.Tensor) -> torch.Tensor:
+        """``(k, *param slot shape)`` group gradients (``(k, p, d)``; ``(k, d, p)`` when transposed)."""
+        g = self._grads(onehot)
+        return g.transpose(1, 2) if self.transposed else g
+
+    def group_rows(self, onehot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.where is not None:
+            return super().group_rows(onehot, rows)
         if self.g is not None:
+            return self.group_grads(onehot)[:, rows]
+        if self.transposed:  # rows of the (d, p) parameter are input features
+            return self._grads(onehot, a=self.a[:, :, rows]).transpose(1, 2)
+        return self._grads(onehot, b=self.b[:, :, rows])
+
+    def _grads(
+        self, onehot: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``(k, p, d)`` group gradients (of the output columns in ``b`` / input columns in ``a``, default all)."""
+        if self.g is not None and a is None and b is None:
             return self.g
-        a, b = self.a, (self.b if b is None else b)
+        a, b = (self.a if a is None else a), (self.b if b is None else b)
         n, k = onehot.shape
         index = onehot.argmax(1)
         counts = torch.bincount(index, minlength=k)
@@ -142,9 +207,11 @@ class MatrixTerm(Term):
 
     def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
         if self.g is not None:
-            return torch.tensordot(wk.to(self.g.dtype), self.g, dims=1)
-        bw = self.b * ws.to(self.b.dtype)[:, None, None]
-        return bw.reshape(-1, bw.shape[2]).T @ self.a.reshape(-1, self.a.shape[2])
+            out = torch.tensordot(wk.to(self.g.dtype), self.g, dims=1)
+        else:
+            bw = self.b * ws.to(self.b.dtype)[:, None, None]
+            out = bw.reshape(-1, bw.shape[2]).T @ self.a.reshape(-1, self.a.shape[2])
+        return out.T if self.transposed else out
 
 
 class EmbeddingTerm(Term):
@@ -180,6 +247,24 @@ class EmbeddingTerm(Term):
         out = self.b.new_zeros(self.k, *self.param.shape)
         out[:, uniq] = self._rows(onehot, uniq, inv)
         return out
+
+    def group_rows(self, onehot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        n, t = self.ids.shape
+        u = rows.numel()
+        ids = self.ids.reshape(-1)
+        pos = torch.searchsorted(rows, ids).clamp(max=u - 1)
+        hit = rows[pos] == ids
+        flat = (onehot.argmax(1).repeat_interleave(t) * u + pos)[hit]
+        out = self.b.new_zeros(self.k * u, self.b.shape[2])
+        return out.index_add_(0, flat, self.b.reshape(n * t, -1)[hit]).view(self.k, u, -1)
+
+    def cross(self, other: Term, onehot: torch.Tensor) -> torch.Tensor:
+        """Over the ``U`` rows this batch's ids touch (the only rows where this use's gradient is non-zero)."""
+        uniq, inv = torch.unique(self.ids, return_inverse=True)
+        mine = self._rows(onehot, uniq, inv).reshape(self.k, -1)
+        theirs = other.group_rows(onehot, uniq).reshape(self.k, -1)
+        dtype = torch.promote_types(mine.dtype, theirs.dtype)
+        return (mine.to(dtype) @ theirs.to(dtype).T).double()
 
     def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
         bw = (self.b * ws.to(self.b.dtype)[:, None, None]).reshape(-1, self.b.shape[2])

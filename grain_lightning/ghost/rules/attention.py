@@ -106,6 +106,9 @@ class AttentionRule(GhostRule):
                 return p, slice(start, start + t.shape[0])
         return None
 
+    def call_batch(self, x: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
+        return self._batch, self._batch  # the projections see (L, N, E) or (L*N, E) rows; N is checked in terms
+
     def prepare(self, x: torch.Tensor) -> Any:
         return as_autocast(x.detach(), autocast_dtype(x.device.type))
 

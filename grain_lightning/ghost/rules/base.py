@@ -29,11 +29,19 @@ class UnsupportedModuleError(TypeError):
 
 @dataclass
 class RecordedCall:
-    """One forward call of a layer: what its rule needs, plus the output gradient once backward delivers it."""
+    """One forward call of a layer: what its rule needs, plus the output gradient once backward delivers it.
+
+    ``batch`` holds the sizes of the batch dimension of the call's input and output (checked against the
+    number of losses at every step); ``source`` and ``version`` the raw input and its autograd version
+    counter at the call, so that an input modified in place afterwards is detected instead of misused.
+    """
 
     inputs: Any
     info: Any = None
     grad: Optional[torch.Tensor] = None
+    batch: tuple[int, int] = (-1, -1)
+    source: Optional[torch.Tensor] = None
+    version: int = 0
 
     @property
     def output_grad(self) -> torch.Tensor:
@@ -59,6 +67,12 @@ class RuleHost(Protocol):
 
     def receive(self, rule: GhostRule, call: RecordedCall, grad: torch.Tensor) -> None:
         """A tap's backward delivers a call's output gradient."""
+        ...
+
+    def broadcast(self, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A call whose input and output have a batch of 1 while the forward's batch is ``n > 1`` (position ids
+        ``(1, S)`` broadcast over the batch afterwards): both expanded to ``n``, so that each sample's output
+        gradient arrives separately. Other calls are returned unchanged (and teach the engine ``n``)."""
         ...
 
 
@@ -114,15 +128,38 @@ class GhostRule(ABC):
         """Undo anything :meth:`attach` did besides hooks (called when the capture ends)."""
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
             return None
-        return self.record(args[0], output)
+        x, output = self.engine.broadcast(args[0], output, self.batch_dim)
+        return self.record(x, output)
 
     def record(self, x: torch.Tensor, output: torch.Tensor, info: Any = None) -> torch.Tensor:
         """Record a call with input ``x``; returns the tapped ``output`` to use in its place."""
-        call = RecordedCall(self.prepare(x), info)
+        call = RecordedCall(self.prepare(x), info, batch=self.call_batch(x, output), source=x.detach())
+        call.version = x._version
         self.calls.append(call)
         return Tap.apply(output, self.engine.anchor, self, lambda g: self.engine.receive(self, call, g))
+
+    def call_batch(self, x: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
+        """Sizes of the batch dimension of a call's input and output (``-1``: the tensor has no such dim)."""
+        d = self.batch_dim
+        return (x.shape[d] if x.ndim > d else -1, output.shape[d] if output.ndim > d else -1)
+
+    def check_call(self, call: RecordedCall, n: int) -> Optional[str]:
+        """Why this call's records cannot give the ``n`` samples' gradients exactly (``None``: they can).
+
+        Checked by the engine for every call at every step, before the backward: the input and output must
+        carry the ``n`` samples in the batch dimension (not broadcast, flattened or reshaped), and the
+        recorded input must not have been modified in place since the call.
+        """
+        if call.source is not None and call.source._version != call.version:
+            return "its input was modified in place after the call (the recorded input is no longer the one used)"
+        if call.batch != (n, n):
+            return (
+                f"the batch dim {self.batch_dim} of its input/output has size {call.batch[0]}/{call.batch[1]}, not the "
+                f"{n} samples of the losses (a broadcast, flattened or reshaped batch)"
+            )
+        return None
 
     def prepare(self, x: torch.Tensor) -> Any:
         """What to keep of the input (default: the detached tensor)."""

@@ -31,8 +31,9 @@ class EmbeddingRule(GhostRule):
         assert isinstance(m, nn.Embedding)
         if not self.counted(m.weight):
             return []
-        ids = self.concat([c.inputs.reshape(n, -1) for c in self.calls])
-        b = self.concat([work(c.output_grad.reshape(n, -1, m.embedding_dim)) for c in self.calls])
+        bd = self.batch_dim  # the engine checked that dim bd of every call's ids and output holds the n samples
+        ids = self.concat([c.inputs.movedim(bd, 0).reshape(n, -1) for c in self.calls])
+        b = self.concat([work(c.output_grad.movedim(bd, 0).reshape(n, -1, m.embedding_dim)) for c in self.calls])
         if m.padding_idx is not None:
             b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
         return [EmbeddingTerm(m.weight, ids, b, self.engine.linear_gram, k)]  # type: ignore[arg-type]

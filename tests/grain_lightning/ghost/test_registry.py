@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from grain_lightning import Chunks, GhostRule, PerSample, register_rule
-from grain_lightning.ghost import GhostEngine, UnsupportedModuleError, VectorTerm, rule_for, supported_types
-from grain_lightning.ghost.rules import LinearRule, NormRule, weight_bias_terms
+from grain_lightning.ghost import GhostEngine, VectorTerm, rule_for, supported_types
+from grain_lightning.ghost.registry import _RULES, qualified_name
+from grain_lightning.ghost.rules import FunctionalRule, LinearRule, NormRule, weight_bias_terms
 from tests.grain_lightning.ghost.reference_check import compare
 
 
@@ -47,9 +48,32 @@ def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def test_unknown_module_type_is_refused_naming_the_registry():
-    with pytest.raises(UnsupportedModuleError, match="Scale.*register_rule"):
-        GhostEngine(model_with(Scale(4)), unsupported="raise")
+@pytest.mark.parametrize("grouping", [PerSample(), Chunks(3)])
+def test_unknown_module_type_gets_the_exact_generic_rule(grouping):
+    model = model_with(Scale(4))
+    engine = GhostEngine(model, unsupported="raise")
+    assert [type(r) for r in engine.rules if r.module is model[1]] == [FunctionalRule]
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
+    compare(model, lambda: ce(model(x), y), grouping.assign(12), 1e-6, engine=engine)
+
+
+def test_rule_registered_by_qualified_name_is_found_without_importing_the_type():
+    class Renamed(Scale):
+        pass
+
+    name = qualified_name(Renamed)
+    assert rule_for(Renamed(3)) is None
+
+    @register_rule(name)
+    class NamedRule(ScaleRule):
+        pass
+
+    try:
+        assert rule_for(Renamed(3)) is NamedRule
+        assert name in supported_types()
+    finally:
+        _RULES.pop(name)
 
 
 @pytest.mark.parametrize("grouping", [PerSample(), Chunks(3)])

@@ -1,0 +1,136 @@
+r"""The generic rule: exact per-sample gradients of any module's own parameters with ``torch.func``.
+
+Used for every module with trainable parameters that has no registered rule (``LlamaRMSNorm``,
+``T5LayerNorm`` and other RMSNorm-like norms, ViT's embeddings with their ``cls_token`` and position
+embeddings, your own layers) and for configurations a registered rule refuses (``Conv`` with ``groups > 1``).
+For sample ``i`` with recorded inputs ``x_i`` and output gradient ``B_i``:
+
+    g_i = vjp_theta[ f(theta, x_i) ](B_i)          (f: the module's functional call on a batch of one)
+
+vmapped over the ``n`` samples (``torch.func.vmap`` of ``torch.func.vjp`` of ``functional_call``), inside
+the engine's one backward: no extra backward of the model. Cost: one forward and one backward of *this
+module* on the recorded inputs, vectorised over the samples, and ``n x m`` numbers for the per-sample
+gradients of its ``m`` own parameters (a :class:`~grain_lightning.ghost.terms.VectorTerm` per parameter);
+for a norm layer ``O(n T m)``, for a module with large weight matrices a registered rule is much cheaper.
+
+The rule only holds for modules that treat samples independently. On its first step it checks that: the
+module, re-run per sample under ``vmap``, must reproduce the batched output it recorded. A module that
+couples samples is refused and, since its backward mixes the samples' output gradients of every module
+below it, sends every parameter to the reference engine; one that draws random numbers or is not
+``vmap``-able is refused alone, naming the reason. Only the
+first tensor output is tapped; parameters that reach the losses through other outputs are caught by the
+engine's graph check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from grain_lightning.ghost.rules.base import GhostRule, RecordedCall
+from grain_lightning.ghost.terms import Term, VectorTerm
+
+__all__ = ["FunctionalRule"]
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+class FunctionalRule(GhostRule):
+    """Exact per-sample gradients of a module's own parameters by ``vmap`` over ``vjp`` (see the module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._probe: Optional[str] = None  # why the module failed its probe ("" once it passed)
+        self.couples = False  # the probe found that it couples samples (then no module below it is exact)
+
+    def attach(self) -> list[Any]:
+        return [self.module.register_forward_hook(self._hook_kwargs, with_kwargs=True)]
+
+    def _hook_kwargs(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        leaves, _ = tree_flatten((args, kwargs))
+        first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+        if first is None:
+            return None
+        bd = self.batch_dim
+        x, out = self.engine.broadcast(first, output, bd)
+        if x is not first:  # expanded: every tensor argument with a batch of one is expanded with it
+            n = x.shape[bd]
+            args, kwargs = tree_unflatten(
+                [
+                    t.expand(*t.shape[:bd], n, *t.shape[bd + 1 :])
+                    if isinstance(t, torch.Tensor) and t.ndim > bd and t.shape[bd] == 1
+                    else t
+                    for t in leaves
+                ],
+                tree_flatten((args, kwargs))[1],
+            )
+        tapped = self.record(x, out)
+        call = self.calls[-1]
+        call.inputs = tuple(_detach(v) for v in args), {k: _detach(v) for k, v in kwargs.items()}
+        call.info = output.detach() if self._probe is None else None  # what the probe must reproduce
+        return tapped
+
+    def prepare(self, x: torch.Tensor) -> Any:
+        return None  # the whole call is kept by the hook
+
+    # ------------------------------------------------------------------ the per-sample map
+    def _per_sample(self, call: RecordedCall, n: int, grad: Optional[torch.Tensor]) -> Any:
+        """vmap over samples of the module's output (``grad is None``) or of its parameters' vjp with ``grad``."""
+        bd = self.batch_dim
+        names = [name for name, p in self.module.named_parameters(recurse=False) if self.counted(p)]
+        own = dict(self.module.named_parameters(recurse=False))
+        primals = {name: own[name].detach() for name in names}
+        leaves, spec = tree_flatten(call.inputs)
+        dims = [bd if isinstance(t, torch.Tensor) and t.ndim > bd and t.shape[bd] == n else None for t in leaves]
+
+        def one(sample_leaves: list, g: Optional[torch.Tensor]) -> Any:
+            rebuilt = [t.unsqueeze(bd) if d is not None else t for t, d in zip(sample_leaves, dims)]
+            args, kwargs = tree_unflatten(rebuilt, spec)
+
+            def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+                out = torch.func.functional_call(self.module, params, args, kwargs, strict=False)
+                return out
+
+            if g is None:
+                return f(primals).squeeze(bd)
+            pullback = torch.func.vjp(f, primals)[1]
+            return pullback(g.unsqueeze(bd))[0]
+
+        if grad is None:
+            return torch.func.vmap(lambda s: one(s, None), in_dims=(dims,), out_dims=bd, randomness="error")(leaves)
+        return torch.func.vmap(one, in_dims=(dims, bd), randomness="error")(leaves, grad)
+
+    def check_call(self, call: RecordedCall, n: int) -> Optional[str]:
+        reason = super().check_call(call, n)
+        if reason is not None or self._probe == "":
+            return reason
+        if self._probe is None and call.info is not None:
+            try:
+                again = self._per_sample(call, n, None)
+                expected = call.info
+                tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(expected.dtype, 3e-2)
+                if again.shape != expected.shape:
+                    self._probe = f"re-run per sample it gives shape {tuple(again.shape)}, not {tuple(expected.shape)}"
+                elif not torch.allclose(again, expected, rtol=tol, atol=tol * float(expected.abs().max())):
+                    self._probe = "re-run per sample it does not reproduce its batched output (it couples samples)"
+                    self.couples = True
+                else:
+                    self._probe = ""
+            except Exception as err:  # vmap or functional_call cannot run it: refuse, naming why
+                self._probe = f"torch.func cannot run it per sample ({type(err).__name__}: {str(err)[:200]})"
+        return self._probe or None
+
+    def terms(self, n: int, k: int) -> list[Term]:
+        sums: dict[str, torch.Tensor] = {}
+        for call in self.calls:
+            for name, g in self._per_sample(call, n, call.output_grad).items():
+                sums[name] = g if name not in sums else sums[name] + g
+        own = dict(self.module.named_parameters(recurse=False))
+        return [VectorTerm(own[name], None, g.reshape(n, -1)) for name, g in sums.items()]

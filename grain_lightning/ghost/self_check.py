@@ -1,0 +1,116 @@
+r"""The engine's self-check: its combined gradient and Gram against autograd, on random group weights.
+
+With random weights ``u`` (``k``,) over the groups (uniform in ``[0.5, 1.5]``, from a fixed generator: the
+global RNG is untouched), for every parameter ``p`` the engine handles with its rules:
+
+    d_p  = sum_j u_j g_{j,p}                  (the engine's combined gradient)
+    a_p  = grad_p sum_i u_{group(i)} l_i / n_{group(i)}      (autograd: one backward with weight gradients)
+    ||d_p - a_p|| <= rtol (||a_p|| + floor ||a||)   and   |u^T G_p u - ||a_p||^2| <= 2 rtol (||a_p|| + floor ||a||)^2
+
+where ``G_p`` is ``p``'s part of the group Gram and ``||a||`` the whole gradient's norm (``floor = 1e-3``: a
+parameter whose gradient is a million times smaller than the whole is compared on the whole's scale).
+``rtol``: ``1e-6`` for float64, ``1e-3`` for float32, ``5e-2`` for bf16/fp16 (the engine sums in float32,
+autograd in the low precision). The wrong attributions this guards against (a broadcast input, a
+reshaped batch, a module coupling samples) give relative errors of order one.
+
+Cost on a checked step: one extra backward through the model with weight gradients (a plain step's
+backward) and the graph kept until it has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["SelfCheckError", "SelfCheckReport", "SelfCheckSchedule", "compare", "random_weights", "tolerance"]
+
+FLOOR = 1e-3
+
+
+class SelfCheckError(RuntimeError):
+    """The one-backward engine's gradients differ from autograd's for some parameters."""
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The self-check's relative tolerance for parameters of ``dtype``."""
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
+
+
+def random_weights(k: int, seed: int = 20261205) -> torch.Tensor:
+    """``(k,)`` float64 weights uniform in ``[0.5, 1.5]`` from a private generator."""
+    gen = torch.Generator().manual_seed(seed + k)
+    return torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+
+
+@dataclass
+class SelfCheckReport:
+    """What one self-check found: the worst relative error and the parameters that differ (name -> why)."""
+
+    checked: int
+    worst: float
+    mismatched: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def compare(
+    names: Sequence[str],
+    autograd: Sequence[Optional[torch.Tensor]],
+    engine: Sequence[Optional[torch.Tensor]],
+    quadratic: Sequence[Optional[float]],
+    dtypes: Sequence[torch.dtype],
+) -> SelfCheckReport:
+    """Compare per parameter: ``autograd`` gradients, the ``engine``'s combined gradients (``None``: not
+    compared, e.g. when autograd formed them) and ``u^T G_p u`` (``None``: not compared)."""
+    norms = [0.0 if a is None else float(a.double().norm()) for a in autograd]
+    total = sum(x * x for x in norms) ** 0.5
+    report = SelfCheckReport(checked=len(names), worst=0.0)
+    for name, a, d, q, dtype, na in zip(names, autograd, engine, quadratic, dtypes, norms):
+        rtol = tolerance(dtype)
+        scale = na + FLOOR * total
+        if scale == 0.0:
+            scale = 1e-30
+        if d is not None:
+            if a is None:
+                a_dense = torch.zeros_like(d, dtype=torch.float64)
+            else:
+                a_dense = a.double()
+            err = float((d.double() - a_dense).norm()) / scale
+            report.worst = max(report.worst, err)
+            if not err <= rtol:
+                report.mismatched[name] = f"combined gradient relative error {err:.2e} > {rtol:.0e}"
+                continue
+        elif a is not None and q is None:
+            continue
+        if q is not None:
+            err = abs(q - na * na) / (scale * scale)
+            report.worst = max(report.worst, err / 2)
+            if not err <= 2 * rtol:
+                report.mismatched[name] = f"Gram block u^T G u = {q:.4e}, autograd ||a||^2 = {na * na:.4e}"
+    return report
+
+
+class SelfCheckSchedule:
+    """When to self-check: ``"first"`` (until one optimizer step has been checked), an int ``N`` (every ``N``
+    optimizer steps, the first included) or ``False``/``0``/``"off"`` (never)."""
+
+    def __init__(self, when: Union[str, int, bool]) -> None:
+        if when is True:
+            when = "first"
+        if when is False or when == "off":
+            when = 0
+        if not (when == "first" or (isinstance(when, int) and not isinstance(when, bool) and when >= 0)):
+            raise ValueError(f"self_check must be 'first', an int N >= 0 (every N steps) or False, got {when!r}")
+        self.when = when
+        self.passed = 0  # checked steps that passed
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based count of steps taken) is checked."""
+        if self.when == "first":
+            return self.passed == 0
+        return bool(self.when) and step % int(self.when) == 0
