@@ -13,7 +13,15 @@ from typing import Any, Optional, Union
 
 from grain_lightning.groups import Grouping, as_grouping
 
-__all__ = ["GrainConfig", "POLICY_CHOICES", "POLICY_FIELDS", "PolicyOptions", "check_choices", "check_policy_options"]
+__all__ = [
+    "GrainConfig",
+    "POLICY_CHOICES",
+    "POLICY_FIELDS",
+    "PolicyOptions",
+    "check_choices",
+    "check_policy_options",
+    "check_self_check",
+]
 
 #: allowed values of the step-policy options with a fixed set of choices
 POLICY_CHOICES: dict[str, tuple[str, ...]] = {
@@ -37,6 +45,17 @@ def check_choices(owner: str, values: dict[str, Any], choices: dict[str, tuple[s
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
             raise ValueError(f"{owner}: {name} must be one of {allowed}, got {values[name]!r}")
+
+
+def check_self_check(owner: str, when: Any) -> None:
+    """``self_check`` must be ``"first"``, ``"off"``, a bool or an int ``N >= 0``."""
+    if when in ("first", "off") and isinstance(when, str):
+        return
+    if isinstance(when, bool) or (isinstance(when, int) and when >= 0):
+        return
+    raise ValueError(
+        f"{owner}: self_check must be 'first', an int N >= 0 (every N optimizer steps) or False, got {when!r}"
+    )
 
 
 def check_policy_options(owner: str, values: dict[str, Any]) -> None:
@@ -129,6 +148,11 @@ class GrainConfig:
         ghost_combine: how the one-backward engine forms the combined gradient: ``"bookkeeping"`` (from
             stored activations, no second backward) or ``"backward"`` (one weighted second backward, no
             storage: the peak memory of a plain step).
+        self_check: when the one-backward engine is compared with autograd on random group weights
+            (:mod:`~grain_lightning.ghost.self_check`; one extra backward on a checked step): ``"first"``
+            (until one optimizer step passed), an int ``N`` (every ``N`` optimizer steps, the first
+            included) or ``False`` (never). A mismatch raises naming the parameters
+            (``unsupported="raise"``) or sends them to the reference engine for good.
     """
 
     grouping: Union[Grouping, str, int] = "sample"
@@ -151,11 +175,13 @@ class GrainConfig:
     unsupported: str = "fallback"
     blockwise: bool = False
     ghost_combine: str = "bookkeeping"
+    self_check: Union[str, int, bool] = "first"
 
     def __post_init__(self) -> None:
         owner = "GrainConfig"
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         check_choices(owner, values, _MIXIN_CHOICES)
+        check_self_check(owner, self.self_check)
         PolicyOptions.from_values(owner, values)
         self.grouping = as_grouping(self.grouping)
         n_acc = self.accumulate_grad_batches

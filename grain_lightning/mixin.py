@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from grain_lightning.config import POLICY_FIELDS, GrainConfig
 from grain_lightning.ghost import BlockwiseResult, GhostEngine
+from grain_lightning.ghost.engine import check_losses
+from grain_lightning.ghost.self_check import SelfCheckSchedule
 from grain_lightning.groups import GroupAssignment, as_grouping
 from grain_lightning.policy import StepPolicy
 from grain_lightning.protocol import GrainStrategy, MixinCycle
@@ -88,6 +92,7 @@ class GrainMixin(_MixinBase):
         )
         self._grain_cycle = _Cycle()
         self._grain_engine: Optional[GhostEngine] = None
+        self._grain_self_check = SelfCheckSchedule(self.grain_config.self_check)
 
     # ------------------------------------------------------------------ user-facing API
     def grain_losses(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -99,19 +104,30 @@ class GrainMixin(_MixinBase):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        with self.grain_capture():
+        with self.grain_capture(self.grain_batch_size(batch)):
             losses = self.grain_losses(batch, batch_idx)
         return self.grain_step(losses, batch)
 
-    def grain_capture(self) -> contextlib.AbstractContextManager:
+    def grain_batch_size(self, batch: Any) -> Optional[int]:
+        """The number of samples in ``batch`` (the losses must have this length), or ``None`` if unknown.
+
+        Default: Lightning's ``extract_batch_size`` (dim 0 of the first tensor found in the batch).
+        Override it when the samples of your batch are not in dim 0 of its first tensor.
+        """
+        try:
+            return int(extract_batch_size(batch))
+        except (MisconfigurationException, RecursionError, TypeError, ValueError):
+            return None
+
+    def grain_capture(self, batch_size: Optional[int] = None) -> contextlib.AbstractContextManager:
         """Context for the forward that computes the losses, so the one-backward engine can record it.
 
-        ``training_step`` uses it around :meth:`grain_losses`; wrap your forward in it when you override
-        ``training_step``. Without it, the step falls back to the reference engine (``engine="auto"``) or
-        raises (``engine="ghost"``).
+        ``training_step`` uses it around :meth:`grain_losses`, with :meth:`grain_batch_size` of the batch;
+        wrap your forward in it when you override ``training_step``. Without it, the step falls back to the
+        reference engine (``engine="auto"``) or raises (``engine="ghost"``).
         """
         engine = self.grain_engine if self.grain_config.aggregation == "grain" else None
-        return engine.capture() if engine is not None else contextlib.nullcontext()
+        return engine.capture(batch_size) if engine is not None else contextlib.nullcontext()
 
     @property
     def grain_engine(self) -> Optional[GhostEngine]:
@@ -152,12 +168,13 @@ class GrainMixin(_MixinBase):
             The detached mean loss of the micro-batch.
         """
         cfg, cycle = self.grain_config, self._grain_cycle
-        if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.numel() == 0:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        try:
+            check_losses(losses, self.grain_batch_size(batch) if batch is not None else None)
+        except ValueError as err:
             raise ValueError(
-                "grain_step expects (n,) per-sample losses (use reduction='none' and reduce any other dims), "
-                f"got {shape}"
-            )
+                f"grain_step: {err}; reduce any other dims, or override grain_batch_size(batch) if the batch's "
+                "samples are not in dim 0 of its first tensor"
+            ) from None
         self.grain_check_setup()
         mean_loss = losses.detach().float().mean()
         if cfg.log_loss_as:
@@ -183,6 +200,11 @@ class GrainMixin(_MixinBase):
             else:
                 self._grain_skip()
         return mean_loss
+
+    @property
+    def grain_self_check_passed(self) -> int:
+        """How many steps the one-backward engine's self-check has run on (a mismatch raises or falls back)."""
+        return self._grain_self_check.passed
 
     def grain_check_setup(self) -> None:
         """Refuse set-ups the mixin cannot run (multi-process without a GRAIN strategy, fp16 scaling); pick up
@@ -234,11 +256,20 @@ class GrainMixin(_MixinBase):
             return group_gradients(assignment.group_means(losses), self._grain_params(), batched=cfg.batched_backward)
         if cfg.blockwise:
             return engine.blockwise_backward(losses, assignment, policy=self.grain_policy)
+        if self._grain_self_check.given != cfg.self_check:
+            self._grain_self_check = SelfCheckSchedule(cfg.self_check)
+        check = self._grain_self_check.due(self.grain_policy.steps)
         strategy = self._grain_strategy()
         if cfg.accumulate_grad_batches > 1 or (strategy is not None and strategy.needs_group_gradients):
             # groups of other micro-batches (or of other ranks) need these gradients
-            return engine.group_gradients(losses, assignment)
-        return engine.backward(losses, assignment)
+            grads: Any = engine.group_gradients(losses, assignment, self_check=check)
+        else:
+            grads = engine.backward(losses, assignment, self_check=check)
+        if check and engine.last_self_check is not None:
+            self._grain_self_check.passed += 1  # a mismatch raised, or its parameters now use the reference engine
+            if cfg.log_every_n_steps:
+                self.log("grain/self_check_error", engine.last_self_check.worst, on_step=True, on_epoch=False)
+        return grads
 
     def _grain_accumulate(self, losses: torch.Tensor, batch: Any, groups: Optional[torch.Tensor]) -> None:
         cfg, cycle = self.grain_config, self._grain_cycle

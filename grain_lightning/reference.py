@@ -90,6 +90,11 @@ def group_gradients(
     """
     if group_losses.ndim != 1 or group_losses.numel() == 0:
         raise ValueError(f"group_losses must be a non-empty (k,) tensor, got shape {tuple(group_losses.shape)}")
+    if not group_losses.requires_grad or group_losses.grad_fn is None:
+        raise ValueError(
+            f"the group losses of shape {tuple(group_losses.shape)} have no autograd graph (computed under "
+            "torch.no_grad(), detached, or from parameters that do not require grad)"
+        )
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters to differentiate")

@@ -250,6 +250,7 @@ class GhostEngine:
         self._anchor: Optional[torch.Tensor] = None
         self._batch_size: Optional[int] = None
         self._batch_given = False
+        self._low_precision: Optional[torch.dtype] = None  # the autocast dtype of the captured forward
         self._listening = False
         self._captured = False
         self._terms: list[Term] = []
@@ -573,8 +574,13 @@ class GhostEngine:
         engine_grads = (
             [mine.get(id(p), torch.zeros_like(p)) for p in checked] if mine is not None else [None] * len(checked)
         )
+        low = self._low_precision  # under autocast, autograd's weight gradients are half-precision GEMM outputs
         report = compare(
-            [self._names.get(id(p), "?") for p in checked], list(auto), engine_grads, quad, [p.dtype for p in checked]
+            [self._names.get(id(p), "?") for p in checked],
+            list(auto),
+            engine_grads,
+            quad,
+            [low or p.dtype for p in checked],
         )
         self.last_self_check = report
         if report.ok:
@@ -793,6 +799,9 @@ class Capture:
         eng._reset()
         eng.release()
         eng._batch_size, eng._batch_given = self.batch_size, self.batch_size is not None
+        eng._low_precision = next(
+            (torch.get_autocast_dtype(d) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)), None
+        )
         eng._anchor = torch.zeros((), requires_grad=True)
         self.handles = [h for rule in eng.rules for h in rule.attach()]
         return eng

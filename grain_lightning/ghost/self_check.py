@@ -25,6 +25,8 @@ from typing import Optional, Union
 
 import torch
 
+from grain_lightning.config import check_self_check
+
 __all__ = ["SelfCheckError", "SelfCheckReport", "SelfCheckSchedule", "compare", "random_weights", "tolerance"]
 
 FLOOR = 1e-3
@@ -100,13 +102,9 @@ class SelfCheckSchedule:
     optimizer steps, the first included) or ``False``/``0``/``"off"`` (never)."""
 
     def __init__(self, when: Union[str, int, bool]) -> None:
-        if when is True:
-            when = "first"
-        if when is False or when == "off":
-            when = 0
-        if not (when == "first" or (isinstance(when, int) and not isinstance(when, bool) and when >= 0)):
-            raise ValueError(f"self_check must be 'first', an int N >= 0 (every N steps) or False, got {when!r}")
-        self.when = when
+        check_self_check("self_check", when)
+        self.given = when  # as configured
+        self.when: Union[str, int] = "first" if when is True else 0 if when is False or when == "off" else when
         self.passed = 0  # checked steps that passed
 
     def due(self, step: int) -> bool:

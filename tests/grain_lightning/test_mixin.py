@@ -169,6 +169,9 @@ class _Opposed(GrainModule):
         s = self.net[0].weight.sum()
         return torch.stack([s, -s, -s, -s])
 
+    def grain_batch_size(self, batch):
+        return None  # four synthetic "samples", not the batch's
+
 
 @pytest.mark.parametrize("mode,shift", [("skip", 0.0), ("mean", 0.05), ("mix", 0.025)])
 def test_collapse_behaviour(mode, shift):
@@ -204,7 +207,7 @@ def test_rejects_per_batch_loss():
             x, y = batch
             return F.cross_entropy(self.net(x), y)  # forgot reduction="none"
 
-    with pytest.raises(ValueError, match=r"expects \(n,\) per-sample losses"):
+    with pytest.raises(ValueError, match=r"grain_step: expected \(16,\) per-sample losses.*got shape \(\)"):
         trainer().fit(Reduced(make_net()), loader(make_data()))
 
 

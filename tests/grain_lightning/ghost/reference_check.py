@@ -21,11 +21,11 @@ def scale(tensors) -> float:
     return 1e-6 * max((float(t.double().abs().max()) for t in tensors if t is not None), default=1.0)
 
 
-def compare(model, forward, assignment, rtol, engine=None, params=None):
+def compare(model, forward, assignment, rtol, engine=None, params=None, batch_size=None):
     """Gram, combined gradient and group gradients of the engine vs the reference on one forward."""
     engine = engine or GhostEngine(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    with engine.capture():
+    with engine.capture(batch_size):
         losses = forward()
     ref = group_gradients(assignment.group_means(losses), params, retain_graph=True)
     gram_ref = ref.gram()
@@ -42,7 +42,7 @@ def compare(model, forward, assignment, rtol, engine=None, params=None):
             assert p.grad is None
             continue
         assert rel_err(p.grad, e, floor) <= rtol, (tuple(p.shape), rel_err(p.grad, e, floor))
-    with engine.capture():
+    with engine.capture(batch_size):
         losses = forward()
     ref = group_gradients(assignment.group_means(losses), params, retain_graph=True)
     mat = engine.group_gradients(losses, assignment)
