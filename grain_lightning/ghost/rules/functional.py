@@ -24,6 +24,7 @@ engine's graph check.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -47,6 +48,7 @@ class FunctionalRule(GhostRule):
         super().__init__(*args, **kwargs)
         self._probe: Optional[str] = None  # why the module failed its probe ("" once it passed)
         self.couples = False  # the probe found that it couples samples (then no module below it is exact)
+        self._autocast: Optional[tuple[str, torch.dtype]] = None  # autocast of the recorded forward, re-entered
 
     def attach(self) -> list[Any]:
         return [self.module.register_forward_hook(self._hook_kwargs, with_kwargs=True)]
@@ -71,6 +73,8 @@ class FunctionalRule(GhostRule):
                 ],
                 tree_flatten((args, kwargs))[1],
             )
+        device = first.device.type
+        self._autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         tapped = self.record(x, out)
         call = self.calls[-1]
         call.inputs = tuple(_detach(v) for v in args), {k: _detach(v) for k, v in kwargs.items()}
@@ -103,9 +107,11 @@ class FunctionalRule(GhostRule):
             pullback = torch.func.vjp(f, primals)[1]
             return pullback(g.unsqueeze(bd))[0]
 
-        if grad is None:
-            return torch.func.vmap(lambda s: one(s, None), in_dims=(dims,), out_dims=bd, randomness="error")(leaves)
-        return torch.func.vmap(one, in_dims=(dims, bd), randomness="error")(leaves, grad)
+        autocast = torch.autocast(*self._autocast) if self._autocast is not None else contextlib.nullcontext()
+        with autocast:  # the same precision as the recorded forward
+            if grad is None:
+                return torch.func.vmap(lambda s: one(s, None), in_dims=(dims,), out_dims=bd, randomness="error")(leaves)
+            return torch.func.vmap(one, in_dims=(dims, bd), randomness="error")(leaves, grad)
 
     def check_call(self, call: RecordedCall, n: int) -> Optional[str]:
         reason = super().check_call(call, n)
@@ -115,7 +121,8 @@ class FunctionalRule(GhostRule):
             try:
                 again = self._per_sample(call, n, None)
                 expected = call.info
-                tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(expected.dtype, 3e-2)
+                dtype = self._autocast[1] if self._autocast is not None else expected.dtype
+                tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
                 if again.shape != expected.shape:
                     self._probe = f"re-run per sample it gives shape {tuple(again.shape)}, not {tuple(expected.shape)}"
                 elif not torch.allclose(again, expected, rtol=tol, atol=tol * float(expected.abs().max())):

@@ -59,3 +59,15 @@ def test_self_check_passes_on_every_architecture_and_reports_its_error():
         assert report is not None and report.ok, (kind, report)
         assert report.checked == len([p for p in model.parameters() if p.requires_grad])
         assert 0.0 <= report.worst <= 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_self_check_passes_under_bf16_autocast(kind):
+    """The engine multiplies bf16 activations in float32, autograd in bf16: within the bf16 tolerance."""
+    model = build(kind)
+    b = batch(kind, 6)
+    engine = GhostEngine(model, unsupported="raise")
+    with torch.autocast("cpu", dtype=torch.bfloat16), engine.capture():
+        losses = per_sample_losses(kind, model, b)()
+    engine.backward(losses, Chunks(3).assign(6), self_check=True)
+    assert engine.last_self_check.ok and engine.refused_last_step == []
