@@ -117,9 +117,18 @@ def group_gradients(
         gs = torch.autograd.grad(group_losses[j], params, allow_unused=True, retain_graph=retain_graph or j < k - 1)
         for i, g in enumerate(gs):
             if g is not None:
+                _check_dense(g, params[i])
                 out[i][j] = g
                 reached[i] = True
     return GroupGradients(out, reached)
+
+
+def _check_dense(g: torch.Tensor, p: torch.Tensor) -> None:
+    if g.layout != torch.strided:
+        raise ValueError(
+            f"the parameter of shape {tuple(p.shape)} got a {g.layout} gradient (e.g. nn.Embedding(sparse=True)); "
+            "GRAIN combines dense gradients: use sparse=False"
+        )
 
 
 def combine_gradients(grads: GroupGradients, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:

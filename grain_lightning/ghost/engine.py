@@ -170,9 +170,10 @@ class GhostEngine:
             ``sum_i w_{group(i)} l_i / n_{group(i)}`` once the weights are known: peak memory of a plain
             step, one extra backward in time).
 
-    Every supported layer must see the batch in dim 0 of its input (dim 1 for the layers of a
+    Every layer must see the batch in dim 0 of its input and output (dim 1 for the layers of a
     ``TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=False``; ``MultiheadAttention`` follows
-    its ``batch_first``); the shapes are checked. Parameters must be used only by their module's forward.
+    its ``batch_first``), or a batch of one that is broadcast afterwards (expanded when recorded); this is
+    checked at every step. Parameters must be used only by their modules' forwards (checked on the graph).
     """
 
     def __init__(

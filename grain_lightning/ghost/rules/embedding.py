@@ -1,6 +1,9 @@
 r"""``nn.Embedding``: ``<g_i, g_j> = sum_{t,s} [id_i(t) = id_j(s)] <B_i(t), B_j(s)>`` (``padding_idx`` masked),
-or the group gradients over the rows the batch touches when that is cheaper; see
-:class:`~grain_lightning.ghost.terms.EmbeddingTerm`. ``max_norm`` and ``sparse=True`` are refused.
+or the group gradients over the ``U`` rows the batch touches when that is cheaper; see
+:class:`~grain_lightning.ghost.terms.EmbeddingTerm`. Cost: the cheaper of ``(nT)^2 D`` and
+``n T D + k^2 U D`` flops; ``n T`` ids and ``n T D`` output gradients kept. Position ids of shape ``(1, S)``
+arrive expanded to the batch (see :meth:`GhostEngine.broadcast`). ``max_norm`` and ``sparse=True`` go to the
+generic rule, which refuses them if ``torch.func`` cannot run them per sample.
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ class FunctionalRule(GhostRule):
         return self._probe or None
 
     def terms(self, n: int, k: int) -> list[Term]:
+        if not self.params:  # refused this step, or nothing of it counts
+            return []
         sums: dict[str, torch.Tensor] = {}
         for call in self.calls:
             for name, g in self._per_sample(call, n, call.output_grad).items():

@@ -263,3 +263,24 @@ def test_mixin_refuses_losses_without_graph(aggregation):
     module = DetachedModule(make_net(), grain=GrainConfig(aggregation=aggregation))
     with pytest.raises(ValueError, match=r"grain_step: the losses of shape \(16,\) have no autograd graph"):
         trainer(max_steps=1).fit(module, loader(make_data()))
+
+
+def test_embedding_with_max_norm_is_refused_or_sent_to_the_reference_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, D, max_norm=1.0), nn.Flatten(), nn.Linear(S * D, 3)).double()
+    x, y = ids(), labels()
+    with pytest.raises(UnsupportedModuleError, match=r"'0' \(Embedding\): torch.func cannot run it per sample"):
+        compare(
+            model, lambda: ce(model(x), y), PerSample().assign(N), 1e-6, engine=GhostEngine(model, unsupported="raise")
+        )
+    engine = GhostEngine(model, unsupported="fallback")
+    with pytest.warns(RuntimeWarning, match=r"'0' \(Embedding\)"):
+        compare(model, lambda: ce(model(x), y), PerSample().assign(N), 1e-6, engine=engine)
+    assert engine.refused_last_step == ["0.weight"]
+
+
+def test_sparse_gradients_are_refused_with_a_clear_error():
+    model = nn.Sequential(nn.Embedding(11, D, sparse=True), nn.Flatten(), nn.Linear(S * D, 3))
+    losses = ce(model(ids()), labels())
+    with pytest.raises(ValueError, match=r"shape \(11, 5\) got a torch.sparse_coo gradient.*sparse=False"):
+        group_gradients(PerSample().assign(N).group_means(losses), list(model.parameters()))
