@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["Tap", "as_autocast", "autocast_dtype", "cat_calls", "group_sum", "work"]
+__all__ = ["Tap", "as_autocast", "autocast_dtype", "cat_calls", "gram64", "group_sum", "work"]
 
 
 def work(t: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,23 @@ def as_autocast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 def cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate the calls of a layer along ``T`` (no copy for a single call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def gram64(flat: torch.Tensor, out: Optional[torch.Tensor] = None, columns: int = 1 << 16) -> torch.Tensor:
+    """``flat @ flat.T`` (``flat``: ``(k, m)``) accumulated in float64 over column slices of ``columns``.
+
+    A float32 product over a long inner dimension (``m`` of millions for an LM head) loses about ``sqrt(m)``
+    ulps; converting slices of ``k x 65536`` to float64 costs ``k m`` conversions and keeps the Gram exact to
+    float64 rounding of the float32 entries. Added into ``out`` (float64, on ``flat``'s device) when given.
+    """
+    k = flat.shape[0]
+    acc = out if out is not None else torch.zeros(k, k, dtype=torch.float64, device=flat.device)
+    if flat.dtype == torch.float64:
+        return acc.addmm_(flat, flat.T)
+    for start in range(0, flat.shape[1], columns):
+        part = flat[:, start : start + columns].double()
+        acc.addmm_(part, part.T)
+    return acc
 
 
 def group_sum(onehot: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grain_lightning.ghost.tensors import group_sum
+from grain_lightning.ghost.tensors import gram64, group_sum
 
 __all__ = ["EmbeddingTerm", "MatrixTerm", "Term", "VectorTerm"]
 
@@ -86,9 +86,7 @@ class Term(ABC):
         if isinstance(other, EmbeddingTerm):
             return other.cross(self, onehot).T
         k = onehot.shape[1]
-        a, b = self.dense(onehot).reshape(k, -1), other.dense(onehot).reshape(k, -1)
-        dtype = torch.promote_types(a.dtype, b.dtype)
-        return (a.to(dtype) @ b.to(dtype).T).double()
+        return self.dense(onehot).reshape(k, -1).double() @ other.dense(onehot).reshape(k, -1).double().T
 
 
 class VectorTerm(Term):
@@ -99,8 +97,7 @@ class VectorTerm(Term):
         self.v = v
 
     def gram(self, onehot: torch.Tensor) -> torch.Tensor:
-        g = group_sum(onehot, self.v)
-        return (g @ g.T).double()
+        return gram64(group_sum(onehot, self.v)).cpu()
 
     def group_grads(self, onehot: torch.Tensor) -> torch.Tensor:
         return group_sum(onehot, self.v)
@@ -158,17 +155,15 @@ class MatrixTerm(Term):
             d + p
         ):  # keep the smaller of G and (A, B) for the combined gradient
             g = self._grads(onehot)
-            flat = g.reshape(g.shape[0], -1)
             self.g = g
             self.a = self.b = g.new_empty(0)  # let go of A and B
-            return (flat @ flat.T).double()
+            return gram64(g.reshape(g.shape[0], -1))
         # G_j in slices of output rows that stay in cache (about 2 MiB each): never the whole k x p x d
         rows = max(1, 2**19 // (self.k * d))
-        gram = torch.zeros(self.k, self.k, dtype=self.a.dtype, device=self.a.device)
+        gram = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.a.device)
         for start in range(0, p, rows):
-            flat = self._grads(onehot, b=self.b[:, :, start : start + rows]).reshape(self.k, -1)
-            gram.addmm_(flat, flat.T)
-        return gram.double()
+            gram64(self._grads(onehot, b=self.b[:, :, start : start + rows]).reshape(self.k, -1), out=gram)
+        return gram
 
     def group_grads(self, onehot: torch.Tensor) -> torch.Tensor:
         """``(k, *param slot shape)`` group gradients (``(k, p, d)``; ``(k, d, p)`` when transposed)."""
@@ -208,9 +203,13 @@ class MatrixTerm(Term):
     def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
         if self.g is not None:
             out = torch.tensordot(wk.to(self.g.dtype), self.g, dims=1)
-        else:
-            bw = self.b * ws.to(self.b.dtype)[:, None, None]
-            out = bw.reshape(-1, bw.shape[2]).T @ self.a.reshape(-1, self.a.shape[2])
+        else:  # sum_i w_i B_i^T A_i: scale the narrower of A (n, T, d) and B (n, T, p)
+            a, b = self.a, self.b
+            if a.shape[2] < b.shape[2]:
+                a = a * ws.to(a.dtype)[:, None, None]
+            else:
+                b = b * ws.to(b.dtype)[:, None, None]
+            out = b.reshape(-1, b.shape[2]).T @ a.reshape(-1, a.shape[2])
         return out.T if self.transposed else out
 
 
@@ -231,8 +230,7 @@ class EmbeddingTerm(Term):
             kern = (same * torch.einsum("itp,jsp->itjs", self.b, self.b)).sum((1, 3))
             o = onehot.to(kern.dtype)
             return (o.T @ kern @ o).double()
-        rows = self._rows(onehot, uniq, inv).reshape(self.k, -1)
-        return (rows @ rows.T).double()
+        return gram64(self._rows(onehot, uniq, inv).reshape(self.k, -1))
 
     def _rows(self, onehot: torch.Tensor, uniq: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         """``(k, U, D)`` group gradients restricted to the ``U`` rows the batch touches."""
@@ -263,8 +261,7 @@ class EmbeddingTerm(Term):
         uniq, inv = torch.unique(self.ids, return_inverse=True)
         mine = self._rows(onehot, uniq, inv).reshape(self.k, -1)
         theirs = other.group_rows(onehot, uniq).reshape(self.k, -1)
-        dtype = torch.promote_types(mine.dtype, theirs.dtype)
-        return (mine.to(dtype) @ theirs.to(dtype).T).double()
+        return mine.double() @ theirs.double().T
 
     def combine(self, ws: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
         bw = (self.b * ws.to(self.b.dtype)[:, None, None]).reshape(-1, self.b.shape[2])
