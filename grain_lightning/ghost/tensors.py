@@ -35,19 +35,19 @@ def cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def gram64(flat: torch.Tensor, out: Optional[torch.Tensor] = None, columns: int = 1 << 16) -> torch.Tensor:
-    """``flat @ flat.T`` (``flat``: ``(k, m)``) accumulated in float64 over column slices of ``columns``.
+    """``flat @ flat.T`` (``flat``: ``(k, m)``), summed in float64 over column slices of ``columns``.
 
-    A float32 product over a long inner dimension (``m`` of millions for an LM head) loses about ``sqrt(m)``
-    ulps; converting slices of ``k x 65536`` to float64 costs ``k m`` conversions and keeps the Gram exact to
-    float64 rounding of the float32 entries. Added into ``out`` (float64, on ``flat``'s device) when given.
+    One float32 product over a long inner dimension (``m`` of millions for an LM head) accumulates rounding
+    over all of ``m``; products over slices of 65536 columns, added up in float64, bound it by the slice
+    length at no extra cost (no float64 copy of ``flat``). Added into ``out`` (float64) when given.
     """
     k = flat.shape[0]
     acc = out if out is not None else torch.zeros(k, k, dtype=torch.float64, device=flat.device)
     if flat.dtype == torch.float64:
         return acc.addmm_(flat, flat.T)
     for start in range(0, flat.shape[1], columns):
-        part = flat[:, start : start + columns].double()
-        acc.addmm_(part, part.T)
+        part = flat[:, start : start + columns]
+        acc += part @ part.T
     return acc
 
 
