@@ -36,6 +36,9 @@ Flops: one step of each method under ``torch.utils.flop_counter.FlopCounterMode`
 matrix products, attention, convolutions; element-wise work not counted), in GFLOP; ``n/a`` with the reason
 if the counter fails inside the engine's hooks.
 
+``--self-check``: every GRAIN step runs the engine's self-check (``engine.backward(..., self_check=True)``:
+one more backward with weight gradients), i.e. the cost of a step ``GrainConfig(self_check=...)`` checks.
+
 Goals (the issue): a per-sample GRAIN step at most 1.3x a plain step's time and 1.5x its peak memory (aim
 1.1x); rows that miss them are marked. ``--profile`` prints the 10 most expensive operators (self CPU time,
 ``torch.profiler``) of one GRAIN step of the first model and variant with per-sample groups, and exits.
@@ -43,24 +46,29 @@ Goals (the issue): a per-sample GRAIN step at most 1.3x a plain step's time and 
 The default run (2 models x 2 variants x 2 groupings, 3 repeats, memory subprocesses) takes about
 3 minutes on the 2-core CPU below (vocabulary 8192 kept: no smaller one needed).
 
-Measured on 2026-12-06 (2-core CPU, AMD EPYC, torch 2.13; no other job running):
+Measured on 2026-12-06 (2-core CPU, torch 2.13; no other job running; after the engine scales the narrower
+of A and B in the combined gradient and sums Gram slices in float64):
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_hf.py
 
-    torch 2.13.0+cpu, transformers 5.25.0, peft 0.21.2; 2 threads, load average 0.76 at the start
+    torch 2.13.0+cpu, transformers 5.25.0, peft 0.21.2; 2 threads, load average 1.45 at the start
     batch 16, seq 128, vocab 8192; ms: fastest of 3; MiB: peak RSS of a step; GF: GFLOP of a step; x: GRAIN/plain
     model variant groups      plain ms GRAIN ms     x plain MiB GRAIN MiB     x plain GF GRAIN GF     x  goals
-    gpt2  full    per-sample       644      910  1.41     435.3     435.4  1.00     64.4     87.4  1.36  MISS time
-    gpt2  full    k=8              695      758  1.09     435.4     435.2  1.00     64.4     65.3  1.01
-    gpt2  lora    per-sample       612      630  1.03     423.8     423.8  1.00     43.2     43.3  1.00  ok
-    gpt2  lora    k=8              603      629  1.04     423.6     423.8  1.00     43.2     43.3  1.00
-    bert  full    per-sample       300      419  1.40     139.6     179.2  1.28     38.7     48.1  1.24  MISS time
-    bert  full    k=8              289      307  1.06     139.5     148.2  1.06     38.7     39.2  1.01
-    bert  lora    per-sample       202      208  1.03     103.5     103.9  1.00     25.4     25.4  1.00  ok
-    bert  lora    k=8              210      218  1.04     104.6     103.7  0.99     25.4     25.4  1.00
+    gpt2  full    per-sample       659      947  1.44     435.3     435.3  1.00     64.4     89.9  1.40  MISS time
+    gpt2  full    k=8              652      786  1.21     435.3     435.2  1.00     64.4     65.3  1.01
+    gpt2  lora    per-sample       572      598  1.05     423.7     423.9  1.00     43.2     43.3  1.00  ok
+    gpt2  lora    k=8              576      589  1.02     423.8     423.9  1.00     43.2     43.3  1.00
+    bert  full    per-sample       273      404  1.48     139.6     179.6  1.29     38.7     49.2  1.27  MISS time
+    bert  full    k=8              269      323  1.20     139.5     148.2  1.06     38.7     39.2  1.01
+    bert  lora    per-sample       234      225  0.96     103.7     103.6  1.00     25.4     25.4  1.00  ok
+    bert  lora    k=8              197      209  1.06     104.4     104.2  1.00     25.4     25.4  1.00
     goals (per-sample rows): GRAIN time <= 1.3x and peak memory <= 1.5x plain (aim 1.1x for both)
     MISS: over a goal; 'ok, over aim': within the goals, over 1.1x; k=8 rows are not graded
-    load average 1.24 at the end
+    load average 1.26 at the end
+
+Checked steps (``--self-check --no-memory --variants full``, same day): GPT-2 per-sample 2.54x a plain step,
+k=8 1.83x; BERT per-sample 2.38x, k=8 1.88x (one more backward with weight gradients; by default only the
+first optimizer step is checked).
 
 Reading: both per-sample full fine-tuning rows miss the 1.3x time goal (across quiet runs of the same day:
 GPT-2 1.31-1.46x, BERT 1.40-1.52x); every row meets the memory goal. The flop column shows why: with
@@ -145,8 +153,9 @@ def setup(model_name: str, variant: str, batch: int, seq: int, vocab: int):
     return model, losses
 
 
-def steps(model: nn.Module, losses: Callable[[], torch.Tensor]) -> dict[str, Callable]:
-    """The plain and the GRAIN step (each takes a ``GroupAssignment``)."""
+def steps(model: nn.Module, losses: Callable[[], torch.Tensor], self_check: bool = False) -> dict[str, Callable]:
+    """The plain and the GRAIN step (each takes a ``GroupAssignment``); ``self_check``: every GRAIN step is one
+    the engine checks against autograd (what ``GrainConfig(self_check=...)`` costs on a checked step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     engine = GhostEngine(model, unsupported="raise")
 
@@ -162,7 +171,7 @@ def steps(model: nn.Module, losses: Callable[[], torch.Tensor]) -> dict[str, Cal
         zero()
         with engine.capture():
             per_sample = losses()
-        grads = engine.backward(per_sample, assignment)
+        grads = engine.backward(per_sample, assignment, self_check=self_check)
         w = solve_min_norm(grads.gram()).weights
         engine.write_gradients(w)
         if not engine.fully_supported or engine.refused_last_step != []:
@@ -257,6 +266,9 @@ def main() -> None:
     ap.add_argument("--variants", default="full,lora")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="profile one GRAIN step and exit")
+    ap.add_argument(
+        "--self-check", action="store_true", help="time GRAIN steps that run the engine's self-check (checked steps)"
+    )
     ap.add_argument("--memory", nargs=4, metavar=("MODEL", "VARIANT", "METHOD", "GROUPING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -289,7 +301,7 @@ def main() -> None:
     for model_name in models:
         for variant in variants:
             model, losses = setup(model_name, variant, args.batch, args.seq, args.vocab)
-            fns = steps(model, losses)
+            fns = steps(model, losses, args.self_check)
             for gname, grouping in GROUPINGS.items():
                 assignment = grouping.assign(args.batch)
                 for m in METHODS:
