@@ -27,13 +27,10 @@ before the step (model, data and optimizer-free state included in neither).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import threading
 import time
 
 import torch
+from peak_rss import in_fresh_process, peak_growth
 from torch import nn
 
 from grain_lightning import Chunks, PerSample, group_gradients, solve_min_norm
@@ -114,11 +111,6 @@ def steps(model, x, y):
 GROUPINGS = {"per-sample": PerSample(), "k=8": Chunks(8)}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(model_name: str, method: str, grouping: str, batch: int, seq: int) -> int:
     model, x, y = setup(model_name, batch, seq)
     fn = steps(model, x, y)[method]
@@ -126,33 +118,12 @@ def measure_memory(model_name: str, method: str, grouping: str, batch: int, seq:
     fn(assignment)  # warm-up: one-time allocations (thread pools, kernels)
     for p in model.parameters():
         p.grad = None
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.0005)
-
-    base = rss_bytes()
-    thread = threading.Thread(target=sample)
-    thread.start()
-    fn(assignment)
-    stop.set()
-    thread.join()
-    return max(peak[0], rss_bytes()) - base
+    return peak_growth(lambda: fn(assignment))
 
 
 def memory_in_subprocess(model_name, method, grouping, batch, seq, threads) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--memory", model_name, method, grouping, "--batch", str(batch), "--seq", str(seq)]
-    out = subprocess.run(
-        cmd + (["--threads", str(threads)] if threads else []),
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+    cmd = ["--memory", model_name, method, grouping, "--batch", str(batch), "--seq", str(seq)]
+    return in_fresh_process(__file__, cmd + (["--threads", str(threads)] if threads else []))
 
 
 def main() -> None:

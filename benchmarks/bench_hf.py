@@ -84,16 +84,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from peak_rss import in_fresh_process, peak_growth
 from torch import nn
 
 from grain_lightning import Chunks, PerSample, solve_min_norm
@@ -196,11 +194,6 @@ def count_flops(fn: Callable, assignment) -> tuple[float | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(model_name: str, variant: str, method: str, grouping: str, args) -> int:
     model, losses = setup(model_name, variant, args.batch, args.seq, args.vocab)
     fn = steps(model, losses)[method]
@@ -208,31 +201,12 @@ def measure_memory(model_name: str, variant: str, method: str, grouping: str, ar
     fn(assignment)  # warm-up: one-time allocations (thread pools, kernels)
     for p in model.parameters():
         p.grad = None
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.0005)
-
-    base = rss_bytes()
-    thread = threading.Thread(target=sample)
-    thread.start()
-    fn(assignment)
-    stop.set()
-    thread.join()
-    return max(peak[0], rss_bytes()) - base
+    return peak_growth(lambda: fn(assignment))
 
 
 def memory_in_subprocess(model_name: str, variant: str, method: str, grouping: str, args) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--memory", model_name, variant, method, grouping]
-    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
-    cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory run {model_name}/{variant}/{method}/{grouping} failed:\n{out.stderr}")
-    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+    cmd = ["--memory", model_name, variant, method, grouping, "--batch", str(args.batch), "--seq", str(args.seq)]
+    return in_fresh_process(__file__, cmd + ["--vocab", str(args.vocab), "--threads", str(args.threads)])
 
 
 def profile(model_name: str, variant: str, args) -> None:
