@@ -150,9 +150,9 @@ class GrainConfig:
             storage: the peak memory of a plain step).
         self_check: when the one-backward engine is compared with autograd on random group weights
             (:mod:`~grain_lightning.ghost.self_check`; one extra backward on a checked step): ``"first"``
-            (until one optimizer step passed), an int ``N`` (every ``N`` optimizer steps, the first
-            included) or ``False`` (never). A mismatch raises naming the parameters
-            (``unsupported="raise"``) or sends them to the reference engine for good.
+            (the first step, and the first step of every new set of layer input shapes), an int ``N``
+            (every ``N`` optimizer steps, the first included) or ``False`` (never). A mismatch raises naming
+            the parameters (``unsupported="raise"``) or sends them to the reference engine for good.
     """
 
     grouping: Union[Grouping, str, int] = "sample"

@@ -258,7 +258,8 @@ class GrainMixin(_MixinBase):
             return engine.blockwise_backward(losses, assignment, policy=self.grain_policy)
         if self._grain_self_check.given != cfg.self_check:
             self._grain_self_check = SelfCheckSchedule(cfg.self_check)
-        check = self._grain_self_check.due(self.grain_policy.steps)
+        signature = engine.call_signature()
+        check = self._grain_self_check.due(self.grain_policy.steps, signature)
         strategy = self._grain_strategy()
         if cfg.accumulate_grad_batches > 1 or (strategy is not None and strategy.needs_group_gradients):
             # groups of other micro-batches (or of other ranks) need these gradients
@@ -266,7 +267,7 @@ class GrainMixin(_MixinBase):
         else:
             grads = engine.backward(losses, assignment, self_check=check)
         if check and engine.last_self_check is not None:
-            self._grain_self_check.passed += 1  # a mismatch raised, or its parameters now use the reference engine
+            self._grain_self_check.checked(signature)  # a mismatch raised, or moved parameters to the reference
             if cfg.log_every_n_steps:
                 self.log("grain/self_check_error", engine.last_self_check.worst, on_step=True, on_epoch=False)
         return grads

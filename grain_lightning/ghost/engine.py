@@ -94,6 +94,16 @@ __all__ = ["BlockwiseResult", "Capture", "GhostEngine", "GhostGradients", "check
 _SEQ_FIRST_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+def _rule_applies(rule_cls: type[GhostRule], module: nn.Module) -> bool:
+    """A registered rule models its module only without forward pre-hooks (pruning, weight norm, spectral
+    norm recompute the weight from other parameters), with the parameters it expects, in a configuration it
+    does not refuse; otherwise the generic rule runs the module itself, hooks included."""
+    if module._forward_pre_hooks or rule_cls.why_unsupported(module) is not None:
+        return False
+    names = {name for name, _ in module.named_parameters(recurse=False)}
+    return rule_cls.expects is None or names <= rule_cls.expects
+
+
 def check_losses(losses: Any, batch_size: Optional[int] = None) -> int:
     """Validate per-sample losses: a ``(n,)`` floating tensor with an autograd graph (and ``n == batch_size``
     when given). Returns ``n``; raises ``ValueError`` naming the expected and the received shape."""
@@ -227,7 +237,7 @@ class GhostEngine:
             rule_cls = rule_for(sub)
             if rule_cls is not None:
                 claimed.update(id(m) for c in rule_cls.claimed_children(sub) for m in c.modules())
-                if rule_cls.why_unsupported(sub) is not None:  # a configuration its rule refuses: generic rule
+                if not _rule_applies(rule_cls, sub):  # a configuration its rule does not model: generic rule
                     rule_cls = None
             own = rule_cls.own_parameters(sub) if rule_cls is not None else list(sub.parameters(recurse=False))
             if not any(id(p) in counted for p in own):
@@ -271,7 +281,8 @@ class GhostEngine:
         coupled = self._coupled()
         if coupled:
             raise UnsupportedModuleError(
-                f"module {coupled[0]} couples the samples of a batch (batch statistics in training mode): "
+                f"module {coupled[0]} couples the samples of a batch (batch statistics, or gradients scaled by "
+                "batch-wide frequencies): "
                 "per-sample output gradients are not per-sample gradients; use eval mode for it, "
                 "unsupported='fallback' or the reference engine"
             )
@@ -285,6 +296,12 @@ class GhostEngine:
     def fully_supported(self) -> bool:
         """Whether every counted parameter is handled by the one-backward rules (no fallback, no coupling)."""
         return not self._fallback_ids and not self._coupled()
+
+    def call_signature(self) -> tuple:
+        """The input shapes of every recorded call of the captured forward, per module: the self-check's
+        ``"first"`` schedule checks every new signature once (a dimension that equals the batch size by
+        chance, as T5's ``(S, S)`` relative positions when ``S == n``, shows up as a new signature)."""
+        return tuple((i, tuple(c.shape for c in r.calls)) for i, r in enumerate(self.rules) if r.calls)
 
     @property
     def refused_last_step(self) -> list[str]:
@@ -384,7 +401,10 @@ class GhostEngine:
         self._refused = set()
         if not coupled:
             problems = self._check_calls(n, split)
-            walk = self._uses_outside_layers(losses)
+            walk, unreadable = self._uses_outside_layers(losses)
+            if unreadable is not None:
+                self._reset()
+                raise UnsupportedModuleError(f"the model's autograd graph: {unreadable}")
             if walk:
                 names = sorted(self._names.get(i, "?") for i in walk)
                 problems[f"parameters {names}"] = (
@@ -413,7 +433,13 @@ class GhostEngine:
         self._last_refused = [self._names.get(id(p), "?") for p in fb_params]
         fallback = None
         if fb_params:
-            fallback = group_gradients(assignment.group_means(losses), fb_params, retain_graph=not coupled or retain)
+            try:
+                fallback = group_gradients(
+                    assignment.group_means(losses), fb_params, retain_graph=not coupled or retain
+                )
+            except BaseException:
+                self._reset()
+                raise
         return n, k, index, onehot, fb_params, fallback, coupled
 
     def _check_calls(self, n: int, split: bool) -> dict[str, tuple[str, set[int]]]:
@@ -448,13 +474,17 @@ class GhostEngine:
                 problems[label] = ("it shares a parameter with a refused module", own & refused)
         return problems
 
-    def _uses_outside_layers(self, losses: torch.Tensor) -> set[int]:
-        """Ids of one-backward parameters whose gradient does not flow only through their own rule's taps.
+    def _uses_outside_layers(self, losses: torch.Tensor) -> tuple[set[int], Optional[str]]:
+        """Ids of one-backward parameters whose gradient does not flow only through their own rule's taps,
+        and why the graph cannot be read at all (``None``: it can).
 
-        Walks the autograd graph from the losses, remembering the last tap passed; reaching a parameter's
-        ``AccumulateGrad`` with no tap, or under another module's tap, means a use the rules do not see.
+        Walks the autograd graph from the losses, remembering the last tap passed and leaving it again at
+        that call's inputs; reaching a parameter's ``AccumulateGrad`` with no tap, or under another module's
+        tap, means a use the rules do not see (e.g. a weight also used to compute its own module's input).
+        Reentrant activation checkpointing hides its region from the graph (and from the hooks): refused.
         """
         owned = {id(r): r.owns() for r in self.rules}
+        inputs = {id(r): {fn for c in r.calls for fn in c.input_fns} for r in self.rules}
         bad: set[int] = set()
         seen: set = set()
         stack: list = [(losses.grad_fn, None)]
@@ -463,6 +493,14 @@ class GhostEngine:
             if node is None or (node, rule) in seen:
                 continue
             seen.add((node, rule))
+            if type(node).__name__ == "CheckpointFunctionBackward":
+                return bad, (
+                    "reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) hides the "
+                    "layers it wraps from the engine; use use_reentrant=False (Hugging Face: "
+                    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+                )
+            if rule is not None and node in inputs[id(rule)]:
+                rule = None  # the module's input: whatever computed it is outside the module
             var = getattr(node, "variable", None)
             if var is not None:
                 if id(var) in self._ghost_ids and (rule is None or id(var) not in owned[id(rule)]):
@@ -470,7 +508,7 @@ class GhostEngine:
                 continue
             rule = getattr(node, "ghost_rule", rule)
             stack.extend((fn, rule) for fn, _ in node.next_functions if fn is not None)
-        return bad
+        return bad, None
 
     def _run_backward(self, losses, assignment, index, coupled, retain: bool = False) -> None:
         if coupled or not any(rule.calls for rule in self.rules):
@@ -813,4 +851,6 @@ class Capture:
         self.handles = []
         for rule in self.engine.rules:
             rule.detach()
+        if exc[0] is not None:  # a failed forward: let go of what was recorded
+            self.engine._reset()
         self.engine._captured = exc[0] is None

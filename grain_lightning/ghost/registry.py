@@ -68,11 +68,12 @@ def register_rule(*module_types: Union[type, str]) -> Callable[[type[GhostRule]]
 
 def rule_for(module: nn.Module) -> Optional[type[GhostRule]]:
     """The rule registered for ``type(module)`` or its nearest registered base class (by type or by qualified
-    name), else ``None``."""
+    name), else ``None``. A subclass that overrides the registered class's ``forward`` computes something
+    else (a scaled embedding, a wrapper): no rule (the engine then uses the generic rule)."""
     for t in type(module).__mro__:
         rule = _RULES.get(t) or _RULES.get(qualified_name(t))
         if rule is not None:
-            return rule
+            return rule if type(module).forward is getattr(t, "forward", None) else None
     return None
 
 

@@ -98,17 +98,26 @@ def compare(
 
 
 class SelfCheckSchedule:
-    """When to self-check: ``"first"`` (until one optimizer step has been checked), an int ``N`` (every ``N``
-    optimizer steps, the first included) or ``False``/``0``/``"off"`` (never)."""
+    """When to self-check: ``"first"`` (the first optimizer step of every new call signature, see
+    :meth:`~grain_lightning.ghost.engine.GhostEngine.call_signature`: with fixed shapes, the first step only;
+    with dynamic padding, once per sequence length), an int ``N`` (every ``N`` optimizer steps, the first
+    included) or ``False``/``0``/``"off"`` (never)."""
 
     def __init__(self, when: Union[str, int, bool]) -> None:
         check_self_check("self_check", when)
         self.given = when  # as configured
         self.when: Union[str, int] = "first" if when is True else 0 if when is False or when == "off" else when
-        self.passed = 0  # checked steps that passed
+        self.passed = 0  # checked steps
+        self.signatures: set = set()  # call signatures already checked
 
-    def due(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based count of steps taken) is checked."""
+    def due(self, step: int, signature: Optional[tuple] = None) -> bool:
+        """Whether optimizer step ``step`` (0-based count of steps taken) with ``signature`` is checked."""
         if self.when == "first":
-            return self.passed == 0
+            return self.passed == 0 or (signature is not None and signature not in self.signatures)
         return bool(self.when) and step % int(self.when) == 0
+
+    def checked(self, signature: Optional[tuple] = None) -> None:
+        """Record a checked step."""
+        self.passed += 1
+        if signature is not None:
+            self.signatures.add(signature)

@@ -11,8 +11,8 @@ configurations you cannot handle exactly), and register it with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class RecordedCall:
     batch: tuple[int, int] = (-1, -1)
     source: Optional[torch.Tensor] = None
     version: int = 0
+    input_fns: list = field(default_factory=list)  # autograd nodes of the inputs: where the module's graph ends
+    shape: tuple[int, ...] = ()  # the input's shape (the engine's call signature)
 
     @property
     def output_grad(self) -> torch.Tensor:
@@ -127,16 +129,37 @@ class GhostRule(ABC):
     def detach(self) -> None:  # noqa: B027  (optional hook: most rules only add hooks)
         """Undo anything :meth:`attach` did besides hooks (called when the capture ends)."""
 
+    #: parameter names this rule's terms cover; a module of the type with other own parameters (added by a
+    #: parametrisation, pruning or weight norm) gets the generic rule instead. ``None``: not checked.
+    expects: ClassVar[Optional[frozenset[str]]] = None
+
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
             return None
-        x, output = self.engine.broadcast(args[0], output, self.batch_dim)
+        x = args[0]
+        if self.expands_broadcast(x):
+            x, output = self.engine.broadcast(x, output, self.batch_dim)
+        else:
+            self.engine.broadcast(x, x, self.batch_dim)  # only learns the batch size
         return self.record(x, output)
+
+    def expands_broadcast(self, x: torch.Tensor) -> bool:
+        """Whether a batch-of-one call with input ``x`` is expanded to the batch (default: no, it is refused).
+
+        Only safe where the output of such a call is, in practice, broadcast over the batch by the code that
+        uses it (position ids of an embedding); elsewhere it may be indexed or reduced, which an expansion
+        would turn into a wrong attribution (or even a different forward).
+        """
+        return False
 
     def record(self, x: torch.Tensor, output: torch.Tensor, info: Any = None) -> torch.Tensor:
         """Record a call with input ``x``; returns the tapped ``output`` to use in its place."""
-        call = RecordedCall(self.prepare(x), info, batch=self.call_batch(x, output), source=x.detach())
-        call.version = x._version
+        kept = self.prepare(x)
+        aliased = isinstance(kept, torch.Tensor) and kept.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        # an input the rule keeps by reference must not change in place afterwards; a copy is immune
+        call = RecordedCall(kept, info, batch=self.call_batch(x, output), source=x.detach() if aliased else None)
+        call.version, call.shape = x._version, tuple(x.shape)
+        call.input_fns = [x.grad_fn] if x.grad_fn is not None else []
         self.calls.append(call)
         return Tap.apply(output, self.engine.anchor, self, lambda g: self.engine.receive(self, call, g))
 

@@ -20,6 +20,8 @@ __all__ = ["ConvRule"]
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(GhostRule):
+    expects = frozenset({"weight", "bias"})
+
     @classmethod
     def why_unsupported(cls, module: nn.Module) -> Optional[str]:
         assert isinstance(module, (nn.Conv1d, nn.Conv2d))

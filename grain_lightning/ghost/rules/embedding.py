@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
-from grain_lightning.ghost.registry import register_rule
+from grain_lightning.ghost.registry import register_rule, register_sample_coupling
 from grain_lightning.ghost.rules.base import GhostRule
 from grain_lightning.ghost.tensors import work
 from grain_lightning.ghost.terms import EmbeddingTerm, Term
@@ -22,12 +23,17 @@ __all__ = ["EmbeddingRule"]
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(GhostRule):
+    expects = frozenset({"weight"})
+
     @classmethod
     def why_unsupported(cls, module: nn.Module) -> Optional[str]:
         assert isinstance(module, nn.Embedding)
         if module.max_norm is not None or module.sparse:
             return "max_norm and sparse=True are not supported"
         return None
+
+    def expands_broadcast(self, x: torch.Tensor) -> bool:
+        return not x.is_floating_point()  # ids of shape (1, S): position / token-type ids broadcast over the batch
 
     def terms(self, n: int, k: int) -> list[Term]:
         m = self.module
@@ -40,3 +46,7 @@ class EmbeddingRule(GhostRule):
         if m.padding_idx is not None:
             b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
         return [EmbeddingTerm(m.weight, ids, b, self.engine.linear_gram, k)]  # type: ignore[arg-type]
+
+
+# frequency scaling divides each row's gradient by its count in the whole batch: samples are coupled
+register_sample_coupling(nn.Embedding, lambda m: bool(m.scale_grad_by_freq))

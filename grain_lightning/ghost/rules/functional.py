@@ -13,8 +13,9 @@ module* on the recorded inputs, vectorised over the samples, and ``n x m`` numbe
 gradients of its ``m`` own parameters (a :class:`~grain_lightning.ghost.terms.VectorTerm` per parameter);
 for a norm layer ``O(n T m)``, for a module with large weight matrices a registered rule is much cheaper.
 
-The rule only holds for modules that treat samples independently. On its first step it checks that: the
-module, re-run per sample under ``vmap``, must reproduce the batched output it recorded. A module that
+The rule only holds for modules that treat samples independently. On its first step in train mode and its
+first in eval mode it checks that: the module, re-run per sample under ``vmap``, must reproduce the batched
+output it recorded. Every tensor input is checked for in-place changes at every step. A module that
 couples samples is refused and, since its backward mixes the samples' output gradients of every module
 below it, sends every parameter to the reference engine; one that draws random numbers or is not
 ``vmap``-able is refused alone, naming the reason. Only the
@@ -25,7 +26,7 @@ engine's graph check.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -41,14 +42,23 @@ def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
 
 
+class _Call(NamedTuple):
+    """What the generic rule keeps of a call besides its inputs."""
+
+    versions: list[tuple[torch.Tensor, int]]  # every tensor input and its version counter at the call
+    output: Optional[torch.Tensor]  # the batched output, until the probe for this training flag has run
+    autocast: Optional[tuple[str, torch.dtype]]  # the autocast of the call, re-entered per sample
+    training: bool
+
+
 class FunctionalRule(GhostRule):
     """Exact per-sample gradients of a module's own parameters by ``vmap`` over ``vjp`` (see the module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._probe: Optional[str] = None  # why the module failed its probe ("" once it passed)
+        self._probe: dict[bool, str] = {}  # per training flag: why the module failed its probe ("" if it passed)
         self.couples = False  # the probe found that it couples samples (then no module below it is exact)
-        self._autocast: Optional[tuple[str, torch.dtype]] = None  # autocast of the recorded forward, re-entered
+        self._autocast: Optional[tuple[str, torch.dtype]] = None  # autocast of the call being recorded
 
     def attach(self) -> list[Any]:
         return [self.module.register_forward_hook(self._hook_kwargs, with_kwargs=True)]
@@ -78,7 +88,15 @@ class FunctionalRule(GhostRule):
         tapped = self.record(x, out)
         call = self.calls[-1]
         call.inputs = tuple(_detach(v) for v in args), {k: _detach(v) for k, v in kwargs.items()}
-        call.info = output.detach() if self._probe is None else None  # what the probe must reproduce
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        # every input is kept by reference: none may change in place before the backward
+        call.info = _Call(
+            [(t.detach(), t._version) for t in tensors],
+            output.detach() if module.training not in self._probe else None,  # what the probe must reproduce
+            self._autocast,
+            module.training,
+        )
+        call.input_fns = [t.grad_fn for t in tensors if t.grad_fn is not None]
         return tapped
 
     def prepare(self, x: torch.Tensor) -> Any:
@@ -107,7 +125,8 @@ class FunctionalRule(GhostRule):
             pullback = torch.func.vjp(f, primals)[1]
             return pullback(g.unsqueeze(bd))[0]
 
-        autocast = torch.autocast(*self._autocast) if self._autocast is not None else contextlib.nullcontext()
+        state = call.info.autocast
+        autocast = torch.autocast(*state) if state is not None else contextlib.nullcontext()
         with autocast:  # the same precision as the recorded forward
             if grad is None:
                 return torch.func.vmap(lambda s: one(s, None), in_dims=(dims,), out_dims=bd, randomness="error")(leaves)
@@ -115,24 +134,31 @@ class FunctionalRule(GhostRule):
 
     def check_call(self, call: RecordedCall, n: int) -> Optional[str]:
         reason = super().check_call(call, n)
-        if reason is not None or self._probe == "":
+        if reason is not None:
             return reason
-        if self._probe is None and call.info is not None:
-            try:
-                again = self._per_sample(call, n, None)
-                expected = call.info
-                dtype = self._autocast[1] if self._autocast is not None else expected.dtype
-                tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
-                if again.shape != expected.shape:
-                    self._probe = f"re-run per sample it gives shape {tuple(again.shape)}, not {tuple(expected.shape)}"
-                elif not torch.allclose(again, expected, rtol=tol, atol=tol * float(expected.abs().max())):
-                    self._probe = "re-run per sample it does not reproduce its batched output (it couples samples)"
-                    self.couples = True
-                else:
-                    self._probe = ""
-            except Exception as err:  # vmap or functional_call cannot run it: refuse, naming why
-                self._probe = f"torch.func cannot run it per sample ({type(err).__name__}: {str(err)[:200]})"
-        return self._probe or None
+        info: _Call = call.info
+        if any(t._version != v for t, v in info.versions):
+            return "an input was modified in place after the call (the recorded input is no longer the one used)"
+        if info.training not in self._probe and info.output is not None:
+            self._probe[info.training] = self._run_probe(call, n)
+        return self._probe.get(info.training) or None
+
+    def _run_probe(self, call: RecordedCall, n: int) -> str:
+        """Re-run the module per sample (in train or eval mode, as recorded): ``""`` if it reproduces the
+        batched output, else why not."""
+        expected = call.info.output
+        try:
+            again = self._per_sample(call, n, None)
+        except Exception as err:  # vmap or functional_call cannot run it: refuse, naming why
+            return f"torch.func cannot run it per sample ({type(err).__name__}: {str(err)[:200]})"
+        dtype = call.info.autocast[1] if call.info.autocast is not None else expected.dtype
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+        if again.shape != expected.shape:
+            return f"re-run per sample it gives shape {tuple(again.shape)}, not {tuple(expected.shape)}"
+        if not torch.allclose(again, expected, rtol=tol, atol=tol * float(expected.abs().max())):
+            self.couples = True
+            return "re-run per sample it does not reproduce its batched output (it couples samples)"
+        return ""
 
     def terms(self, n: int, k: int) -> list[Term]:
         if not self.params:  # refused this step, or nothing of it counts

@@ -20,6 +20,8 @@ __all__ = ["LinearRule"]
 
 @register_rule(nn.Linear)
 class LinearRule(GhostRule):
+    expects = frozenset({"weight", "bias"})
+
     def prepare(self, x: torch.Tensor) -> Any:
         return as_autocast(x.detach(), autocast_dtype(x.device.type))
 

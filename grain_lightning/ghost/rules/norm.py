@@ -22,6 +22,8 @@ __all__ = ["NormRule"]
 
 @register_rule(nn.LayerNorm, nn.RMSNorm)
 class NormRule(GhostRule):
+    expects = frozenset({"weight", "bias"})
+
     def terms(self, n: int, k: int) -> list[Term]:
         m = self.module
         assert isinstance(m, (nn.LayerNorm, nn.RMSNorm))

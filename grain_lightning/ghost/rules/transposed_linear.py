@@ -21,6 +21,8 @@ __all__ = ["TransposedLinearRule"]
 
 @register_rule("transformers.pytorch_utils.Conv1D")
 class TransposedLinearRule(GhostRule):
+    expects = frozenset({"weight", "bias"})
+
     def prepare(self, x: torch.Tensor) -> Any:
         return as_autocast(x.detach(), autocast_dtype(x.device.type))
 

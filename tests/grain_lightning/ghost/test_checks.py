@@ -10,6 +10,7 @@ from torch import nn
 from grain_lightning import Chunks, GrainConfig, PerSample, group_gradients
 from grain_lightning.ghost import GhostEngine, GhostRule, UnsupportedModuleError, VectorTerm, register_rule
 from grain_lightning.ghost.registry import _RULES
+from grain_lightning.ghost.rules import FunctionalRule
 from grain_lightning.ghost.self_check import SelfCheckError, SelfCheckSchedule
 from tests.grain_lightning.ghost.reference_check import compare
 from tests.grain_lightning.helpers import GrainModule, loader, make_data, make_net, trainer
@@ -184,9 +185,10 @@ def test_self_check_names_the_parameters_of_a_wrong_rule():
 
 def test_self_check_schedule():
     first = SelfCheckSchedule("first")
-    assert first.due(0) and first.due(5)
-    first.passed = 1
-    assert not first.due(6)
+    assert first.due(0, ("a",)) and first.due(5, ("a",))
+    first.checked(("a",))
+    assert not first.due(6, ("a",)) and not first.due(6)
+    assert first.due(7, ("b",))  # a new call signature (e.g. a sequence length equal to the batch size)
     every = SelfCheckSchedule(3)
     assert [every.due(s) for s in range(7)] == [True, False, False, True, False, False, True]
     assert not any(SelfCheckSchedule(False).due(s) for s in range(4))
@@ -284,3 +286,165 @@ def test_sparse_gradients_are_refused_with_a_clear_error():
     losses = ce(model(ids()), labels())
     with pytest.raises(ValueError, match=r"shape \(11, 5\) got a torch.sparse_coo gradient.*sparse=False"):
         group_gradients(PerSample().assign(N).group_means(losses), list(model.parameters()))
+
+
+# ---------------------------------------------------------------------- cases found by an adversarial review
+class BatchOfOne(nn.Module):
+    """A Linear run on one sample whose output is then indexed, reduced or broadcast."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.a, self.b, self.use = nn.Linear(D, D), nn.Linear(D, 3), use
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x))[:1])  # (1, 3)
+        if self.use == "index":
+            return x[:, :3] + h[0]
+        if self.use == "sum":
+            return x[:, :3] + h.sum(0)
+        return x[:, :3] + h  # broadcast
+
+
+@pytest.mark.parametrize("use", ["index", "sum", "broadcast"])
+def test_batch_of_one_call_of_a_linear_is_refused(use):
+    """Only embedding ids are expanded; any other batch-of-one call may be indexed or reduced: refused."""
+    model = BatchOfOne(use)
+    engine = GhostEngine(model, unsupported="raise")
+    with engine.capture():
+        losses = ce(model(torch.randn(N, D)), labels())
+    with pytest.raises(UnsupportedModuleError, match=r"'b' \(Linear\).*size 1/1, not the 4 samples"):
+        engine.backward(losses, PerSample().assign(N))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Like Hugging Face's scaled word embeddings: overrides forward."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+def _subclass_and_hooks():
+    torch.manual_seed(0)
+    pruned = nn.Linear(S * D, 3)
+    torch.nn.utils.prune.random_unstructured(pruned, "weight", amount=0.3)
+    return {
+        "scaled_embedding": nn.Sequential(ScaledEmbedding(11, D), nn.Flatten(), nn.Linear(S * D, 3)),
+        "pruned_linear": nn.Sequential(nn.Embedding(11, D), nn.Flatten(), pruned),
+        "weight_norm": nn.Sequential(
+            nn.Embedding(11, D), nn.Flatten(), torch.nn.utils.weight_norm(nn.Linear(S * D, 3))
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["scaled_embedding", "pruned_linear", "weight_norm"])
+def test_overridden_forward_and_weight_hooks_get_the_exact_generic_rule(name):
+    model = _subclass_and_hooks()[name].double()
+    x, y = ids(), labels()
+    engine = GhostEngine(model, unsupported="raise")
+    assert any(isinstance(r, FunctionalRule) for r in engine.rules)
+    compare(model, lambda: ce(model(x), y), Chunks(2).assign(N), 1e-6, engine=engine)
+
+
+def test_embedding_with_frequency_scaled_gradients_couples_samples():
+    model = nn.Sequential(nn.Embedding(11, D, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(S * D, 3))
+    with pytest.raises(UnsupportedModuleError, match=r"'0' \(Embedding\) couples the samples"):
+        GhostEngine(model, unsupported="raise")
+
+
+class OwnInput(nn.Module):
+    """The head's weight also computes the head's own input: a use outside its recorded call."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(D, 11)
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.head.weight).mean(1)  # (n, D) from the (11, D) weight
+        return self.head(h)[:, :3]
+
+
+def test_parameter_used_to_compute_its_own_module_input_is_refused():
+    model = OwnInput()
+    engine = GhostEngine(model, unsupported="raise")
+    with engine.capture():
+        losses = ce(model(ids()), labels())
+    with pytest.raises(UnsupportedModuleError, match=r"head.weight.*outside their module's recorded forward"):
+        engine.backward(losses, PerSample().assign(N))
+
+
+def test_reentrant_checkpointing_is_refused():
+    from torch.utils.checkpoint import checkpoint
+
+    block = nn.Sequential(nn.Linear(D, D), nn.Tanh())
+    head = nn.Linear(D, 3)
+    model = nn.ModuleDict({"block": block, "head": head})
+    engine = GhostEngine(model, unsupported="raise")
+    x = torch.randn(N, D, requires_grad=True)
+    with engine.capture():
+        losses = ce(head(checkpoint(block, x, use_reentrant=True)), labels())
+    with pytest.raises(UnsupportedModuleError, match="use_reentrant=False"):
+        engine.backward(losses, PerSample().assign(N))
+
+
+class TrainCoupled(nn.Module):
+    """Independent per sample in eval mode, centred over the batch in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, D))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True) if self.training else x) * self.scale
+
+
+def test_generic_rule_probes_again_when_the_module_switches_to_train_mode():
+    model = nn.Sequential(nn.Linear(D, D), TrainCoupled(), nn.Linear(D, 3)).eval()
+    engine = GhostEngine(model, unsupported="raise")
+    x, y = torch.randn(N, D), labels()
+    with engine.capture():
+        losses = ce(model(x), y)
+    engine.backward(losses, PerSample().assign(N))  # eval: independent, probe passes
+    model.train()
+    with engine.capture():
+        losses = ce(model(x), y)
+    with pytest.raises(UnsupportedModuleError, match="couples samples"):
+        engine.backward(losses, PerSample().assign(N))
+
+
+class MutatesKwarg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, D))
+
+    def forward(self, x, *, gain):
+        return x * gain * self.scale
+
+
+class UsesKwarg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.b = nn.Linear(D, D), MutatesKwarg(), nn.Linear(D, 3)
+
+    def forward(self, x):
+        gain = torch.tanh(x) + 2.0
+        out = self.m(self.a(x), gain=gain)
+        gain.mul_(3.0)  # after the call: the recorded kwarg no longer holds what the module used
+        return self.b(out)
+
+
+def test_generic_rule_detects_a_keyword_input_changed_in_place():
+    model = UsesKwarg()
+    engine = GhostEngine(model, unsupported="raise")
+    with engine.capture():
+        losses = ce(model(torch.randn(N, D)), labels())
+    with pytest.raises(UnsupportedModuleError, match=r"'m' \(MutatesKwarg\).*modified in place"):
+        engine.backward(losses, PerSample().assign(N))
+
+
+def test_failed_forward_inside_capture_lets_go_of_the_records():
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 3))
+    engine = GhostEngine(model)
+    with pytest.raises(RuntimeError, match="boom"), engine.capture():
+        model(torch.randn(N, D))
+        raise RuntimeError("boom")
+    assert not engine.captured and all(not r.calls for r in engine.rules)
