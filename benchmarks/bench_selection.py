@@ -25,7 +25,8 @@ network; fields that Light-FMP's gates closed in stage 1 start stage 3 with less
 start for ``lightfmp`` that stage 3 has to make up for the others.
 
 Epochs are those of ``benchmarks/bench_lightfmp.py`` (adult: 8 / 3 / 3 for stage 1 / stage 3 / full), except
-that the synthetic set uses 50k rows, not 100k, to keep ``--seeds 3`` near 10 minutes on 2 shared CPU cores;
+that the synthetic set uses 50k rows, not 100k. On 2 shared, loaded CPU cores adult took 1.5 min (idle) to 8 min
+(loaded) for ``--seeds 3``; synthetic about 5.5 min per seed (loaded), so use ``--seeds 1`` there for a quick look;
 ``--pretrain-epochs`` and ``--finetune-epochs`` override them. Rows go to ``--csv``; a PNG of AUC against fields
 kept goes to ``--png`` when matplotlib is installed (it is not a dependency: otherwise a note is printed).
 """
