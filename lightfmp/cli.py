@@ -6,6 +6,7 @@
     lightfmp pipeline --data.format criteo --data.path train.txt --output_dir out/
     lightfmp pretrain --config configs/adult.yaml --output_dir out/
     lightfmp prune    --config configs/adult.yaml --output_dir out/ --top_k 8
+    lightfmp prune    --config configs/adult.yaml --output_dir out/ --top_k 6 --selection permutation
     lightfmp finetune --config configs/adult.yaml --output_dir out/
 
 ``--model.*`` configures :class:`~lightfmp.lightning_module.LightFMPModule`, ``--data.*`` the
@@ -27,6 +28,7 @@ from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.outputs import summary_table
+from lightfmp.selection import DEFAULT_SELECTION, check_selection
 
 DEFAULT_OUTPUT_DIR = "lightfmp_out"
 _OVERRIDES = ("lr", "weight_decay", "dropout")
@@ -72,19 +74,29 @@ class LightFMPTrainer(L.Trainer):
         checkpoint: Optional[str] = None,
         threshold: float = 0.5,
         top_k: Optional[int] = None,
+        selection: str = DEFAULT_SELECTION,
     ) -> None:
-        """Stage 2: drop the fields whose gate is closed and save the smaller model.
+        """Stage 2: drop the fields whose gate is closed (or that a selection method ranks low) and save the
+        smaller model.
 
         Args:
             checkpoint: stage-1 checkpoint (default: ``<output_dir>/pretrain.ckpt``).
             threshold: keep a field when its keep probability ``P(z != 0)`` exceeds this.
-            top_k: keep exactly the ``top_k`` most probable fields instead.
+            top_k: keep exactly the ``top_k`` best fields instead (required by every selection but lightfmp).
+            selection: who ranks the fields: lightfmp (the stage-1 gates), random, univariate, permutation,
+                lasso or autofield (see lightfmp.selection); the baselines that fit a model train for the
+                trainer's max_epochs on the pretrain subset.
         """
+        check_selection(selection, top_k)
         if self.is_global_zero:
-            _, report, entry = stages.prune(output_dir, datamodule, checkpoint, threshold, top_k)
+            _, report, entry = stages.prune(
+                output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs
+            )
             print(report.to_string(index=False))
             total = entry["fields"] + len(entry["dropped_fields"])
-            print(f"kept {len(entry['kept_fields'])} of {total} fields: {entry['kept_fields']}")
+            print(
+                f"kept {len(entry['kept_fields'])} of {total} fields (selection: {selection}): {entry['kept_fields']}"
+            )
 
     def finetune(
         self,
@@ -110,18 +122,22 @@ class LightFMPTrainer(L.Trainer):
         threshold: float = 0.5,
         top_k: Optional[int] = None,
         finetune_epochs: Optional[int] = None,
+        selection: str = DEFAULT_SELECTION,
     ) -> None:
         """Run pretrain, prune and finetune; print the kept fields and the before/after table.
 
         Args:
             threshold: keep a field when its keep probability exceeds this.
-            top_k: keep exactly the ``top_k`` most probable fields instead.
+            top_k: keep exactly the ``top_k`` best fields instead (required by every selection but lightfmp).
             finetune_epochs: epochs of stage 3 (default: the trainer's ``max_epochs``).
+            selection: who chooses the fields in stage 2: lightfmp (default), random, univariate,
+                permutation, lasso or autofield (see lightfmp.selection).
         """
+        check_selection(selection, top_k)  # before stage 1, not after it
         if datamodule.subset != "pretrain":
             datamodule = datamodule.for_subset("pretrain")
         self.pretrain(model, datamodule, output_dir)
-        self.prune(model, datamodule, output_dir, None, threshold, top_k)  # reuses the encoded stage-1 data
+        self.prune(model, datamodule, output_dir, None, threshold, top_k, selection)  # reuses the stage-1 data
         follow_up = self.fresh(**({"max_epochs": finetune_epochs} if finetune_epochs is not None else {}))
         follow_up.finetune(model, datamodule, output_dir)
         if self.is_global_zero:

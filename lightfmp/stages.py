@@ -4,7 +4,7 @@
 stage       does
 =========== =====================================================
 pretrain    fit backbone + field gates on ``pretrain_fraction``
-prune       keep fields with ``P(z != 0) > threshold`` (or top k)
+prune       keep fields with ``P(z != 0) > threshold`` (or the top k by a selection method)
 finetune    fit the pruned model on the rest of the train split
 =========== =====================================================
 
@@ -14,6 +14,7 @@ Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import lightning as L
@@ -38,6 +39,7 @@ from lightfmp.outputs import (
     write_feature_report,
     write_preprocessor,
 )
+from lightfmp.selection import DEFAULT_SELECTION, SelectionContext, check_selection, get_method, rank_fields
 
 __all__ = ["finetune", "pretrain", "prune", "timed_fit"]
 
@@ -105,15 +107,24 @@ def prune(
     checkpoint: Optional[PathLike] = None,
     threshold: float = 0.5,
     top_k: Optional[int] = None,
+    selection: str = DEFAULT_SELECTION,
+    selection_epochs: Optional[int] = None,
 ) -> tuple[LightFMPModule, pd.DataFrame, dict[str, Any]]:
-    """Stage 2: keep the open fields of the stage-1 checkpoint and build the smaller model.
+    """Stage 2: keep the fields chosen by ``selection`` and build the smaller model from the stage-1 checkpoint.
 
-    Writes ``pruned.ckpt`` and ``feature_report.csv``. Returns the pruned module, the per-field report and the
-    metrics entry: the test scores of the stage-1 model with its gates fixed to 0/1, which the pruned model
-    reproduces exactly (``CTRBackbone.prune``). They are computed on ``datamodule``'s test split if it is
+    ``selection`` names a method of :mod:`lightfmp.selection`: ``"lightfmp"`` (default) keeps the fields whose
+    gate keep probability exceeds ``threshold``, or the ``top_k`` most probable; any other method scores the
+    fields from the stage-1 data and/or model and keeps its ``top_k`` best (``top_k`` is required).
+    ``selection_epochs``: epochs of the methods that fit a model of their own (default 5).
+
+    Writes ``pruned.ckpt`` and ``feature_report.csv`` (a ``score`` column from the method, and ``selection``).
+    Returns the pruned module, the per-field report and the metrics entry (with ``selection`` and
+    ``selection_seconds``): the test scores of the stage-1 model with its gates fixed to 0/1, which the pruned
+    model reproduces exactly (``CTRBackbone.prune``). They are computed on ``datamodule``'s test split if it is
     already set up with stage 1's fields (as after :func:`pretrain`), so the data is not read again; otherwise
     on a copy set up with stage 1's preprocessor.
     """
+    check_selection(selection, top_k)
     out = output_directory(output_dir)
     ckpt_path = stage_checkpoint(out, checkpoint, "pretrain.ckpt", "pretrain")
     ckpt = read_checkpoint(ckpt_path)
@@ -121,15 +132,6 @@ def prune(
     masked = LightFMPModule.from_checkpoint(ckpt)
     if masked.gate is None:
         raise ValueError(f"{ckpt_path} holds a model without field gates; prune needs the stage-1 checkpoint")
-    report = masked.gate.report(threshold=threshold, top_k=top_k)
-    kept = [n for n in masked.feature_spec.names if n in set(report.loc[report.kept, "field"])]
-    if not kept:
-        best = report.iloc[0]
-        raise ValueError(
-            f"pruning with threshold={threshold} would remove every field (highest keep probability: "
-            f"{best.field}={best.keep_probability:.3f}); lower the threshold, set top_k, or weaken the L0 penalty"
-        )
-    pruned_module = masked.pruned(kept)
     if datamodule.encoded is None:
         datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
         datamodule.setup("test")
@@ -138,6 +140,26 @@ def prune(
             f"the data's fields {list(datamodule.feature_spec.names)} differ from the stage-1 model's "
             f"{list(masked.feature_spec.names)}"
         )
+    start = time.perf_counter()
+    if selection == DEFAULT_SELECTION:
+        report = masked.gate.report(threshold=threshold, top_k=top_k)
+        report.insert(1, "score", report["keep_probability"])
+    else:
+        assert top_k is not None  # check_selection
+        context = SelectionContext.from_datamodule(masked, datamodule, selection_epochs)
+        report = rank_fields(masked.feature_spec.names, get_method(selection).scores(context), top_k)
+        keep_probability = dict(zip(masked.gate.names, masked.gate.keep_probability().detach().double().tolist()))
+        report["keep_probability"] = report["field"].map(keep_probability)  # stage-1 gates, for reference
+    selection_seconds = time.perf_counter() - start
+    report["selection"] = selection
+    kept = [n for n in masked.feature_spec.names if n in set(report.loc[report.kept, "field"])]
+    if not kept:
+        best = report.iloc[0]
+        raise ValueError(
+            f"pruning with threshold={threshold} would remove every field (highest keep probability: "
+            f"{best.field}={best.keep_probability:.3f}); lower the threshold, set top_k, or weaken the L0 penalty"
+        )
+    pruned_module = masked.pruned(kept)
     gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
     scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
     write_feature_report(out, report)
@@ -145,13 +167,15 @@ def prune(
         None,
         pruned_module,
         out / "pruned.ckpt",
-        {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path)},
+        {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path), "selection": selection},
         preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
     )
     entry = metrics_entry(pruned_module, scores, None)
     entry["kept_fields"] = kept
     entry["dropped_fields"] = [n for n in masked.feature_spec.names if n not in kept]
     entry["parameters_before"] = masked.num_parameters()
+    entry["selection"] = selection
+    entry["selection_seconds"] = selection_seconds
     record(out, "prune", entry)
     return pruned_module, report, entry
 

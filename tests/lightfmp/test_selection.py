@@ -1,0 +1,121 @@
+"""Field-selection methods (lightfmp.selection): planted fields recovered, every method through prune and
+finetune, clear errors on bad input. Synthetic data only (nothing read from ../shared)."""
+
+import json
+import shutil
+
+import lightning as L
+import pandas as pd
+import pytest
+
+from lightfmp import stages
+from lightfmp.cli import run_cli
+from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.lightning_module import LightFMPModule
+from lightfmp.selection import METHODS, SelectionContext, check_selection, get_method, rank_fields
+from tests.lightfmp.test_stages import TINY
+
+BASELINES = sorted(set(METHODS) - {"random"})
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Stage 1 on 10k rows whose label uses 4 of 12 fields (2 XOR-like pairs with main effects)."""
+    L.seed_everything(0, verbose=False)
+    dm = CTRDataModule(
+        format="synthetic",
+        synthetic_rows=10000,
+        synthetic_dense=4,
+        synthetic_sparse=8,
+        synthetic_num_informative=4,
+        batch_size=256,
+        pretrain_fraction=0.5,
+        subset="pretrain",
+        seed=0,
+    )
+    module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=(32,), l0_weight=0.02, lr=0.01)
+    L.Trainer(
+        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    ).fit(module, dm)
+    return SelectionContext.from_datamodule(module, dm, epochs=5), set(dm.synthetic.informative_fields)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_method_ranks_the_planted_fields_first(planted, name):
+    context, truth = planted
+    scores = get_method(name).scores(context)
+    assert list(scores.index) == context.fields and scores.notna().all()
+    report = rank_fields(context.fields, scores, top_k=len(truth))
+    assert set(report.field[report.kept]) == truth, report.to_string()
+
+
+def test_random_is_seeded_and_keeps_k_fields(planted):
+    context, _ = planted
+    method = get_method("random")
+    first, again = method.scores(context), method.scores(context)
+    pd.testing.assert_series_equal(first, again)
+    assert sorted(first) == list(range(1, len(context.fields) + 1))
+    assert rank_fields(context.fields, first, 3).kept.sum() == 3
+
+
+def test_rank_fields_breaks_ties_by_position_and_checks_k():
+    report = rank_fields(["a", "b", "c"], pd.Series({"a": 1.0, "b": 2.0, "c": 2.0}), top_k=2)
+    assert list(report.field) == ["b", "c", "a"] and list(report.kept) == [True, True, False]
+    with pytest.raises(ValueError, match="top_k must be in \\[1, 3\\], got 4"):
+        rank_fields(["a", "b", "c"], pd.Series({"a": 1.0, "b": 2.0, "c": 2.0}), top_k=4)
+
+
+def test_every_method_runs_through_prune_and_finetune(tmp_path):
+    base = tmp_path / "stage1"
+    run_cli(["pretrain", *TINY, "--output_dir", str(base)])
+    for name in sorted(METHODS):
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "3", "--selection", name])
+        run_cli(["finetune", *TINY, "--output_dir", str(out)])
+        report = pd.read_csv(out / "feature_report.csv")
+        assert {"field", "score", "kept", "keep_probability", "selection"} <= set(report.columns)
+        assert report.kept.sum() == 3 and set(report.selection) == {name}
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["prune"]["selection"] == name and metrics["prune"]["selection_seconds"] >= 0
+        assert sorted(metrics["prune"]["kept_fields"]) == sorted(report.field[report.kept])
+        assert metrics["finetune"]["fields"] == 3 and 0 <= metrics["finetune"]["auc"] <= 1
+
+
+def test_pipeline_with_a_baseline(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(["pipeline", *TINY, "--output_dir", str(out), "--selection", "univariate", "--top_k", "2"])
+    assert "selection: univariate" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prune"]["selection"] == "univariate" and metrics["finetune"]["fields"] == 2
+
+
+def test_default_selection_is_lightfmp_with_its_threshold(tmp_path):
+    dm = CTRDataModule(
+        format="synthetic",
+        synthetic_rows=1500,
+        synthetic_dense=2,
+        synthetic_sparse=3,
+        synthetic_num_informative=2,
+        batch_size=256,
+    )
+    module = LightFMPModule(backbone="mlp", embedding_dim=4, hidden=(8,))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    stages.pretrain(trainer, module, dm, tmp_path)
+    _, report, entry = stages.prune(tmp_path, dm, threshold=0.0)
+    assert entry["selection"] == "lightfmp" and report.kept.all()
+    assert (report.score == report.keep_probability).all()
+
+
+def test_bad_selection_inputs_fail_clearly_before_training(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown selection method 'nope'.*autofield.*univariate"):
+        run_cli(["pipeline", *TINY, "--output_dir", str(out), "--selection", "nope", "--top_k", "3"])
+    with pytest.raises(ValueError, match="'permutation' ranks the fields.*top_k"):
+        run_cli(["pipeline", *TINY, "--output_dir", str(out), "--selection", "permutation"])
+    assert not out.exists() or not any(out.iterdir())  # failed before stage 1
+    with pytest.raises(ValueError, match="'lasso'.*top_k"):
+        check_selection("lasso", None)
+    with pytest.raises(ValueError, match="unknown selection method 'Lasso'"):
+        stages.prune(out, CTRDataModule(format="synthetic"), top_k=3, selection="Lasso")
+    check_selection("lightfmp", None)  # the default keeps by threshold
