@@ -397,6 +397,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=sorted(METHODS))
     ap.add_argument(
         "--data-path",
+        "--data.path",  # the spelling of lightfmp's CLI
+        dest="data_path",
         default=None,
         help="data file or directory: required for criteo (a Criteo-format TSV); movielens defaults to "
         "../shared/data/movielens-100k next to the repository",
