@@ -57,11 +57,14 @@ class LightFMPTrainer(L.Trainer):
         datamodule: CTRDataModule,
         output_dir: str = DEFAULT_OUTPUT_DIR,
         ckpt_path: Optional[str] = None,
+        finetune_epochs: Optional[int] = None,
     ) -> None:
         """Stage 1: fit the model and its field gates on the pretrain subset.
 
         Args:
             ckpt_path: resume an interrupted stage-1 fit from this Lightning checkpoint.
+            finetune_epochs: stage 3's epochs; not used here, accepted so that one config file serves every
+                subcommand.
         """
         entry = stages.pretrain(self, model, datamodule, output_dir, ckpt_path)
         rank_zero_info(f"pretrain: test AUC {entry['auc']:.4f}, expected open fields {entry['expected_fields']:.1f}")
@@ -75,9 +78,11 @@ class LightFMPTrainer(L.Trainer):
         threshold: float = 0.5,
         top_k: Optional[int] = None,
         selection: str = DEFAULT_SELECTION,
+        finetune_epochs: Optional[int] = None,
     ) -> None:
         """Stage 2: drop the fields whose gate is closed (or that a selection method ranks low) and save the
-        smaller model.
+        smaller model. ``finetune_epochs`` (stage 3's) is accepted and unused, so that one config file serves
+        every subcommand.
 
         Args:
             checkpoint: stage-1 checkpoint (default: ``<output_dir>/pretrain.ckpt``).
@@ -104,14 +109,17 @@ class LightFMPTrainer(L.Trainer):
         datamodule: CTRDataModule,
         output_dir: str = DEFAULT_OUTPUT_DIR,
         checkpoint: Optional[str] = None,
+        finetune_epochs: Optional[int] = None,
     ) -> None:
         """Stage 3: continue training the pruned model on the rest of the data (``--model.lr`` etc. apply).
 
         Args:
             checkpoint: pruned checkpoint (default: ``<output_dir>/pruned.ckpt``).
+            finetune_epochs: epochs of this stage (default: the trainer's ``max_epochs``), as in ``pipeline``.
         """
         overrides = {k: model.hparams[k] for k in _OVERRIDES}
-        entry = stages.finetune(self, datamodule, output_dir, checkpoint, overrides)
+        trainer = self.fresh(max_epochs=finetune_epochs) if finetune_epochs is not None else self
+        entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides)
         rank_zero_info(f"finetune: test AUC {entry['auc']:.4f} with {entry['fields']} fields")
 
     def pipeline(
@@ -139,7 +147,7 @@ class LightFMPTrainer(L.Trainer):
         self.pretrain(model, datamodule, output_dir)
         self.prune(model, datamodule, output_dir, None, threshold, top_k, selection)  # reuses the stage-1 data
         follow_up = self.fresh(**({"max_epochs": finetune_epochs} if finetune_epochs is not None else {}))
-        follow_up.finetune(model, datamodule, output_dir)
+        follow_up.finetune(model, datamodule, output_dir)  # a fresh trainer: this one has finished its fit
         if self.is_global_zero:
             print(f"\nLight-FMP results in {Path(output_dir).resolve()}")
             print(summary_table(output_dir).to_string(index=False))

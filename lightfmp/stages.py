@@ -128,10 +128,12 @@ def prune(
     out = output_directory(output_dir)
     ckpt_path = stage_checkpoint(out, checkpoint, "pretrain.ckpt", "pretrain")
     ckpt = read_checkpoint(ckpt_path)
-    clear_from(out, "prune")
     masked = LightFMPModule.from_checkpoint(ckpt)
     if masked.gate is None:
         raise ValueError(f"{ckpt_path} holds a model without field gates; prune needs the stage-1 checkpoint")
+    fields = len(masked.feature_spec.names)
+    if top_k is not None and top_k > fields:
+        raise ValueError(f"top_k={top_k} is more than the stage-1 model's {fields} fields")
     if datamodule.encoded is None:
         datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
         datamodule.setup("test")
@@ -162,6 +164,7 @@ def prune(
     pruned_module = masked.pruned(kept)
     gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
     scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
+    clear_from(out, "prune")  # only now: a failed prune leaves the previous run's outputs as they were
     write_feature_report(out, report)
     save_checkpoint(
         None,

@@ -50,6 +50,13 @@ class SelectionContext:
     eval_batch_size: int = 4096
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(
+                f"selection methods that fit a model train for `epochs` epochs (the trainer's max_epochs from the "
+                f"CLI), got {self.epochs!r}: set --trainer.max_epochs to a positive number"
+            )
+
     @classmethod
     def from_datamodule(
         cls, model: LightFMPModule, datamodule: CTRDataModule, epochs: Optional[int] = None
@@ -64,7 +71,7 @@ class SelectionContext:
             data=datamodule.encoded,
             train_rows=np.asarray(datamodule.pretrain_indices),
             val_rows=np.asarray(datamodule.splits.val),
-            epochs=5 if epochs is None else int(epochs),
+            epochs=5 if epochs is None else epochs,
             batch_size=datamodule.batch_size,
             eval_batch_size=datamodule.eval_batch_size or 4096,
             seed=datamodule.seed,
@@ -113,6 +120,8 @@ def check_selection(name: str, top_k: Optional[int]) -> None:
     """Fail early on a bad ``--selection``: unknown name, or a baseline without ``top_k`` (baselines rank the
     fields, they have no threshold; only ``lightfmp`` can keep fields by keep probability)."""
     get_method(name)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive number of fields, got {top_k!r}")
     if name != DEFAULT_SELECTION and top_k is None:
         raise ValueError(
             f"selection method {name!r} ranks the fields and needs a budget: set top_k (--top_k K); "
@@ -141,8 +150,9 @@ def ungated_copy(context: SelectionContext) -> LightFMPModule:
     (seeded by ``context.seed``)."""
     hp: dict[str, Any] = {k: v for k, v in context.model.hparams.items() if not k.startswith("_")}
     hp.update(field_mask=False, feature_spec=context.spec.to_dict())
-    torch.manual_seed(context.seed)
-    return LightFMPModule(**hp)
+    with torch.random.fork_rng():  # seeded, without changing the global random state of later stages
+        torch.manual_seed(context.seed)
+        return LightFMPModule(**hp)
 
 
 def minibatches(rows: np.ndarray, batch_size: int, generator: Optional[torch.Generator]) -> Iterator[np.ndarray]:

@@ -12,6 +12,7 @@ Data: pretrain subset (encodings) and validation split (AUC). Cost: one pass ove
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from torchmetrics.functional.classification import binary_auroc
@@ -28,7 +29,8 @@ def _field_codes(context: SelectionContext, name: str, rows: torch.Tensor) -> tu
     if name in spec.dense:
         col = data.dense[:, spec.dense.index(name)]
         train = col[torch.as_tensor(context.train_rows, dtype=torch.long)]
-        edges = torch.quantile(train.double(), torch.linspace(0, 1, DENSE_BINS + 1, dtype=torch.float64)[1:-1])
+        # numpy: torch.quantile refuses inputs of more than 2^24 elements
+        edges = torch.from_numpy(np.quantile(train.double().numpy(), np.linspace(0, 1, DENSE_BINS + 1)[1:-1]))
         codes = torch.bucketize(col[rows].double(), edges.unique())
         return codes, torch.arange(len(rows))
     feat = next(f for f in spec.sparse if f.name == name)

@@ -119,3 +119,39 @@ def test_bad_selection_inputs_fail_clearly_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown selection method 'Lasso'"):
         stages.prune(out, CTRDataModule(format="synthetic"), top_k=3, selection="Lasso")
     check_selection("lightfmp", None)  # the default keeps by threshold
+
+
+def _complete_run(tmp_path):
+    out = tmp_path / "run"
+    run_cli(["pipeline", *TINY, "--output_dir", str(out), "--selection", "univariate", "--top_k", "2"])
+    return out
+
+
+def test_bad_top_k_fails_before_touching_the_previous_outputs(tmp_path):
+    """A prune that fails (top_k 0, or more fields than the model has) leaves the previous run complete."""
+    with pytest.raises(ValueError, match=r"top_k must be a positive number of fields, got 0"):
+        check_selection("lasso", 0)
+    out = _complete_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"top_k=99 is more than the stage-1 model's 10 fields"):
+        run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "99", "--selection", "univariate"])
+    with pytest.raises(ValueError, match=r"top_k must be a positive number of fields, got -1"):
+        run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "-1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_selection_epochs_must_be_positive(tmp_path):
+    out = _complete_run(tmp_path)
+    with pytest.raises(ValueError, match=r"train for `epochs` epochs.*got 0"):
+        run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "2", "--selection", "lasso",
+                 "--trainer.max_epochs", "0"])  # fmt: skip
+
+
+def test_one_config_file_serves_every_subcommand(tmp_path):
+    """configs/*.yaml set the pipeline's finetune_epochs: the single-stage subcommands accept it."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("finetune_epochs: 1\n")
+    out = tmp_path / "run"
+    for stage in ("pretrain", "prune", "finetune"):
+        run_cli([stage, "--config", str(cfg), *TINY, "--output_dir", str(out)])
+    assert json.loads((out / "metrics.json").read_text())["finetune"]["fields"] >= 1
