@@ -15,6 +15,7 @@ Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -101,6 +102,35 @@ def pretrain(
     return entry
 
 
+#: datamodule options that decide which rows are the pretrain, validation and test rows
+_SPLIT_OPTIONS = (
+    "format", "path", "split", "val_fraction", "test_fraction", "pretrain_fraction", "seed", "max_rows",
+    "synthetic_rows", "synthetic_dense", "synthetic_sparse", "synthetic_cardinality", "synthetic_informative",
+    "synthetic_num_informative", "synthetic_interaction",
+)  # fmt: skip
+
+
+def _check_same_split(datamodule: CTRDataModule, ckpt: dict[str, Any], ckpt_path: Any) -> None:
+    """Refuse data split differently from stage 1's: the selection methods would train on stage 1's
+    validation or test rows, and prune's test scores would include rows stage 1 trained on."""
+    saved = ckpt.get("datamodule_hyper_parameters") or {}
+    current = dict(getattr(datamodule, "hparams", {}) or {})
+
+    def same(key: str) -> bool:
+        a, b = saved.get(key), current.get(key)
+        if key == "path" and a is not None and b is not None:
+            return Path(str(a)).resolve() == Path(str(b)).resolve()
+        return a == b
+
+    differ = [k for k in _SPLIT_OPTIONS if k in saved and k in current and not same(k)]
+    if differ:
+        shown = ", ".join(f"{k}={current[k]!r} (stage 1: {saved[k]!r})" for k in differ)
+        raise ValueError(
+            f"the data given to prune is split differently from stage 1's ({ckpt_path}): {shown}; pass the same "
+            "--data.* options as stage 1"
+        )
+
+
 def prune(
     output_dir: PathLike,
     datamodule: CTRDataModule,
@@ -134,6 +164,7 @@ def prune(
     fields = len(masked.feature_spec.names)
     if top_k is not None and top_k > fields:
         raise ValueError(f"top_k={top_k} is more than the stage-1 model's {fields} fields")
+    _check_same_split(datamodule, ckpt, ckpt_path)
     if datamodule.encoded is None:
         datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
         datamodule.setup("test")

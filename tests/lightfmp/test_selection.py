@@ -155,3 +155,11 @@ def test_one_config_file_serves_every_subcommand(tmp_path):
     for stage in ("pretrain", "prune", "finetune"):
         run_cli([stage, "--config", str(cfg), *TINY, "--output_dir", str(out)])
     assert json.loads((out / "metrics.json").read_text())["finetune"]["fields"] >= 1
+
+
+def test_prune_refuses_data_split_differently_from_stage_1(tmp_path):
+    out = tmp_path / "run"
+    run_cli(["pretrain", *TINY, "--output_dir", str(out)])
+    with pytest.raises(ValueError, match=r"split differently from stage 1's.*seed=1 \(stage 1: 0\)"):
+        run_cli(["prune", *TINY, "--data.seed", "1", "--output_dir", str(out), "--top_k", "2", "--selection", "random"])
+    run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "2", "--selection", "random"])  # same split: fine
