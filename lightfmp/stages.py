@@ -15,6 +15,7 @@ Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +41,14 @@ from lightfmp.outputs import (
     write_feature_report,
     write_preprocessor,
 )
-from lightfmp.selection import DEFAULT_SELECTION, SelectionContext, check_selection, get_method, rank_fields
+from lightfmp.selection import (
+    DEFAULT_SELECTION,
+    SelectionContext,
+    check_selection,
+    constant_fields,
+    get_method,
+    rank_fields,
+)
 
 __all__ = ["finetune", "pretrain", "prune", "timed_fit"]
 
@@ -185,6 +193,16 @@ def prune(
         report["keep_probability"] = report["field"].map(keep_probability)  # stage-1 gates, for reference
     selection_seconds = time.perf_counter() - start
     report["selection"] = selection
+    constant = constant_fields(SelectionContext.from_datamodule(masked, datamodule))
+    report["constant"] = report["field"].isin(constant)
+    kept_constant = list(report.loc[report.kept & report.constant, "field"])
+    if kept_constant:
+        warnings.warn(
+            f"selection {selection!r} keeps fields with a single value in the pretrain subset, which carry no "
+            f"information: {kept_constant} (see the 'constant' column of feature_report.csv)",
+            UserWarning,
+            stacklevel=2,
+        )
     kept = [n for n in masked.feature_spec.names if n in set(report.loc[report.kept, "field"])]
     if not kept:
         best = report.iloc[0]

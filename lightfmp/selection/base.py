@@ -145,6 +145,38 @@ def rank_fields(fields: Sequence[str], scores: pd.Series, top_k: int) -> pd.Data
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
+def constant_fields(context: SelectionContext) -> list[str]:
+    """Fields with a single value over the pretrain subset: they carry no information (a model can still use
+    one as a bias, which is why gate-based methods may rank it high). A multi-valued field is constant when
+    every row has the same number of values, all equal."""
+    data, spec = context.data, context.spec
+    rows = torch.as_tensor(context.train_rows, dtype=torch.long)
+    if rows.numel() == 0:
+        return []
+    constant: set[str] = set()
+    for j, name in enumerate(spec.dense):
+        col = data.dense[rows, j]
+        if bool(col.min() == col.max()):
+            constant.add(name)
+    singles = [f.name for f in spec.sparse if not f.multi_valued]
+    for f in spec.sparse:
+        if not f.multi_valued:
+            col = data.sparse[rows, singles.index(f.name)]
+            if bool(col.min() == col.max()):
+                constant.add(f.name)
+            continue
+        offsets, values = data.multi[f.name]
+        starts, lens = offsets[rows], offsets[rows + 1] - offsets[rows]
+        if bool((lens != lens[0]).any()):
+            continue
+        total = int(lens.sum())
+        within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=total)
+        col = values[torch.repeat_interleave(starts, lens, output_size=total) + within]
+        if col.numel() == 0 or bool(col.min() == col.max()):
+            constant.add(f.name)
+    return [n for n in spec.names if n in constant]
+
+
 def ungated_copy(context: SelectionContext) -> LightFMPModule:
     """A freshly initialised model with the stage-1 architecture and optimiser settings, without gates
     (seeded by ``context.seed``)."""

@@ -1,6 +1,7 @@
 """Field-selection methods (lightfmp.selection): planted fields recovered, every method through prune and
 finetune, clear errors on bad input. Synthetic data only (nothing read from ../shared)."""
 
+import copy
 import json
 import shutil
 
@@ -74,7 +75,8 @@ def test_every_method_runs_through_prune_and_finetune(tmp_path):
         run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "3", "--selection", name])
         run_cli(["finetune", *TINY, "--output_dir", str(out)])
         report = pd.read_csv(out / "feature_report.csv")
-        assert {"field", "score", "kept", "keep_probability", "selection"} <= set(report.columns)
+        assert {"field", "score", "kept", "keep_probability", "selection", "constant"} <= set(report.columns)
+        assert not report.constant.any()
         assert report.kept.sum() == 3 and set(report.selection) == {name}
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["prune"]["selection"] == name and metrics["prune"]["selection_seconds"] >= 0
@@ -163,3 +165,17 @@ def test_prune_refuses_data_split_differently_from_stage_1(tmp_path):
     with pytest.raises(ValueError, match=r"split differently from stage 1's.*seed=1 \(stage 1: 0\)"):
         run_cli(["prune", *TINY, "--data.seed", "1", "--output_dir", str(out), "--top_k", "2", "--selection", "random"])
     run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "2", "--selection", "random"])  # same split: fine
+
+
+def test_constant_fields_are_marked_and_a_kept_one_warns(planted):
+    """A field with one value carries no information; prune marks it and warns when a method keeps it."""
+    from lightfmp.selection import constant_fields
+
+    context = copy.deepcopy(planted[0])  # the fixture is shared: change a copy
+    assert constant_fields(context) == []
+    dense, sparse = context.spec.dense[0], context.spec.sparse[0].name
+    context.data.dense[:, 0] = 1.0
+    context.data.sparse[:, 0] = 3
+    assert constant_fields(context) == [dense, sparse]
+    report = rank_fields(context.fields, get_method("lasso").scores(context), top_k=len(context.fields))
+    assert set(report.field[report.kept]) >= {dense, sparse}  # what prune then flags in its report and warning
