@@ -124,12 +124,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_lightfmp
 import lightning as L
 import pandas as pd
+from bench_lightfmp import trainer
 
 from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
-from lightfmp.lightning_module import LightFMPModule, evaluate
+from lightfmp.lightning_module import LightFMPModule
 from lightfmp.selection import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,34 +192,20 @@ NEEDS_PATH = {"movielens": "directory with u.data, u.item, u.user", "criteo": "C
 FIXED, OWN = "fixed k", "Light-FMP's k"
 
 
-def trainer(epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def run_full(cfg: dict[str, Any], data: dict[str, Any], seed: int) -> dict[str, Any]:
-    L.seed_everything(seed, verbose=False)
-    dm = CTRDataModule(**data, subset="full", seed=seed)
-    module = LightFMPModule(**cfg["model"], field_mask=False)
-    throughput = stages.timed_fit(trainer(cfg["full_epochs"]), module, dm)
-    scores = evaluate(module, dm.test_dataloader())
+    """The full model without gates on the whole training split (``bench_lightfmp.run_full``), as a row here."""
+    full = bench_lightfmp.run_full(cfg, data, seed)
     return {
         "budget": "all",
-        "k": module.feature_spec.num_fields,
+        "k": full["fields"],
         "method": "full",
-        "auc": scores["auc"],
-        "logloss": scores["logloss"],
-        "fields": module.feature_spec.num_fields,
+        "auc": full["auc"],
+        "logloss": full["logloss"],
+        "fields": full["fields"],
         "selection_seconds": 0.0,
-        "total_seconds": throughput.seconds,
+        "total_seconds": full["train_seconds"],
         "selection_cpu_seconds": 0.0,
-        "total_cpu_seconds": throughput.cpu_seconds,
+        "total_cpu_seconds": full["train_cpu_seconds"],
         "kept": "",
     }
 
