@@ -69,8 +69,8 @@ Checked steps (``--self-check --no-memory --variants full``, same day): GPT-2 pe
 k=8 1.83x; BERT per-sample 2.38x, k=8 1.88x (one more backward with weight gradients; by default only the
 first optimizer step is checked).
 
-Reading: both per-sample full fine-tuning rows miss the 1.3x time goal (across quiet runs of the same day:
-GPT-2 1.31-1.46x, BERT 1.40-1.52x); every row meets the memory goal. The flop column shows why: with
+Reading: both per-sample full fine-tuning rows miss the 1.3x time goal (across other quiet runs of the same day:
+GPT-2 1.42-1.61x, BERT 1.47-1.50x); every row meets the memory goal. The flop column shows why: with
 k = n the Gram materialises the per-sample gradients (``n T p d`` per layer: one more weight-gradient
 pass), and a layer that keeps ``A, B`` rather than ``G`` (``k p d > n T (d + p)``: the MLP, GPT-2's
 ``c_attn`` and ``lm_head``) repeats its weight-gradient GEMM for the combined gradient. With k = 8 the

@@ -136,40 +136,14 @@ from lightfmp.selection import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_ORDER = ["lightfmp", "random", "univariate", "permutation", "lasso", "autofield"]
+# Adult and MovieLens as in bench_lightfmp (same settings, so the two benchmarks' rows compare); synthetic
+# with 50,000 rows instead of 100,000 (every method refits on it, for each seed and budget)
 DATASETS: dict[str, dict[str, Any]] = {
-    "adult": {
-        "data": {"format": "adult", "batch_size": 256, "eval_batch_size": 4096, "pretrain_fraction": 0.2},
-        "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.005},
-        "pretrain_epochs": 8,
-        "finetune_epochs": 3,
-        "full_epochs": 3,
-    },
+    "adult": bench_lightfmp.DATASETS["adult"],
+    "movielens": bench_lightfmp.DATASETS["movielens"],
     "synthetic": {
-        "data": {
-            "format": "synthetic",
-            "synthetic_rows": 50_000,
-            "synthetic_num_informative": 6,
-            "batch_size": 512,
-            "eval_batch_size": 8192,
-            "pretrain_fraction": 0.2,
-        },
-        "model": {"backbone": "mlp", "embedding_dim": 8, "hidden": (128, 64), "lr": 0.01, "l0_weight": 0.02},
-        "pretrain_epochs": 5,
-        "finetune_epochs": 2,
-        "full_epochs": 2,
-    },
-    "movielens": {
-        "data": {
-            "format": "movielens",
-            "split": "chronological",
-            "batch_size": 512,
-            "eval_batch_size": 8192,
-            "pretrain_fraction": 0.2,
-        },
-        "model": {"backbone": "dcnv2", "embedding_dim": 16, "hidden": (256, 128), "lr": 0.01, "l0_weight": 0.01},
-        "pretrain_epochs": 6,
-        "finetune_epochs": 2,
-        "full_epochs": 2,
+        **bench_lightfmp.DATASETS["synthetic"],
+        "data": {**bench_lightfmp.DATASETS["synthetic"]["data"], "synthetic_rows": 50_000},
     },
     # configs/criteo.yaml: sequential 8:1:1 split, rare ids (< 10) to the OOV row, 2 epochs stage 1, 1 stage 3
     "criteo": {

@@ -258,8 +258,9 @@ class GrainMixin(_MixinBase):
             return engine.blockwise_backward(losses, assignment, policy=self.grain_policy)
         if self._grain_self_check.given != cfg.self_check:
             self._grain_self_check = SelfCheckSchedule(cfg.self_check)
-        signature = engine.call_signature()
-        check = self._grain_self_check.due(self.grain_policy.steps, signature)
+        schedule = self._grain_self_check
+        signature = engine.call_signature() if schedule.when == "first" else None  # only "first" reads it
+        check = schedule.due(self.grain_policy.steps, signature)
         strategy = self._grain_strategy()
         if cfg.accumulate_grad_batches > 1 or (strategy is not None and strategy.needs_group_gradients):
             # groups of other micro-batches (or of other ranks) need these gradients

@@ -44,10 +44,11 @@ by module type through :mod:`grain_lightning.ghost.registry` (register your own 
 Checked at every step, before the backward (a failed check is never computed silently):
 
 * every recorded call carries the ``n`` samples of the losses in its batch dimension, in its input and its
-  output. A call with a batch of one (position ids ``(1, S)`` broadcast over the batch afterwards, as BERT
-  and GPT-2 do) is expanded to the forward's batch size when it is recorded, which is exact: every sample
-  used the same input, and each sample's output gradient then arrives separately. The batch size is the
-  one given to :meth:`GhostEngine.capture`, else the batch dim of the first recorded call;
+  output. An embedding called with ids of batch one (position ids ``(1, S)`` broadcast over the batch
+  afterwards, as BERT and GPT-2 do) is expanded to the forward's batch size when it is recorded, which is
+  exact: every sample used the same ids, and each sample's output gradient then arrives separately. Any
+  other call with a batch of one is refused (its output may be indexed or reduced, not broadcast). The
+  batch size is the one given to :meth:`GhostEngine.capture`, else the batch dim of the first recorded call;
 * a recorded input was not modified in place after the call;
 * ``BatchNorm`` in training mode (samples coupled: every parameter goes to the reference engine);
 * by walking the autograd graph, that each parameter reaches the losses only through its own module's
@@ -182,7 +183,8 @@ class GhostEngine:
 
     Every layer must see the batch in dim 0 of its input and output (dim 1 for the layers of a
     ``TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=False``; ``MultiheadAttention`` follows
-    its ``batch_first``), or a batch of one that is broadcast afterwards (expanded when recorded); this is
+    its ``batch_first``), or for an embedding, ids of batch one broadcast afterwards (expanded when recorded);
+    this is
     checked at every step. Parameters must be used only by their modules' forwards (checked on the graph).
     """
 
@@ -319,7 +321,7 @@ class GhostEngine:
 
         Args:
             batch_size: the number of samples of the forward (default: the batch dim of the first recorded
-                call). Calls with a batch of one are expanded to it (broadcast inputs such as position ids),
+                call). Embedding calls with ids of batch one are expanded to it (position ids),
                 and the losses must have this length.
         """
         if batch_size is not None and (
@@ -328,16 +330,17 @@ class GhostEngine:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         return Capture(self, batch_size)
 
+    def observe_batch(self, x: torch.Tensor, batch_dim: int) -> None:
+        """Learn the forward's batch size from the first call with more than one row (unless given)."""
+        if self._batch_size is None and x.ndim > batch_dim and x.shape[batch_dim] > 1:
+            self._batch_size = int(x.shape[batch_dim])
+
     def broadcast(self, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expand a call with a batch of one to the forward's batch size (see :class:`RuleHost`)."""
-        if x.ndim <= batch_dim or output.ndim <= batch_dim:
-            return x, output
-        if self._batch_size is None:
-            if x.shape[batch_dim] > 1:
-                self._batch_size = int(x.shape[batch_dim])
-            return x, output
         n = self._batch_size
-        if n > 1 and x.shape[batch_dim] == 1 and output.shape[batch_dim] == 1:
+        if n is None or n == 1 or x.ndim <= batch_dim or output.ndim <= batch_dim:
+            return x, output
+        if x.shape[batch_dim] == 1 and output.shape[batch_dim] == 1:
             grow = lambda t: t.expand(*t.shape[:batch_dim], n, *t.shape[batch_dim + 1 :])  # noqa: E731
             return grow(x), grow(output)
         return x, output

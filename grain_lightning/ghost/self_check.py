@@ -74,21 +74,14 @@ def compare(
     report = SelfCheckReport(checked=len(names), worst=0.0)
     for name, a, d, q, dtype, na in zip(names, autograd, engine, quadratic, dtypes, norms):
         rtol = tolerance(dtype)
-        scale = na + FLOOR * total
-        if scale == 0.0:
-            scale = 1e-30
+        scale = max(na + FLOOR * total, 1e-30)
         if d is not None:
-            if a is None:
-                a_dense = torch.zeros_like(d, dtype=torch.float64)
-            else:
-                a_dense = a.double()
+            a_dense = torch.zeros_like(d, dtype=torch.float64) if a is None else a.double()
             err = float((d.double() - a_dense).norm()) / scale
             report.worst = max(report.worst, err)
             if not err <= rtol:
                 report.mismatched[name] = f"combined gradient relative error {err:.2e} > {rtol:.0e}"
                 continue
-        elif a is not None and q is None:
-            continue
         if q is not None:
             err = abs(q - na * na) / (scale * scale)
             report.worst = max(report.worst, err / 2)

@@ -71,10 +71,14 @@ class RuleHost(Protocol):
         """A tap's backward delivers a call's output gradient."""
         ...
 
+    def observe_batch(self, x: torch.Tensor, batch_dim: int) -> None:
+        """Learn the forward's batch size ``n`` from a call's input (the first one with more than one row)."""
+        ...
+
     def broadcast(self, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A call whose input and output have a batch of 1 while the forward's batch is ``n > 1`` (position ids
         ``(1, S)`` broadcast over the batch afterwards): both expanded to ``n``, so that each sample's output
-        gradient arrives separately. Other calls are returned unchanged (and teach the engine ``n``)."""
+        gradient arrives separately. Other calls are returned unchanged."""
         ...
 
 
@@ -137,10 +141,9 @@ class GhostRule(ABC):
         if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
             return None
         x = args[0]
+        self.engine.observe_batch(x, self.batch_dim)
         if self.expands_broadcast(x):
             x, output = self.engine.broadcast(x, output, self.batch_dim)
-        else:
-            self.engine.broadcast(x, x, self.batch_dim)  # only learns the batch size
         return self.record(x, output)
 
     def expands_broadcast(self, x: torch.Tensor) -> bool:

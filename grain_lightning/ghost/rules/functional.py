@@ -58,7 +58,6 @@ class FunctionalRule(GhostRule):
         super().__init__(*args, **kwargs)
         self._probe: dict[bool, str] = {}  # per training flag: why the module failed its probe ("" if it passed)
         self.couples = False  # the probe found that it couples samples (then no module below it is exact)
-        self._autocast: Optional[tuple[str, torch.dtype]] = None  # autocast of the call being recorded
 
     def attach(self) -> list[Any]:
         return [self.module.register_forward_hook(self._hook_kwargs, with_kwargs=True)]
@@ -70,30 +69,18 @@ class FunctionalRule(GhostRule):
         first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
         if first is None:
             return None
-        bd = self.batch_dim
-        x, out = self.engine.broadcast(first, output, bd)
-        if x is not first:  # expanded: every tensor argument with a batch of one is expanded with it
-            n = x.shape[bd]
-            args, kwargs = tree_unflatten(
-                [
-                    t.expand(*t.shape[:bd], n, *t.shape[bd + 1 :])
-                    if isinstance(t, torch.Tensor) and t.ndim > bd and t.shape[bd] == 1
-                    else t
-                    for t in leaves
-                ],
-                tree_flatten((args, kwargs))[1],
-            )
+        self.engine.observe_batch(first, self.batch_dim)  # a batch of one is refused, not expanded: see base
         device = first.device.type
-        self._autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-        tapped = self.record(x, out)
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        tapped = self.record(first, output)
         call = self.calls[-1]
         call.inputs = tuple(_detach(v) for v in args), {k: _detach(v) for k, v in kwargs.items()}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         # every input is kept by reference: none may change in place before the backward
         call.info = _Call(
             [(t.detach(), t._version) for t in tensors],
             output.detach() if module.training not in self._probe else None,  # what the probe must reproduce
-            self._autocast,
+            autocast,
             module.training,
         )
         call.input_fns = [t.grad_fn for t in tensors if t.grad_fn is not None]

@@ -71,3 +71,31 @@ def test_self_check_passes_under_bf16_autocast(kind):
         losses = per_sample_losses(kind, model, b)()
     engine.backward(losses, Chunks(3).assign(6), self_check=True)
     assert engine.last_self_check.ok and engine.refused_last_step == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "transformers.models.t5.modeling_t5.T5LayerNorm",
+        "transformers.models.llama.modeling_llama.LlamaRMSNorm",
+        "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
+        "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
+    ],
+)
+def test_rmsnorm_like_modules_get_the_exact_generic_rule(path):
+    import importlib
+
+    from torch import nn
+
+    from grain_lightning.ghost.rules import FunctionalRule
+
+    module, name = path.rsplit(".", 1)
+    torch.manual_seed(0)
+    norm = getattr(importlib.import_module(module), name)(8)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    model = nn.Sequential(nn.Linear(5, 8), norm, nn.Linear(8, 3)).double()
+    x, y = torch.randn(6, 4, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    engine = GhostEngine(model, unsupported="raise")
+    assert any(isinstance(r, FunctionalRule) and r.module is norm for r in engine.rules)
+    loss = lambda: torch.nn.functional.cross_entropy(model(x).mean(1), y, reduction="none")  # noqa: E731
+    compare(model, loss, Chunks(3).assign(6), 1e-6, engine=engine)
