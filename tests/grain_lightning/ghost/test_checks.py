@@ -448,3 +448,19 @@ def test_failed_forward_inside_capture_lets_go_of_the_records():
         model(torch.randn(N, D))
         raise RuntimeError("boom")
     assert not engine.captured and all(not r.calls for r in engine.rules)
+
+
+def test_batch_of_one_call_of_a_generic_rule_module_is_refused():
+    """The generic rule, too, refuses a batch-of-one call (only embedding ids are expanded)."""
+    model = nn.Sequential(nn.Linear(D, D), Doubler(), nn.Linear(D, 3))
+
+    def forward(x):
+        h = model[0](x)
+        return model[2](h + model[1](h[:1]))  # the generic module sees one sample, its output is broadcast
+
+    engine = GhostEngine(model, unsupported="raise")
+    assert isinstance(engine.rules[1], FunctionalRule)
+    with engine.capture():
+        losses = ce(forward(torch.randn(N, D)), labels())
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(Doubler\).*size 1/1, not the 4 samples"):
+        engine.backward(losses, PerSample().assign(N))
