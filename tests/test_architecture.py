@@ -19,7 +19,8 @@ GRAIN_LAYERS = [
     {"functional", "ghost"},
     {"protocol"},
     {"mixin", "distributed"},
-    {"demo", "engine", "ddp", "cross_rank", "__init__"},
+    {"demo", "text", "sweep"},
+    {"cli", "engine", "ddp", "cross_rank", "__init__"},
 ]
 
 

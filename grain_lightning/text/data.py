@@ -1,0 +1,347 @@
+r"""``TextDataModule``: a text column and a label column of CSV/Parquet files, tokenized once, served as batches.
+
+Splits. One file (``path``) is split at random into test, validation and train (``test_fraction``,
+``val_fraction``, seeded by ``split_seed``); or ``train_path`` with optional ``val_path`` / ``test_path``
+(validation carved from train by ``val_fraction`` when absent). ``val_size`` / ``test_size`` cap those splits
+(seeded by ``split_seed``, so they are the same for every run). ``train_size`` draws a random subset of the
+training split seeded by ``subset_seed`` (default: the run's seed, ``seed_everything``): in a seed sweep the
+seed changes the subset, the data order and the new head's initialisation together.
+
+Labels. Classification: the distinct values of ``label_column`` over every file, sorted, become class ids
+``0 .. C-1`` (``num_labels = C``; a single class is refused). Regression: floats, standardised with the
+training subset's mean and std (``target_mean`` / ``target_std``; the model reports RMSE in the original unit).
+
+Tokens. The tokenizer of the model directory (``tokenizer``; ``"minilm"`` for the packaged all-MiniLM-L6-v2)
+encodes each file's text column once, truncated to ``max_length``; the ids are cached on disk
+(``<cache>/tokens/<key>.npz``, the key hashing the file's path, size and mtime, the column, the tokenizer
+files and ``max_length``) and reused by later runs. A batch is padded to its longest sequence:
+``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from grain_lightning.text.pretrained import cache_dir, resolve_pretrained
+
+__all__ = ["TASKS", "TextDataModule", "read_table"]
+
+TASKS = ("classification", "regression")
+_TOKEN_CACHE_VERSION = 1
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """Read a CSV (optionally compressed) or Parquet file; errors name the file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        if file.suffix == ".parquet" or file.name.endswith(".parquet.gz"):
+            return pd.read_parquet(file)
+        return pd.read_csv(file)
+    except Exception as err:  # pandas/pyarrow errors do not always name the file
+        raise ValueError(f"cannot read data file {str(path)!r}: {err}") from err
+
+
+@dataclass
+class _Table:
+    """One file's token ids and labels (rows with missing text removed)."""
+
+    ids: np.ndarray  # (N, max_length) int32, zero-padded
+    lengths: np.ndarray  # (N,) int32
+    labels: np.ndarray  # (N,) raw label values
+
+
+class _Rows(Dataset):
+    def __init__(self, table: _Table, rows: np.ndarray, targets: Optional[np.ndarray]) -> None:
+        self.table, self.rows, self.targets = table, rows, targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, Any]:
+        r = self.rows[i]
+        target = self.targets[i] if self.targets is not None else 0
+        return self.table.ids[r], int(self.table.lengths[r]), target
+
+
+def _collate(items: list[tuple[np.ndarray, int, Any]]) -> dict[str, torch.Tensor]:
+    width = max(1, max(length for _, length, _ in items))
+    ids = torch.from_numpy(np.stack([row[:width] for row, _, _ in items]).astype(np.int64))
+    lengths = torch.tensor([length for _, length, _ in items])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    targets = np.asarray([t for _, _, t in items])
+    labels = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text classification or regression data from CSV/Parquet files (see the module docstring).
+
+    Args:
+        path: one file, split into train/validation/test. Or give ``train_path`` (and optionally
+            ``val_path``, ``test_path``).
+        text_column, label_column: column names.
+        task: ``"classification"`` or ``"regression"``.
+        tokenizer: a local model directory with tokenizer files, or ``"minilm"`` (linked to
+            ``--model.pretrained`` by the ``grain`` command).
+        max_length: tokens kept per text (truncation).
+        train_size: draw this many training rows (``None``: all), seeded by ``subset_seed``.
+        val_size, test_size: cap the validation / test splits (fixed by ``split_seed``).
+        val_fraction, test_fraction: split fractions when a split has no file of its own.
+        split_seed: seed of the train/validation/test split.
+        subset_seed: seed of the ``train_size`` subset (``None``: the run's ``seed_everything`` seed).
+        batch_size, eval_batch_size, num_workers: loaders.
+        predict_path: file served by ``predict_dataloader`` (default: the test split).
+        drop_missing_text: drop rows whose text is missing, with a warning giving the count (else an error).
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        train_path: Optional[str] = None,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        task: Literal["classification", "regression"] = "classification",
+        tokenizer: str = "minilm",
+        max_length: int = 128,
+        train_size: Optional[int] = None,
+        val_size: Optional[int] = None,
+        test_size: Optional[int] = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        subset_seed: Optional[int] = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        predict_path: Optional[str] = None,
+        drop_missing_text: bool = True,
+    ) -> None:
+        super().__init__()
+        if (path is None) == (train_path is None):
+            raise ValueError(
+                f"give either path (one file, split at random) or train_path (with optional val_path/test_path); "
+                f"got path={path!r}, train_path={train_path!r}"
+            )
+        if path is not None and (val_path or test_path):
+            raise ValueError("val_path/test_path go with train_path, not with path")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        for name, value in (
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
+        if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+            raise ValueError(
+                "val_fraction and test_fraction must be in [0, 1) with a sum below 1, "
+                f"got {val_fraction}, {test_fraction}"
+            )
+        self.save_hyperparameters()
+        self.text_column, self.label_column, self.task = text_column, label_column, task
+        self.tokenizer_spec, self.max_length = tokenizer, max_length
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.drop_missing_text = drop_missing_text
+        files = {"train": train_path or path, "val": val_path, "test": test_path, "predict": predict_path}
+        self._files = {k: str(v) for k, v in files.items() if v is not None}
+        self._frames = {k: self._read(k, f) for k, f in self._files.items()}
+        self.label_values: list[Any] = self._label_values()
+        self._rows = self._split(train_size, val_size, test_size, val_fraction, test_fraction, split_seed, subset_seed)
+        self.target_mean, self.target_std = self._target_stats()
+        self._tables: dict[str, _Table] = {}
+
+    # ------------------------------------------------------------------ reading and splitting
+    def _read(self, split: str, file: str) -> pd.DataFrame:
+        frame = read_table(file)
+        need = [self.text_column] + ([self.label_column] if split != "predict" else [])
+        missing = [c for c in need if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{file}: no column {missing[0]!r}; its columns are {list(frame.columns)}")
+        if split != "predict" and frame[self.label_column].isna().any():
+            bad = int(frame[self.label_column].isna().sum())
+            raise ValueError(f"{file}: label column {self.label_column!r} has {bad} missing values")
+        no_text = frame[self.text_column].isna() | (frame[self.text_column].astype(str).str.strip() == "")
+        if no_text.any():
+            if not self.drop_missing_text or split == "predict":
+                raise ValueError(f"{file}: text column {self.text_column!r} is missing in {int(no_text.sum())} rows")
+            warnings.warn(
+                f"{file}: dropped {int(no_text.sum())} of {len(frame)} rows whose {self.text_column!r} is missing",
+                stacklevel=3,
+            )
+            frame = frame.loc[~no_text]
+        if frame.empty:
+            raise ValueError(f"{file}: no rows")
+        return frame.reset_index(drop=True)
+
+    def _label_values(self) -> list[Any]:
+        labelled = [f[self.label_column] for k, f in self._frames.items() if k != "predict"]
+        if self.task == "regression":
+            for col in labelled:
+                if not pd.api.types.is_numeric_dtype(col):
+                    raise ValueError(
+                        f"task='regression' needs a numeric label column {self.label_column!r}, got {col.dtype}"
+                    )
+            return []
+        values = sorted(pd.concat(labelled).unique().tolist())
+        if len(values) < 2:
+            raise ValueError(
+                f"label column {self.label_column!r} has a single value {values}: classification needs two or more"
+            )
+        return values
+
+    def _split(
+        self,
+        train_size: Optional[int],
+        val_size: Optional[int],
+        test_size: Optional[int],
+        val_fraction: float,
+        test_fraction: float,
+        split_seed: int,
+        subset_seed: Optional[int],
+    ) -> dict[str, tuple[str, np.ndarray]]:
+        """``split -> (file key, row positions)``."""
+        rng = np.random.default_rng(split_seed)
+        train = rng.permutation(len(self._frames["train"]))
+        rows: dict[str, tuple[str, np.ndarray]] = {}
+        for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+            if split in self._frames:
+                rows[split] = (split, rng.permutation(len(self._frames[split])))
+            elif split == "val" or self.hparams["path"] is not None:  # test is carved only from a single file
+                cut = round(fraction * len(self._frames["train"]))
+                if cut:
+                    rows[split], train = ("train", train[:cut]), train[cut:]
+        for split, cap in (("val", val_size), ("test", test_size)):
+            if split in rows and cap is not None:
+                rows[split] = (rows[split][0], rows[split][1][:cap])
+        if "val" not in rows:
+            raise ValueError(f"no validation rows: give val_path or val_fraction > 0 (got {val_fraction})")
+        if train_size is not None:
+            if train_size > len(train):
+                raise ValueError(f"train_size={train_size} but the training split has only {len(train)} rows")
+            seed = subset_seed if subset_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            train = np.random.default_rng(seed).choice(train, size=train_size, replace=False)
+        rows["train"] = ("train", np.sort(train))
+        if "predict" in self._frames:
+            rows["predict"] = ("predict", np.arange(len(self._frames["predict"])))
+        return rows
+
+    def _target_stats(self) -> tuple[float, float]:
+        if self.task != "regression":
+            return 0.0, 1.0
+        key, rows = self._rows["train"]
+        y = self._frames[key][self.label_column].to_numpy(dtype=np.float64)[rows]
+        std = float(y.std()) if len(y) > 1 else 0.0
+        return float(y.mean()), std if std > 0 else 1.0
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of a classification task; 1 for regression (the model's output width)."""
+        return len(self.label_values) if self.task == "classification" else 1
+
+    def split_sizes(self) -> dict[str, int]:
+        """Rows in each split."""
+        return {split: len(rows) for split, (_, rows) in self._rows.items()}
+
+    # ------------------------------------------------------------------ tokens
+    def _token_key(self, file: str, tokenizer_dir: Path) -> str:
+        h = hashlib.sha256()
+        stat = Path(file).stat()
+        h.update(f"{_TOKEN_CACHE_VERSION}|{Path(file).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        h.update(f"{self.text_column}|{self.max_length}|{self.drop_missing_text}|".encode())
+        for name in sorted(p.name for p in tokenizer_dir.glob("*token*")):
+            h.update(name.encode() + (tokenizer_dir / name).read_bytes())
+        return h.hexdigest()[:24]
+
+    def _tokenize(self, key: str) -> _Table:
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = resolve_pretrained(self.tokenizer_spec)
+        frame, file = self._frames[key], self._files[key]
+        cache = cache_dir() / "tokens" / f"{self._token_key(file, tokenizer_dir)}.npz"
+        labels = frame[self.label_column].to_numpy() if key != "predict" else np.zeros(len(frame))
+        if cache.is_file():
+            with np.load(cache) as stored:
+                if len(stored["lengths"]) == len(frame):
+                    return _Table(stored["ids"], stored["lengths"], labels)
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        enc = tok(frame[self.text_column].astype(str).tolist(), truncation=True, max_length=self.max_length)
+        lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
+        ids = np.full((len(frame), self.max_length), tok.pad_token_id or 0, dtype=np.int32)
+        for i, row in enumerate(enc["input_ids"]):
+            ids[i, : len(row)] = row
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
+        os.close(fd)
+        with open(tmp, "wb") as out:
+            np.savez(out, ids=ids, lengths=lengths)
+        os.replace(tmp, cache)
+        return _Table(ids, lengths, labels)
+
+    def _dataset(self, split: str) -> _Rows:
+        if split not in self._rows:
+            raise ValueError(f"no {split} split: give {split}_path (or path with a {split}_fraction > 0)")
+        key, rows = self._rows[split]
+        if key not in self._tables:
+            self._tables[key] = self._tokenize(key)
+        table = self._tables[key]
+        if split == "predict":
+            return _Rows(table, rows, None)
+        raw = table.labels[rows]
+        if self.task == "classification":
+            index = {v: i for i, v in enumerate(self.label_values)}
+            targets = np.asarray([index[v] for v in raw], dtype=np.int64)
+        else:
+            targets = ((raw.astype(np.float64) - self.target_mean) / self.target_std).astype(np.float32)
+        return _Rows(table, rows, targets)
+
+    # ------------------------------------------------------------------ Lightning
+    @override
+    def setup(self, stage: str) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
+        for split in splits:
+            if split == "predict" and "predict" not in self._rows:
+                split = "test"
+            self._dataset(split)  # tokenizes (or reads the cache) once
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        size = self.batch_size if split == "train" else self.eval_batch_size
+        return DataLoader(
+            self._dataset(split), batch_size=size, shuffle=shuffle, collate_fn=_collate, num_workers=self.num_workers
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self._rows else "test", shuffle=False)

@@ -1,0 +1,88 @@
+"""One run's result, as ``grain sweep`` reads it: final validation and test metrics, curve, time, steps.
+
+``result.json`` (written atomically, so a killed run never leaves a file that looks finished)::
+
+    {"seed": 3, "lr": 1e-05, "monitor": "val_acc", "mode": "max", "test_metric": "test_acc",
+     "val": {"val_acc": 0.81, "val_loss": 0.45}, "test": {"test_acc": 0.79, "test_loss": 0.47},
+     "wall_s": 12.3, "steps": 40, "curve": [{"step": 10, "epoch": 0, "val_acc": 0.7, "val_loss": 0.6}]}
+
+Validation and test use the weights at the end of training (no checkpoint selection), so the validation
+metric that chooses a learning rate and the test metric describe the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+__all__ = ["ValidationCurve", "run_result", "write_json"]
+
+
+class ValidationCurve(Callback):
+    """Records the ``val_*`` metrics after every validation run of a fit (sanity check excluded)."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, float]] = []
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        if metrics:
+            self.points.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **metrics})
+
+
+def _metrics(results: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, float]:
+    return {k: float(v) for d in results for k, v in d.items() if k.startswith(prefix)}
+
+
+def run_result(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    monitor: str,
+    mode: str,
+    wall_s: float,
+    curve: list[dict[str, float]],
+    seed: Optional[int],
+    lr: float,
+) -> dict[str, Any]:
+    """Validate and test the final weights; the ``result.json`` dict."""
+    val = _metrics(trainer.validate(model, datamodule=datamodule, verbose=False), "val_")
+    test = _metrics(trainer.test(model, datamodule=datamodule, verbose=False), "test_")
+    return {
+        "seed": seed,
+        "lr": lr,
+        "monitor": monitor,
+        "mode": mode,
+        "test_metric": "test_" + monitor.removeprefix("val_"),
+        "val": val,
+        "test": test,
+        "wall_s": round(wall_s, 3),
+        "steps": int(trainer.global_step),
+        "curve": curve,
+    }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (all or nothing)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,187 @@
+"""The ``grain`` command's pieces: the data module, the model (GRAIN exact on it), the CLI, result.json."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from grain_lightning.cli import main as grain_main
+from grain_lightning.text import TextDataModule, TextModel, minilm_path, resolve_pretrained
+from tests.grain_lightning.text.fixtures import reviews_csv, tiny_bert_dir
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture
+def setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAIN_CACHE", str(tmp_path / "cache"))
+    return tiny_bert_dir(tmp_path), reviews_csv(tmp_path)
+
+
+def _data(model_dir, csv, **kw) -> TextDataModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TextDataModule(path=str(csv), tokenizer=str(model_dir), **kw)
+
+
+# ---------------------------------------------------------------------- data
+def test_splits_missing_text_and_seeded_subset(setting):
+    model_dir, csv = setting
+    with pytest.warns(UserWarning, match="dropped 2 of 96 rows"):
+        dm = TextDataModule(path=str(csv), tokenizer=str(model_dir), train_size=20, subset_seed=1)
+    sizes = dm.split_sizes()
+    assert sizes == {"test": round(0.2 * 94), "val": round(0.1 * 94), "train": 20}
+    other = _data(model_dir, csv, train_size=20, subset_seed=2)
+    same = _data(model_dir, csv, train_size=20, subset_seed=1)
+    assert not np.array_equal(dm._rows["train"][1], other._rows["train"][1])  # the seed changes the subset...
+    assert np.array_equal(dm._rows["train"][1], same._rows["train"][1])
+    for split in ("val", "test"):  # ...never validation or test
+        assert np.array_equal(dm._rows[split][1], other._rows[split][1])
+    assert not set(dm._rows["train"][1]) & (set(dm._rows["val"][1]) | set(dm._rows["test"][1]))
+    assert dm.num_labels == 2 and dm.label_values == [0, 1]
+
+
+def test_batches_are_padded_to_the_longest_text(setting):
+    model_dir, csv = setting
+    dm = _data(model_dir, csv)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape[1] == int(lengths.max()) and batch["labels"].dtype == torch.int64
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+
+
+def test_tokens_are_cached_on_disk_and_reused(setting, monkeypatch, tmp_path):
+    model_dir, csv = setting
+    _data(model_dir, csv).setup("fit")
+    cached = list((tmp_path / "cache" / "tokens").glob("*.npz"))
+    assert len(cached) == 1
+    import transformers
+
+    def no_tokenizer(*a, **k):
+        raise AssertionError("tokenized again although the cache holds this file")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    dm = _data(model_dir, csv)
+    dm.setup("fit")
+    assert len(next(iter(dm.train_dataloader()))["input_ids"]) == 16
+    with pytest.raises(AssertionError, match="tokenized again"):  # other max_length: another key
+        _data(model_dir, csv, max_length=8).setup("fit")
+
+
+def test_separate_files_and_regression_targets(setting, tmp_path):
+    model_dir, csv = setting
+    test_csv = reviews_csv(tmp_path, n=40, seed=5, name="test.csv")
+    dm = TextDataModule(
+        train_path=str(csv), test_path=str(test_csv), tokenizer=str(model_dir), task="regression",
+        label_column="rating", drop_missing_text=True,
+    )  # fmt: skip
+    assert dm.split_sizes()["test"] == 38 and dm.num_labels == 1
+    key, rows = dm._rows["train"]
+    y = dm._frames[key]["rating"].to_numpy()[rows]
+    assert dm.target_mean == pytest.approx(y.mean()) and dm.target_std == pytest.approx(y.std())
+    dm.setup("fit")
+    labels = torch.cat([b["labels"] for b in dm.train_dataloader()])
+    assert labels.dtype == torch.float32 and abs(float(labels.mean())) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"label_column": "nope"}, "no column 'nope'; its columns are"),
+        ({"text_column": "nope"}, "no column 'nope'"),
+        ({"train_size": 1000}, "train_size=1000 but the training split has only"),
+        ({"task": "regression", "label_column": "size"}, "numeric label column 'size'"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "sum below 1"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_data_options_name_the_value(setting, kwargs, message):
+    model_dir, csv = setting
+    with pytest.raises(ValueError, match=message):
+        _data(model_dir, csv, **kwargs)
+
+
+def test_single_class_and_missing_file_are_refused(setting, tmp_path):
+    model_dir, csv = setting
+    frame = pd.read_csv(csv).dropna()
+    frame["label"] = 1
+    one = tmp_path / "one.csv"
+    frame.to_csv(one, index=False)
+    with pytest.raises(ValueError, match=r"label column 'label' has a single value \[1\]"):
+        _data(model_dir, one)
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        _data(model_dir, tmp_path / "missing.csv")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        resolve_pretrained(str(tmp_path / "no-model"))
+
+
+# ---------------------------------------------------------------------- model under GRAIN
+@pytest.mark.parametrize("lora_r", [None, 4])
+def test_grain_on_text_model_is_exact_and_uses_the_one_backward_engine(setting, lora_r):
+    import lightning as L
+
+    from grain_lightning import GrainConfig
+
+    model_dir, csv = setting
+    dm = _data(model_dir, csv, train_size=32, batch_size=8)
+    torch.manual_seed(0)
+    model = TextModel(str(model_dir), num_labels=2, lr=1e-3, lora_r=lora_r, grain=GrainConfig(self_check=1))
+    assert any(m.training for m in model.model.modules())  # dropout on, as in Hugging Face training
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.grain_engine is not None  # every trainable parameter on the one-backward engine
+    assert model.grain_self_check_passed == 4  # compared with autograd on every step, within tolerance
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if lora_r:
+        assert all("lora_" in n or "classifier" in n for n in trainable) and any("classifier" in n for n in trainable)
+
+
+# ---------------------------------------------------------------------- the command
+def test_grain_fit_writes_result_json_and_tensorboard_logs(setting, tmp_path):
+    model_dir, csv = setting
+    out = tmp_path / "run"
+    grain_main([
+        "fit", "--model.pretrained", str(model_dir), "--data.path", str(csv), "--data.train_size", "32",
+        "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(out), "--result_json", str(out / "result.json"),
+        "--seed_everything", "7", "--model.grain.grouping", "sample", *QUIET,
+    ])  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert result["seed"] == 7 and result["monitor"] == "val_acc" and result["mode"] == "max"
+    assert result["steps"] == 4 and len(result["curve"]) == 2 and result["curve"][-1]["step"] == 4
+    assert set(result["val"]) == {"val_acc", "val_loss"} and set(result["test"]) == {"test_acc", "test_loss"}
+    assert result["curve"][-1]["val_acc"] == pytest.approx(result["val"]["val_acc"])
+    assert list(out.glob("lightning_logs/version_0/events.out.tfevents.*"))  # TensorBoard is the default logger
+
+
+def test_grain_predict_returns_class_ids(setting, tmp_path):
+    model_dir, csv = setting
+    from lightning.pytorch.cli import LightningCLI  # noqa: F401  (the CLI class is what main builds)
+
+    from grain_lightning.cli import GrainCLI
+
+    cli = GrainCLI(
+        TextModel, TextDataModule, run=False,
+        args=["--model.pretrained", str(model_dir), "--data.path", str(csv), "--trainer.logger", "false", *QUIET],
+    )  # fmt: skip
+    preds = torch.cat(cli.trainer.predict(cli.model, datamodule=cli.datamodule))
+    assert preds.dtype == torch.int64 and len(preds) == cli.datamodule.split_sizes()["test"]
+    assert set(preds.tolist()) <= {0, 1}
+
+
+# ---------------------------------------------------------------------- the packaged MiniLM
+def test_minilm_is_extracted_once_into_the_cache(tmp_path):
+    pytest.importorskip("all_minilm_l6_v2")
+    path = minilm_path(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["hidden_size"] == 384 and config["num_hidden_layers"] == 6
+    assert (path / "model.safetensors").stat().st_size > 80e6 and (path / "tokenizer.json").is_file()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert minilm_path(tmp_path) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".minilm-")]  # no scratch left behind
