@@ -1,7 +1,7 @@
 r"""Options of GRAIN: the step-policy options shared by every entry point, and :class:`GrainConfig`.
 
 :class:`PolicyOptions` holds what :class:`~grain_lightning.policy.StepPolicy` decides with (solver
-tolerance, warm start, collapse and non-finite handling, logging frequency). ``GrainConfig`` (the mixin)
+tolerance, warm start, collapse and non-finite handling, step length, logging frequency). ``GrainConfig`` (the mixin)
 and ``GrainDDPStrategy`` accept these options under the same names, with the same allowed values, and
 validate them with :func:`check_policy_options`, so a bad value gets the same message from both.
 """
@@ -27,6 +27,7 @@ __all__ = [
 POLICY_CHOICES: dict[str, tuple[str, ...]] = {
     "on_collapse": ("mean", "skip", "mix"),
     "on_nonfinite": ("raise", "skip"),
+    "step_norm": ("grain", "mean"),
 }
 
 #: allowed values of the mixin's own options
@@ -86,7 +87,12 @@ class PolicyOptions:
         collapse_mix: mixing coefficient for ``on_collapse="mix"``, in ``[0, 1]``.
         on_nonfinite: non-finite losses or gradients: ``"raise"`` (``FloatingPointError``) or ``"skip"``
             the step with a ``RuntimeWarning``; they never reach the weights.
-        log_every_n_steps: log the diagnostics every this many steps (0: never).
+        step_norm: the length of the step: ``"grain"`` (``d = sum_k w_k g_k`` as solved) or ``"mean"`` (``d``
+            rescaled to the norm of the plain mean gradient, ``d' = d ||m|| / ||d||``; the direction is GRAIN's,
+            the length plain training's), to tell the effect of the direction from that of a shorter step.
+            Computed from the Gram; see :meth:`~grain_lightning.policy.StepPolicy.decide`.
+        log_every_n_steps: log the diagnostics every this many applied steps (0: never), whatever the
+            Trainer's ``log_every_n_steps``.
     """
 
     solver_tol: float = 1e-12
@@ -95,6 +101,7 @@ class PolicyOptions:
     on_collapse: str = "mean"
     collapse_mix: float = 0.5
     on_nonfinite: str = "raise"
+    step_norm: str = "grain"
     log_every_n_steps: int = 1
 
     def __post_init__(self) -> None:
@@ -118,20 +125,23 @@ class GrainConfig:
     """Options of :class:`~grain_lightning.GrainMixin`.
 
     Args:
-        grouping: how a batch splits into groups: ``"sample"`` (one per sample), an int ``k`` (``k``
-            contiguous chunks), ``"key:NAME"`` or a :class:`~grain_lightning.groups.Grouping` such as
-            ``ByKey("label")``.
+        grouping: how a batch splits into groups: ``"sample"`` (one per sample), an int ``k`` or a string of
+            digits (``"4"``, as the command line gives it: ``k`` contiguous chunks), ``"key:NAME"`` or a
+            :class:`~grain_lightning.groups.Grouping` such as ``ByKey("label")``.
         aggregation: ``"grain"`` (min-norm combination) or ``"mean"`` (plain training, for comparison).
         accumulate_grad_batches: micro-batches per optimizer step (``N``). Use this, not the Trainer's
-            argument (Lightning rejects it under manual optimization).
+            argument (the mixin refuses ``Trainer(accumulate_grad_batches=N)``, naming this option).
         accumulation_groups: with ``N > 1``: ``"all"``, every group of every micro-batch is a group (exact;
             stores ``sum_i k_i`` gradients), or ``"micro_batch"``, each micro-batch's mean gradient is one
             group (stores ``N`` gradients).
-        gradient_clip_val: clip the combined gradient (``None``: no clipping).
+        gradient_clip_val: clip the combined gradient (``None``: no clipping). Use this (and
+            ``gradient_clip_algorithm``), not the Trainer's arguments, which the mixin refuses.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
-        collapse_eps, on_collapse, collapse_mix, on_nonfinite, log_every_n_steps, solver_tol, warm_start:
-            the step-policy options, see :class:`PolicyOptions`. Under ``grain_ddp`` with several ranks, the
-            strategy's ``on_nonfinite`` applies instead, so that every rank takes the same action.
+        collapse_eps, on_collapse, collapse_mix, on_nonfinite, step_norm, log_every_n_steps, solver_tol,
+            warm_start: the step-policy options, see :class:`PolicyOptions`. Under ``grain_ddp`` with several
+            ranks, the strategy's ``on_nonfinite`` applies instead, so that every rank takes the same action.
+            ``step_norm="mean"`` needs ``blockwise=False`` (the one-backward engine's block-wise mode writes
+            each module's min-norm direction as the backward reaches it, without the step policy's decision).
         log_loss_as: name under which the batch's mean loss is logged (``None``: not logged).
         plateau_monitor: the logged metric a ``ReduceLROnPlateau`` scheduler steps on (Lightning ignores the
             scheduler dict's ``monitor`` under manual optimization).
@@ -165,6 +175,7 @@ class GrainConfig:
     on_collapse: str = "mean"
     collapse_mix: float = 0.5
     on_nonfinite: str = "raise"
+    step_norm: str = "grain"
     log_every_n_steps: int = 1
     log_loss_as: Optional[str] = "train_loss"
     plateau_monitor: Optional[str] = None
@@ -193,6 +204,11 @@ class GrainConfig:
             raise ValueError(
                 f"{owner}: blockwise needs engine='auto' or 'ghost' and accumulate_grad_batches=1, got "
                 f"engine={self.engine!r}, accumulate_grad_batches={n_acc}"
+            )
+        if self.blockwise and self.step_norm != "grain":
+            raise ValueError(
+                f"{owner}: step_norm={self.step_norm!r} needs blockwise=False: block-wise mode writes each "
+                "module's min-norm direction during the backward, without the step policy's rescaling"
             )
 
     @property

@@ -15,15 +15,20 @@ Keys (prefix ``grain/``):
     worst_alignment   min_j <d, g_j> / ||g_j||  over groups with g_j != 0 (>= 0 by construction)
     conflict_fraction fraction of groups with <m, g_j> < 0: groups the plain mean would push up
     kkt_gap           (w^T G w - min_j (G w)_j) / trace(G), solver accuracy
+
+:func:`log_diagnostics` records them on GRAIN's own schedule (the caller's ``log_every_n_steps``): in the
+trainer's ``callback_metrics`` and, at once, in every attached logger, whatever the Trainer's
+``log_every_n_steps`` (which would otherwise hold step metrics back, 50 steps by default).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["blockwise_diagnostics", "grain_diagnostics"]
+__all__ = ["blockwise_diagnostics", "grain_diagnostics", "log_diagnostics"]
 
 
 def grain_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor) -> dict[str, float]:
@@ -78,3 +83,25 @@ def blockwise_diagnostics(gram: torch.Tensor, weights: torch.Tensor, mean_weight
         "grain/worst_alignment": float((gw[nz] / norms[nz]).min()) if nz.any() else 0.0,
         "grain/conflict_fraction": float((gpi < 0).double().mean()),
     }
+
+
+def log_diagnostics(module: Any, metrics: dict[str, float]) -> None:
+    """Record ``metrics`` of the current training step now: GRAIN decides when (its ``log_every_n_steps``).
+
+    ``module`` is the LightningModule. The values go into ``trainer.callback_metrics`` (``module.log_dict``
+    with ``logger=False``: Lightning itself never writes them, so no metric is written twice at a step) and
+    straight to every logger in ``module.loggers`` at the step Lightning logs the batch's other step metrics
+    (the fit loop's count of batches that stepped, ``trainer.global_step`` if that is unknown); they are
+    also added to ``trainer.logged_metrics``. Call it at most once per key and training batch.
+    """
+    if not metrics:
+        return
+    module.log_dict(metrics, on_step=True, on_epoch=False, logger=False, batch_size=1)
+    loggers = list(module.loggers)
+    if not loggers:
+        return
+    trainer = module.trainer
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    for logger in loggers:
+        logger.log_metrics(dict(metrics), step=step)
+    trainer.logged_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

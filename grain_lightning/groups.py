@@ -11,6 +11,7 @@ gradient (which would make the min-norm direction zero), it is simply not a grou
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,21 +148,32 @@ class ByKey(Grouping):
         return f"ByKey({self.key!r})"
 
 
-def as_grouping(spec: Union[Grouping, str, int]) -> Grouping:
-    """``"sample"`` -> :class:`PerSample`, an int ``k`` -> :class:`Chunks` ``(k)``, a Grouping as is.
+#: the forms :func:`as_grouping` accepts, for its error message
+_GROUPING_FORMS = (
+    "'sample' (one group per sample), 'key:NAME' (groups by a key of the batch), a positive int k or a "
+    "string of digits such as '4' (k contiguous chunks), or a Grouping"
+)
 
-    ``"key:NAME"`` -> :class:`ByKey` ``("NAME")`` (handy in YAML configs).
+
+def as_grouping(spec: Union[Grouping, str, int]) -> Grouping:
+    """The :class:`Grouping` that ``spec`` names.
+
+    ``"sample"`` -> :class:`PerSample`; an int ``k >= 1`` or a string of digits (``"4"``, as a command line
+    or a YAML string hands it over) -> :class:`Chunks` ``(k)``; ``"key:NAME"`` -> :class:`ByKey` ``("NAME")``
+    (``"key:1"``: position 1 of a tuple batch); a Grouping as is. Anything else: ``ValueError`` naming the
+    value and these forms.
     """
     if isinstance(spec, Grouping):
         return spec
-    if isinstance(spec, bool):
-        raise ValueError(f"grouping must be 'sample', 'key:NAME', an int or a Grouping, got {spec!r}")
-    if isinstance(spec, int):
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
         return Chunks(spec)
     if isinstance(spec, str):
-        if spec in ("sample", "per_sample"):
+        text = spec.strip()
+        if text in ("sample", "per_sample"):
             return PerSample()
-        if spec.startswith("key:") and len(spec) > 4:
-            name = spec[4:]
-            return ByKey(int(name) if name.lstrip("-").isdigit() else name)
-    raise ValueError(f"grouping must be 'sample', 'key:NAME', an int (chunks) or a Grouping, got {spec!r}")
+        if re.fullmatch(r"[0-9]+", text) and int(text) >= 1:
+            return Chunks(int(text))
+        if text.startswith("key:") and len(text) > 4:
+            name = text[4:]
+            return ByKey(int(name) if re.fullmatch(r"-?[0-9]+", name) else name)
+    raise ValueError(f"grouping must be {_GROUPING_FORMS}; got {spec!r}")

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from grain_lightning.config import POLICY_FIELDS, GrainConfig
+from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.ghost import BlockwiseResult, GhostEngine
 from grain_lightning.ghost.engine import check_losses
 from grain_lightning.ghost.self_check import SelfCheckSchedule
@@ -72,8 +75,14 @@ class GrainMixin(_MixinBase):
     The mixin sets ``automatic_optimization = False`` and implements ``training_step``; validation and
     test loops are untouched. To do more in the training step, override it and call
     :meth:`grain_step` with the per-sample losses. If you override ``on_train_epoch_end``,
-    ``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()`` (epoch-interval LR schedulers
-    and the solver's warm start live there).
+    ``on_save_checkpoint``, ``on_load_checkpoint`` or ``configure_callbacks``, call ``super()``
+    (epoch-interval LR schedulers, the solver's warm start and the check of the Trainer's options live there).
+
+    GRAIN replaces two Trainer options: ``Trainer(accumulate_grad_batches=N)`` and
+    ``Trainer(gradient_clip_val=x)`` are refused when the fit starts, naming ``GrainConfig``'s options.
+    The ``grain/*`` diagnostics reach the loggers every ``GrainConfig.log_every_n_steps`` applied steps,
+    whatever the Trainer's ``log_every_n_steps``
+    (:func:`~grain_lightning.diagnostics.log_diagnostics`).
 
     Every decision of a step (solve, warm start, collapse, non-finite values, diagnostics) is made by
     :attr:`grain_policy` (:class:`~grain_lightning.policy.StepPolicy`), which also counts the steps.
@@ -187,7 +196,7 @@ class GrainMixin(_MixinBase):
                 opt.zero_grad()
         if not torch.isfinite(losses.detach()).all():
             bad = int(torch.nonzero(~torch.isfinite(losses.detach()))[0, 0])
-            self._grain_nonfinite(f"per-sample loss {bad} is {float(losses[bad])}")
+            self._grain_nonfinite(f"per-sample loss {bad} is {float(losses.detach()[bad])}")
             cycle.invalid = True
         elif cfg.aggregation == "mean":
             self.manual_backward(losses.mean() / n_acc)  # a GRAIN strategy does not synchronise a GrainModule
@@ -270,7 +279,7 @@ class GrainMixin(_MixinBase):
         if check and engine.last_self_check is not None:
             self._grain_self_check.checked(signature)  # a mismatch raised, or moved parameters to the reference
             if cfg.log_every_n_steps:
-                self.log("grain/self_check_error", engine.last_self_check.worst, on_step=True, on_epoch=False)
+                log_diagnostics(self, {"grain/self_check_error": float(engine.last_self_check.worst)})
         return grads
 
     def _grain_accumulate(self, losses: torch.Tensor, batch: Any, groups: Optional[torch.Tensor]) -> None:
@@ -332,15 +341,13 @@ class GrainMixin(_MixinBase):
             return False
         if isinstance(grads, BlockwiseResult):  # gradients already written, block by block
             if policy.log_now:
-                self.log_dict(
-                    {"grain/num_groups": float(gram.shape[0]), "grain/blocks": float(len(grads.solves))},
-                    on_step=True,
-                    on_epoch=False,
+                log_diagnostics(
+                    self, {"grain/num_groups": float(gram.shape[0]), "grain/blocks": float(len(grads.solves))}
                 )
             return True
         decision = policy.decide(gram, pi, keys=keys)
         if policy.log_now:
-            self.log_dict(policy.diagnostics(gram, decision, pi), on_step=True, on_epoch=False)
+            log_diagnostics(self, policy.diagnostics(gram, decision, pi))
         if decision.weights is None:
             return False
         for p, d in zip(self._grain_params(), grads.combine(decision.weights)):
@@ -370,7 +377,7 @@ class GrainMixin(_MixinBase):
         self.grain_policy.record_skip()
         self._grain_reset_cycle()
         if self.grain_config.log_every_n_steps:
-            self.log("grain/skipped_steps", float(self.grain_policy.skipped), on_step=True, on_epoch=False)
+            log_diagnostics(self, {"grain/skipped_steps": float(self.grain_policy.skipped)})
 
     def _grain_reset_cycle(self) -> None:
         self._grain_cycle.release()
@@ -416,7 +423,47 @@ class GrainMixin(_MixinBase):
         else:
             sched.scheduler.step()
 
+    def grain_check_trainer(self) -> None:
+        """Refuse the Trainer options that GRAIN replaces, naming the :class:`GrainConfig` option to use.
+
+        Under manual optimization Lightning rejects them too, with a generic message; this runs first (from
+        :meth:`configure_callbacks`, the one module hook Lightning calls before its own check).
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        n_acc = trainer.accumulate_grad_batches
+        if n_acc != 1:
+            raise MisconfigurationException(
+                f"GrainMixin: Trainer(accumulate_grad_batches={n_acc}) is not supported: GRAIN accumulates the "
+                f"group gradients itself. Use GrainConfig(accumulate_grad_batches={n_acc}) and leave the "
+                "Trainer's at 1"
+            )
+        clip = trainer.gradient_clip_val
+        algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
+        cfg = self.grain_config
+        # Lightning's clip_gradients also refuses a Trainer value that differs from GrainConfig's, mid-fit
+        if (clip is not None and clip > 0) or (cfg.gradient_clip_val is not None and (clip, algorithm) != (None, None)):
+            given = ", ".join(
+                f"{name}={value!r}"
+                for name, value in (("gradient_clip_val", clip), ("gradient_clip_algorithm", algorithm))
+                if value is not None
+            )
+            use_val = clip if clip is not None and clip > 0 else cfg.gradient_clip_val
+            use_algorithm = algorithm if algorithm is not None else cfg.gradient_clip_algorithm
+            raise MisconfigurationException(
+                f"GrainMixin: Trainer({given}) is not supported: GRAIN clips the combined gradient itself. Use "
+                f"GrainConfig(gradient_clip_val={use_val!r}, gradient_clip_algorithm={use_algorithm!r}) and leave "
+                "the Trainer's clipping arguments unset"
+            )
+
     # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def configure_callbacks(self) -> Union[Sequence[Callback], Callback]:
+        self.grain_check_trainer()
+        parent = getattr(super(), "configure_callbacks", None)
+        return parent() if parent is not None else []
+
     @override
     def on_train_epoch_end(self) -> None:
         parent = getattr(super(), "on_train_epoch_end", None)

@@ -10,9 +10,22 @@ Gram to a :class:`StepPolicy`; nothing else calls the solver. Given ``G`` (``k x
     collapsed  <=>  m^2 > 0  and  sqrt(d^2) <= collapse_eps * sqrt(m^2)       (Pareto-stationary point)
 
 and the applied weights are ``w*``, or on collapse ``pi`` (``"mean"``), ``(1 - c) w* + c pi`` (``"mix"``,
-``c = collapse_mix``) or none (``"skip"``). Non-finite losses or Grams either raise ``FloatingPointError``
-or skip the step with a ``RuntimeWarning`` (``on_nonfinite``). The policy keeps the warm-start state and
-the step / skip / collapse counters (saved in checkpoints) and computes the logged diagnostics.
+``c = collapse_mix``) or none (``"skip"``). With ``step_norm="mean"`` the applied weights ``w`` of each block
+are then scaled so that the step has the plain mean's length (the combination is linear, so
+``combine(s_b w_b) = s_b d_b``)::
+
+    s_b = sqrt(pi^T G_b pi / w_b^T G_b w_b)   if ||d_b|| > collapse_eps ||m_b||,   else 1
+
+One block (the usual case): ``||d'|| = ||m||`` and ``d'`` has GRAIN's direction. Several blocks (``grain_ddp``
+``mode="blockwise"``): each block's part of the step gets the length of the mean's part in that block, so
+``||d'|| = ||m||`` unless a block is at a stationary point. A block with ``||d_b|| <= collapse_eps ||m_b||``
+is not stretched (``s_b = 1``), so ``s_b <= 1 / collapse_eps`` and nothing is divided by zero: ``w^T G w = 0``
+with ``m != 0`` is a collapse, handled first by ``on_collapse``, and the weights it leaves are scaled only if
+their step is longer than that (``"mean"``: ``s = 1``; ``"mix"``: ``||d|| >= c ||m||``).
+
+Non-finite losses or Grams either raise ``FloatingPointError`` or skip the step with a ``RuntimeWarning``
+(``on_nonfinite``). The policy keeps the warm-start state and the step / skip / collapse counters (saved in
+checkpoints) and computes the logged diagnostics.
 
 Cost: the solve (``O(k^2)`` per iteration, ``k <= 2`` in closed form) and ``O(B k^2)`` for the rest.
 """
@@ -44,12 +57,15 @@ class Decision:
         solved: the solver's min-norm weights, same shape (before collapse handling).
         collapsed: whether ``||d|| <= collapse_eps * ||mean||``.
         kkt_gap: largest solver KKT gap over the blocks, in the units of ``G``.
+        step_scale: with ``step_norm="mean"``, ``||d'|| / ||d||``, the factor the step was stretched by (the
+            block factor ``s`` for one block); ``None`` otherwise or when the step is skipped.
     """
 
     weights: Optional[Tensor]
     solved: Tensor
     collapsed: bool
     kkt_gap: float
+    step_scale: Optional[float] = None
 
     @property
     def skip(self) -> bool:
@@ -142,13 +158,33 @@ class StepPolicy:
                 weights = (1.0 - opts.collapse_mix) * solved + opts.collapse_mix * target
         if weights is not None and blocks.shape[0] == 1:
             self.prev_weights, self.prev_keys = solved[0], keys
+        step_scale = None
+        if weights is not None and opts.step_norm == "mean":
+            weights, step_scale = self.mean_norm_scale(blocks, weights, pi)
         shape = gram.shape[:-1]
         return Decision(
             weights=None if weights is None else weights.reshape(shape),
             solved=solved.reshape(shape),
             collapsed=collapsed,
             kkt_gap=plain.kkt_gap,
+            step_scale=step_scale,
         )
+
+    def mean_norm_scale(self, blocks: Tensor, weights: Tensor, pi: Tensor) -> tuple[Tensor, float]:
+        r"""``step_norm="mean"``: weights ``(B, k)`` scaled per block to the length of the plain mean.
+
+        ``s_b = sqrt(pi^T G_b pi / w_b^T G_b w_b)`` when ``||d_b|| > collapse_eps ||m_b||`` (both norms from
+        the ``(B, k, k)`` Grams ``blocks``), else ``1``: a zero or stationary block is not stretched, so ``s_b``
+        is finite (at most ``1 / collapse_eps``; ``m_b = 0`` gives ``s_b = 1``). Returns the scaled weights and
+        ``||d'|| / ||d||`` over all blocks (``1.0`` when ``d = 0``).
+        """
+        d2 = torch.einsum("bi,bij,bj->b", weights, blocks, weights).clamp(min=0.0)
+        m2 = torch.einsum("i,bij,j->b", pi, blocks, pi).clamp(min=0.0)
+        stretch = (d2 > 0) & (m2 > 0) & (d2.sqrt() > self.options.collapse_eps * m2.sqrt())
+        scale = torch.where(stretch, (m2 / torch.where(stretch, d2, 1.0)).sqrt(), 1.0)
+        total = float(d2.sum())
+        ratio = math.sqrt(float((scale**2 * d2).sum()) / total) if total > 0 else 1.0
+        return weights * scale[:, None], ratio
 
     def nonfinite(self, what: str, global_step: int) -> None:
         """Non-finite loss or gradient: raise ``FloatingPointError`` or warn (the caller then skips)."""
@@ -172,13 +208,16 @@ class StepPolicy:
 
     @staticmethod
     def diagnostics(gram: Tensor, decision: Decision, mean_weights: Tensor) -> dict[str, float]:
-        """``grain/*`` diagnostics of the solver's weights (see :mod:`grain_lightning.diagnostics`)."""
+        """``grain/*`` diagnostics of the solver's weights (see :mod:`grain_lightning.diagnostics`), plus
+        ``grain/collapsed`` and, with ``step_norm="mean"``, ``grain/step_scale`` (``||d'|| / ||d||``)."""
         if gram.ndim == 3 and gram.shape[0] > 1:
             diag = blockwise_diagnostics(gram, decision.solved, mean_weights)
         else:
             g = gram.reshape(gram.shape[-2], gram.shape[-1])
             diag = grain_diagnostics(g, decision.solved.reshape(-1), mean_weights)
         diag["grain/collapsed"] = float(decision.collapsed)
+        if decision.step_scale is not None:
+            diag["grain/step_scale"] = decision.step_scale
         return diag
 
     # ------------------------------------------------------------------ checkpoint

@@ -48,6 +48,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from grain_lightning.config import PolicyOptions, check_choices
+from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
 from grain_lightning.distributed.layout import Layout, Overlap
@@ -77,11 +78,14 @@ class GrainDDPStrategy(DDPStrategy):
         on_nonfinite: a NaN/Inf gradient (or, with the mixin, loss) on any rank: every rank
             ``"raise"`` s ``FloatingPointError`` at the same step (default), or every rank ``"skip"`` s
             the step (all gradients set to ``None``, as when ``training_step`` returns ``None``).
-        collapse_eps, on_collapse, collapse_mix, solver_tol, warm_start, log_every_n_steps: the step-policy
-            options (:class:`~grain_lightning.config.PolicyOptions`: same names, values and checks as
-            ``GrainConfig``) for the combination of the ranks; ``on_collapse="mean"`` is DDP's update. With
-            ``mixin_groups="global"`` the module's ``GrainConfig`` solver and collapse options apply instead
-            (its policy decides over all groups). The warm start reuses the last step's rank weights.
+        collapse_eps, on_collapse, collapse_mix, solver_tol, warm_start, step_norm, log_every_n_steps: the
+            step-policy options (:class:`~grain_lightning.config.PolicyOptions`: same names, values and checks
+            as ``GrainConfig``) for the combination of the ranks; ``on_collapse="mean"`` is DDP's update and
+            ``step_norm="mean"`` gives the min-norm direction the length of DDP's (per block with
+            ``mode="blockwise"``). With ``mixin_groups="global"`` the module's ``GrainConfig`` solver, collapse
+            and step-norm options apply instead (its policy decides over all groups). The warm start reuses the
+            last step's rank weights. The ``grain_ddp/*`` diagnostics reach the loggers every
+            ``log_every_n_steps`` combinations, whatever the Trainer's ``log_every_n_steps``.
         broadcast_buffers: broadcast the module's buffers from rank 0 before every training step (as DDP).
         timeout: process-group timeout (shorten it in tests).
         start_method: ``"popen"`` (``grain_ddp``), ``"spawn"`` (``grain_ddp_spawn``), ``"fork"``.
@@ -106,6 +110,7 @@ class GrainDDPStrategy(DDPStrategy):
         collapse_mix: float = 0.5,
         solver_tol: float = 1e-12,
         warm_start: bool = True,
+        step_norm: str = "grain",
         log_every_n_steps: int = 1,
         broadcast_buffers: bool = True,
         accelerator: Optional[Any] = None,
@@ -142,6 +147,7 @@ class GrainDDPStrategy(DDPStrategy):
                 collapse_mix=collapse_mix,
                 solver_tol=solver_tol,
                 warm_start=warm_start,
+                step_norm=step_norm,
                 log_every_n_steps=log_every_n_steps,
             ),
         )
@@ -186,6 +192,10 @@ class GrainDDPStrategy(DDPStrategy):
     @property
     def solver_tol(self) -> float:
         return self.policy.options.solver_tol
+
+    @property
+    def step_norm(self) -> str:
+        return self.policy.options.step_norm
 
     @property
     def log_every_n_steps(self) -> int:
@@ -458,7 +468,7 @@ class GrainDDPStrategy(DDPStrategy):
             out[f"grain_ddp/weight_rank{rank}"] = float(avg[start : start + c].sum())
             start += c
         out["grain_ddp/skipped_steps"] = float(self.skipped_steps)
-        module.log_dict(out, on_step=True, on_epoch=False, batch_size=1)
+        log_diagnostics(module, out)
 
     # ------------------------------------------------------------------ GrainMixin (grain_lightning.protocol)
     def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:

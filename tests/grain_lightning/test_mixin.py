@@ -337,3 +337,31 @@ def test_blockwise_step_does_not_push_any_group_up():
     g = _group_grads(make_net(seed=4), x, y, torch.arange(16), 16)
     assert (g @ d >= (d @ d) * (1 - 1e-4)).all()
     assert t.callback_metrics["grain/blocks"] == 2.0
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("engine", ["reference", "ghost"])
+def test_step_norm_mean_keeps_grain_direction_with_the_mean_gradient_length(engine, accumulate):
+    """float64, SGD with lr = 1: the applied step d' has the norm of the batch's mean gradient and the direction
+    of the GRAIN step without the option."""
+    x, y = make_data(n=32, seed=3).tensors
+    data = loader(torch.utils.data.TensorDataset(x.double(), y))
+    net = make_net(seed=4).double()
+
+    def step(step_norm: str) -> tuple[torch.Tensor, GrainModule]:
+        cfg = GrainConfig(grouping=ByKey(1), engine=engine, step_norm=step_norm, accumulate_grad_batches=accumulate)
+        module = GrainModule(net, "sgd", 1.0, grain=cfg)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+        after, t = fit_and_record(module, data, max_steps=1)
+        return before - after[accumulate - 1], module
+
+    d_grain, _ = step("grain")
+    d_scaled, module = step("mean")
+    ref = make_net(seed=4).double()
+    F.cross_entropy(ref(x[: 16 * accumulate].double()), y[: 16 * accumulate]).backward()
+    mean = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    assert float(d_grain.norm()) < 0.95 * float(mean.norm())  # the option changes the length here
+    assert float(d_scaled.norm()) == pytest.approx(float(mean.norm()), rel=1e-9)
+    assert float(F.cosine_similarity(d_scaled, d_grain, dim=0)) == pytest.approx(1.0, abs=1e-12)
+    logged = module.trainer.callback_metrics["grain/step_scale"]  # Lightning keeps logged values in float32
+    assert float(logged) == pytest.approx(float(mean.norm() / d_grain.norm()), rel=1e-6)

@@ -3,6 +3,8 @@ non-finite handling, block-wise Grams, checkpoint state."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ BAD_OPTIONS = [
     ("collapse_mix", 1.5, "collapse_mix must be in [0, 1], got 1.5"),
     ("solver_tol", 0.0, "solver_tol must be in (0, 1), got 0.0"),
     ("log_every_n_steps", -2, "log_every_n_steps must be an int >= 0, got -2"),
+    ("step_norm", "short", "step_norm must be one of ('grain', 'mean'), got 'short'"),
 ]
 
 
@@ -35,6 +38,7 @@ def test_every_policy_option_is_accepted_by_both_entry_points():
         on_nonfinite="skip",
         solver_tol=1e-10,
         warm_start=False,
+        step_norm="mean",
         log_every_n_steps=3,
     )
     assert GrainConfig(**values).policy_options == PolicyOptions(**values)
@@ -124,3 +128,79 @@ def test_state_dict_round_trip_and_logging_frequency():
     other.load_state_dict(policy.state_dict())
     assert (other.steps, other.skipped, other.collapsed) == (1, 1, 0)
     assert torch.equal(other.prev_weights, policy.prev_weights) and torch.equal(other.prev_keys, torch.arange(3))
+
+
+# ---------------------------------------------------------------------- step_norm
+def conflicting_gram(k: int = 5, p: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group gradients with a common part and conflicting parts: ||d*|| well below ||mean||."""
+    gen = torch.Generator().manual_seed(seed)
+    g = 0.3 * torch.randn(1, p, dtype=torch.float64, generator=gen) + torch.randn(
+        k, p, dtype=torch.float64, generator=gen
+    )
+    pi = torch.rand(k, dtype=torch.float64, generator=gen) + 0.5
+    return g, pi / pi.sum()
+
+
+def test_step_norm_mean_gives_grain_direction_the_mean_length():
+    g, pi = conflicting_gram()
+    gram = g @ g.T
+    plain = StepPolicy().decide(gram, pi)
+    scaled = StepPolicy(PolicyOptions(step_norm="mean")).decide(gram, pi)
+    d, d_scaled, mean = plain.weights @ g, scaled.weights @ g, pi @ g
+    assert float(d.norm()) < 0.9 * float(mean.norm())  # a case where the lengths differ
+    assert torch.allclose(d_scaled.norm(), mean.norm(), rtol=1e-12, atol=0)
+    assert float(torch.nn.functional.cosine_similarity(d, d_scaled, dim=0)) == pytest.approx(1.0, abs=1e-12)
+    assert torch.equal(scaled.solved, plain.solved)  # the solve (and the warm start) is unchanged
+    assert scaled.step_scale == pytest.approx(float(mean.norm() / d.norm()), rel=1e-12)
+    assert plain.step_scale is None
+    assert "grain/step_scale" not in StepPolicy.diagnostics(gram, plain, pi)
+    assert StepPolicy.diagnostics(gram, scaled, pi)["grain/step_scale"] == scaled.step_scale
+
+
+def test_step_norm_mean_rescales_each_block():
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(4, 6, dtype=torch.float64, generator=gen) for _ in range(3)]
+    gram = torch.stack([r @ r.T for r in rows])
+    pi = torch.full((4,), 0.25, dtype=torch.float64)
+    decision = StepPolicy(PolicyOptions(step_norm="mean")).decide(gram, pi)
+    plain = StepPolicy().decide(gram, pi)
+    for b, r in enumerate(rows):
+        d_b, m_b = decision.weights[b] @ r, pi @ r
+        assert torch.allclose(d_b.norm(), m_b.norm(), rtol=1e-12, atol=0)
+        assert float(torch.nn.functional.cosine_similarity(d_b, plain.weights[b] @ r, dim=0)) == pytest.approx(1.0)
+    d2 = float(torch.einsum("bi,bij,bj->", decision.weights, gram, decision.weights))
+    assert d2 == pytest.approx(float(torch.einsum("i,bij,j->", pi, gram, pi)), rel=1e-12)
+
+
+@pytest.mark.parametrize("action, mix", [("mean", 0.5), ("skip", 0.5), ("mix", 0.5), ("mix", 0.0), ("mix", 1e-4)])
+def test_step_norm_mean_after_a_collapse_is_finite(action, mix):
+    """||d*|| = 0 (opposed groups): the collapse rule applies first; nothing is divided by zero."""
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    pi = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    policy = StepPolicy(PolicyOptions(step_norm="mean", on_collapse=action, collapse_mix=mix))
+    decision = policy.decide(g @ g.T, pi)
+    assert decision.collapsed
+    if action == "skip":
+        assert decision.skip and decision.step_scale is None
+        return
+    assert torch.isfinite(decision.weights).all() and math.isfinite(decision.step_scale)
+    d, mean = decision.weights @ g, pi @ g
+    if action == "mean" or mix == 0.5:  # d = m, or d = m / 2 stretched to ||m||
+        assert torch.allclose(d, mean, atol=1e-15) and decision.step_scale == pytest.approx(
+            1.0 if action == "mean" else 2.0
+        )
+    else:  # d = 0 (mix 0), or ||d|| = 1e-4 ||m|| <= collapse_eps ||m||: left as it is, not stretched
+        unscaled = (1 - mix) * decision.solved + mix * pi
+        assert torch.equal(decision.weights, unscaled) and decision.step_scale == 1.0
+    assert all(math.isfinite(v) for v in StepPolicy.diagnostics(g @ g.T, decision, pi).values())
+
+
+def test_step_norm_mean_with_zero_gradients_is_finite():
+    gram = torch.zeros(3, 3, dtype=torch.float64)
+    decision = StepPolicy(PolicyOptions(step_norm="mean")).decide(gram, torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.isfinite(decision.weights).all() and decision.step_scale == 1.0
+
+
+def test_step_norm_mean_is_refused_with_blockwise_mixin_mode():
+    with pytest.raises(ValueError, match="GrainConfig: step_norm='mean' needs blockwise=False"):
+        GrainConfig(step_norm="mean", blockwise=True)

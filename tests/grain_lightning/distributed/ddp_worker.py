@@ -103,10 +103,20 @@ class Plain(L.LightningModule):
 class WithMixin(GrainMixin, L.LightningModule):
     """GrainMixin module: two chunks of each rank's batch are its groups."""
 
-    def __init__(self, accumulate: int = 1, nan_at: tuple[int, int] | None = None, aggregation: str = "grain"):
+    def __init__(
+        self,
+        accumulate: int = 1,
+        nan_at: tuple[int, int] | None = None,
+        aggregation: str = "grain",
+        step_norm: str = "grain",
+    ):
         super().__init__(
             grain=GrainConfig(
-                grouping=Chunks(2), log_loss_as=None, accumulate_grad_batches=accumulate, aggregation=aggregation
+                grouping=Chunks(2),
+                log_loss_as=None,
+                accumulate_grad_batches=accumulate,
+                aggregation=aggregation,
+                step_norm=step_norm,
             )
         )
         self.net, self.nan_at = make_net(), nan_at
@@ -168,6 +178,9 @@ SCENARIOS = {
         batch_size=BATCH // 2,
         trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05),
     ),
+    "sharded_step_norm": dict(strategy=dict(mode="sharded", step_norm="mean")),
+    "blockwise_step_norm": dict(strategy=dict(mode="blockwise", step_norm="mean")),
+    "mixin_global_step_norm": dict(strategy=dict(mixin_groups="global"), mixin=True, module=dict(step_norm="mean")),
     "mixin_hierarchical": dict(strategy=dict(mixin_groups="hierarchical"), mixin=True),
     "mixin_global": dict(strategy=dict(mixin_groups="global"), mixin=True),
     "mixin_global_allgather": dict(strategy=dict(mixin_groups="global", mode="allgather"), mixin=True),

@@ -180,6 +180,35 @@ def test_mixin_global_equals_single_process_grain_over_all_groups(records):
             assert (groups @ d >= (d @ d) - 1e-9).all()  # exact: no group of any rank is pushed up
 
 
+def mean_length(direction: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``direction`` rescaled to the norm of the rows' plain mean (``step_norm="mean"``)."""
+    return direction * rows.mean(0).norm() / direction.norm()
+
+
+@pytest.mark.slow
+def test_step_norm_mean_gives_the_min_norm_direction_the_mean_length(records):
+    sizes = [p.numel() for p in W.make_net().parameters()]
+    for name in ("sharded_step_norm", "blockwise_step_norm", "mixin_global_step_norm"):
+        params = records[name][0]["params"]
+        assert len(params) == 4 and all(torch.equal(a, b) for a, b in zip(params, records[name][1]["params"]))
+        for step in range(3):
+            d = applied_direction(params, step, step + 1)
+            if name == "mixin_global_step_norm":  # the module's policy, over the 4 groups of both ranks
+                groups = torch.cat([chunk_grads(params[step], r, step) for r in range(2)])
+                expected = mean_length(min_norm_point(groups), groups)
+            elif name == "sharded_step_norm":
+                g = rank_grads(params[step], step)
+                expected = mean_length(min_norm_point(g), g)
+                assert float(min_norm_point(g).norm()) < 0.999 * float(g.mean(0).norm())  # the option acts
+            else:  # per block: each block's part gets the length of the mean's part in that block
+                g = rank_grads(params[step], step)
+                expected = torch.cat([mean_length(min_norm_point(b), b) for b in g.split(sizes, dim=1)])
+            assert torch.allclose(d, expected, atol=TOL, rtol=0), (name, (d - expected).abs().max())
+    metrics = records["sharded_step_norm"][0]["metrics"]
+    assert metrics["grain_ddp/step_scale"] == pytest.approx(1 / metrics["grain_ddp/norm_ratio"], rel=1e-5)
+    assert records["mixin_global_step_norm"][0]["metrics"]["grain_ddp/step_scale"] >= 1.0
+
+
 @pytest.mark.slow
 def test_mixin_global_with_accumulation_uses_every_group_of_every_micro_batch_and_rank(records):
     rec = records["mixin_global_accumulate"][0]
