@@ -14,12 +14,14 @@ training subset's mean and std (``target_mean`` / ``target_std``; the model repo
 Tokens. The tokenizer of the model directory (``tokenizer``; ``"minilm"`` for the packaged all-MiniLM-L6-v2)
 encodes each file's text column once, truncated to ``max_length``; the ids are cached on disk
 (``<cache>/tokens/<key>.npz``, the key hashing the file's path, size and mtime, the column, the tokenizer
-files and ``max_length``) and reused by later runs. A batch is padded to its longest sequence:
+files and ``max_length``) and reused by later runs. A batch is padded to its longest sequence, rounded up to a
+multiple of ``pad_to_multiple_of``:
 ``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -78,8 +80,9 @@ class _Rows(Dataset):
         return self.table.ids[r], int(self.table.lengths[r]), target
 
 
-def _collate(items: list[tuple[np.ndarray, int, Any]]) -> dict[str, torch.Tensor]:
-    width = max(1, max(length for _, length, _ in items))
+def _collate(items: list[tuple[np.ndarray, int, Any]], multiple: int) -> dict[str, torch.Tensor]:
+    longest = max(1, max(length for _, length, _ in items))
+    width = min(-(-longest // multiple) * multiple, len(items[0][0]))
     ids = torch.from_numpy(np.stack([row[:width] for row, _, _ in items]).astype(np.int64))
     lengths = torch.tensor([length for _, length, _ in items])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
@@ -107,6 +110,9 @@ class TextDataModule(L.LightningDataModule):
         batch_size, eval_batch_size, num_workers: loaders.
         predict_path: file served by ``predict_dataloader`` (default: the test split).
         drop_missing_text: drop rows whose text is missing, with a warning giving the count (else an error).
+        pad_to_multiple_of: a batch is padded to its longest text rounded up to this multiple (at most
+            ``max_length``): few distinct shapes, so GRAIN's self-check (run on every new set of layer input
+            shapes) stays rare.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         predict_path: Optional[str] = None,
         drop_missing_text: bool = True,
+        pad_to_multiple_of: int = 16,
     ) -> None:
         super().__init__()
         if (path is None) == (train_path is None):
@@ -162,7 +169,7 @@ class TextDataModule(L.LightningDataModule):
         self.text_column, self.label_column, self.task = text_column, label_column, task
         self.tokenizer_spec, self.max_length = tokenizer, max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.drop_missing_text = drop_missing_text
+        self.drop_missing_text, self.pad_to_multiple_of = drop_missing_text, pad_to_multiple_of
         files = {"train": train_path or path, "val": val_path, "test": test_path, "predict": predict_path}
         self._files = {k: str(v) for k, v in files.items() if v is not None}
         self._frames = {k: self._read(k, f) for k, f in self._files.items()}
@@ -327,7 +334,11 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         size = self.batch_size if split == "train" else self.eval_batch_size
         return DataLoader(
-            self._dataset(split), batch_size=size, shuffle=shuffle, collate_fn=_collate, num_workers=self.num_workers
+            self._dataset(split),
+            batch_size=size,
+            shuffle=shuffle,
+            collate_fn=functools.partial(_collate, multiple=self.pad_to_multiple_of),
+            num_workers=self.num_workers,
         )
 
     @override

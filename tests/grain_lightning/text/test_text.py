@@ -48,11 +48,15 @@ def test_splits_missing_text_and_seeded_subset(setting):
 
 def test_batches_are_padded_to_the_longest_text(setting):
     model_dir, csv = setting
-    dm = _data(model_dir, csv)
+    dm = _data(model_dir, csv, pad_to_multiple_of=1)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape[1] == int(lengths.max()) and batch["labels"].dtype == torch.int64
+    wide = _data(model_dir, csv, pad_to_multiple_of=4)
+    wide.setup("fit")
+    width = next(iter(wide.val_dataloader()))["input_ids"].shape[1]
+    assert width % 4 == 0 and width - 4 < int(lengths.max()) <= width
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
@@ -162,12 +166,10 @@ def test_grain_fit_writes_result_json_and_tensorboard_logs(setting, tmp_path):
 
 def test_grain_predict_returns_class_ids(setting, tmp_path):
     model_dir, csv = setting
-    from lightning.pytorch.cli import LightningCLI  # noqa: F401  (the CLI class is what main builds)
-
     from grain_lightning.cli import GrainCLI
 
     cli = GrainCLI(
-        TextModel, TextDataModule, run=False,
+        TextModel, TextDataModule, run=False, save_config_callback=None,
         args=["--model.pretrained", str(model_dir), "--data.path", str(csv), "--trainer.logger", "false", *QUIET],
     )  # fmt: skip
     preds = torch.cat(cli.trainer.predict(cli.model, datamodule=cli.datamodule))
