@@ -47,6 +47,12 @@ class GrainCLI(LightningCLI):
 
         self._curve = ValidationCurve()
         if self._result_path():
+            has_split = getattr(self.datamodule, "has_split", None)
+            if has_split is not None and not has_split("test"):
+                raise ValueError(
+                    "--result_json tests the final weights, but the data has no test split: give --data.test_path "
+                    "or --data.path with --data.test_fraction > 0"
+                )
             self.trainer.callbacks.append(self._curve)  # type: ignore[attr-defined]
         self._fit_start = time.perf_counter()
 
@@ -73,14 +79,14 @@ class GrainCLI(LightningCLI):
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``grain`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "sweep":
+    if args[:1] == ["sweep"]:
         from grain_lightning.sweep import main as sweep_main
 
         raise SystemExit(sweep_main(args[1:]))
     from grain_lightning.text.data import TextDataModule
     from grain_lightning.text.module import TextModel
 
-    GrainCLI(TextModel, TextDataModule, args=args, save_config_kwargs={"overwrite": True})
+    GrainCLI(TextModel, TextDataModule, args=argv, save_config_kwargs={"overwrite": True})  # None: sys.argv
 
 
 if __name__ == "__main__":

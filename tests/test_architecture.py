@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # grain_lightning's layers, lowest first: a module may import (at run time) only from lower layers or from its
 # own subpackage. Deprecated shims sit at the top.
 GRAIN_LAYERS = [
-    {"solver", "groups", "diagnostics"},
+    {"solver", "groups", "diagnostics", "files"},
     {"config"},
     {"policy", "reference"},
     {"functional", "ghost"},

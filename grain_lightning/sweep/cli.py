@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 from grain_lightning.sweep.methods import BASELINE, BUILTIN_METHODS, parse_methods
 from grain_lightning.sweep.report import Report, write_report
-from grain_lightning.sweep.runner import DEFAULT_WORKER, default_jobs, execute, plan_runs, seed_list
+from grain_lightning.sweep.runner import DEFAULT_WORKER, default_jobs, discard_results, execute, plan_runs, seed_list
 from grain_lightning.sweep.settings import SweepSettings, load_settings, record_settings
 
 __all__ = ["build_parser", "main", "parse_lrs", "parse_seeds"]
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="resume into OUTPUT_DIR even if its sweep.json records other settings "
-        "(they are replaced; results there are reused)",
+        help="run in OUTPUT_DIR even if its sweep.json records other settings: they are replaced and the "
+        "runs already there are discarded (changing only --seeds or --baseline never needs it)",
     )
     p.add_argument("--report_only", action="store_true", help="only rebuild the report from OUTPUT_DIR's results")
     p.add_argument(
@@ -122,9 +122,13 @@ def _run(args: argparse.Namespace, extra: list[str], worker_cmd: Optional[Sequen
         worker_cmd = shlex.split(args.worker_cmd) if args.worker_cmd else DEFAULT_WORKER
     if not worker_cmd:
         raise ValueError("--worker_cmd is empty")
-    record_settings(
+    changed = record_settings(
         args.output_dir, SweepSettings.create(args.config, methods, lrs, seeds, extra, baseline), args.force
     )
+    if changed:  # --force with other settings: results of the old settings must not be reported as new ones
+        gone = discard_results(args.output_dir)
+        print(f"grain sweep: --force: settings changed ({'; '.join(changed)}); {gone} earlier run(s) discarded",
+              file=sys.stderr)  # fmt: skip
     if not args.quiet:
         print(
             f"grain sweep: {len(runs)} runs ({len(seeds)} seeds x {len(methods)} methods x {len(lrs)} lrs) "

@@ -1,8 +1,10 @@
 r"""The report of a sweep: ``runs.csv``, ``summary.csv``, ``summary.md`` and ``summary.png``.
 
 **Learning-rate choice, on validation only.** For each method, the lr with the best mean over seeds of the
-``monitor`` metric (``mode`` "max": highest; "min": lowest); a non-finite value (a diverged run) counts as the
-worst possible, ties go to the smaller lr. The test metric is then reported at that lr: test never chooses.
+``monitor`` metric (``mode`` "max": highest; "min": lowest); a non-finite value or a failed run (its worker
+exited with an error, e.g. a diverged loss under ``on_nonfinite="raise"``) counts as the worst possible, so an lr
+where a run failed is chosen only if every lr has a failure. Runs not started yet are left out. Ties go to the
+smaller lr. The test metric is then reported at that lr: test never chooses.
 
 **Per method**, at its chosen lr, over the seeds with a finite test value ``x_1..x_n``: mean, std (ddof=1),
 median, worst (min for "max", max for "min"), the percentile-bootstrap 95% CI of the mean (10,000 resamples of
@@ -23,7 +25,14 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from grain_lightning.sweep.results import LOG_FILE, RESULT_FILE, atomic_write, atomic_write_text, read_result
+from grain_lightning.sweep.results import (
+    FAILED_FILE,
+    LOG_FILE,
+    RESULT_FILE,
+    atomic_write,
+    atomic_write_text,
+    read_result,
+)
 from grain_lightning.sweep.runner import Run, format_lr
 
 __all__ = [
@@ -154,12 +163,24 @@ def load_results(output_dir: PathLike, runs: Sequence[Run]) -> Results:
     )
 
 
+def _failed_seeds(results: Results, method: str, lr: float) -> list[int]:
+    """Seeds of ``method`` at ``lr`` whose run failed (``failed.txt``, no result)."""
+    return [
+        r.seed
+        for r in results.runs
+        if r.method.name == method and r.lr == lr and (r.directory(results.output_dir) / FAILED_FILE).is_file()
+    ]
+
+
 def _lr_scores(results: Results, method: str) -> pd.Series:
-    """Per planned lr of ``method`` with a result: the mean monitor over seeds, non-finite counted as worst."""
+    """Per planned lr of ``method`` with a result or a failure: the mean monitor over seeds, a non-finite value
+    or a failed run counted as worst."""
     worst = -math.inf if results.mode == "max" else math.inf
     scores = {}
     for lr in results.lrs:
         values = results.values(method, lr, results.monitor or "")
+        failed = [s for s in _failed_seeds(results, method, lr) if s not in values.index]
+        values = pd.concat([values, pd.Series(worst, index=failed, dtype=float)]) if failed else values
         if len(values):
             scores[lr] = float(values.where(np.isfinite(values), worst).mean())
     return pd.Series(scores, dtype=float)

@@ -11,19 +11,22 @@ A worker writes, at the end of its run::
 ``mode`` is ``"max"`` (accuracy-like) or ``"min"`` (RMSE/loss-like); ``monitor`` must be a key of ``val`` and
 ``test_metric`` a key of ``test``. A metric may be ``NaN`` or ``null`` (a diverged run). ``wall_s``,
 ``steps`` and ``curve`` are read when present. A run is *done* when its ``result.json`` parses and satisfies
-this contract (with the run's seed and lr): a partial or stale file is not a result.
+this contract (with the run's seed and lr): a partial or stale file is not a result. A run whose worker exited
+with an error has ``failed.txt`` (the reason) instead: the report counts it as the worst possible value when it
+chooses a learning rate (a diverged run raises under GRAIN's default ``on_nonfinite="raise"``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from grain_lightning.files import atomic_write, atomic_write_text
+
 __all__ = [
+    "FAILED_FILE",
     "LOG_FILE",
     "MODES",
     "RESULT_FILE",
@@ -36,21 +39,9 @@ __all__ = [
 
 RESULT_FILE = "result.json"
 LOG_FILE = "log.txt"
+#: written by the runner when a worker exits with an error (not when the sweep is interrupted)
+FAILED_FILE = "failed.txt"
 MODES = ("max", "min")
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a temporary name next to ``path``, then rename it to ``path`` (``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _number(value: Any) -> bool:

@@ -2,10 +2,11 @@
 
 A run lives in ``OUTPUT_DIR/<method>/lr=<lr>/seed=<seed>/`` (:attr:`Run.run_id`): the worker's Lightning
 files, its ``result.json`` and ``log.txt`` (its stdout and stderr). Execution is resumable: a run whose
-``result.json`` satisfies the contract (:func:`~grain_lightning.sweep.results.read_result`) is skipped; any
-other file there is removed before the run starts again. A failed run (nonzero exit, or no valid result) is
-reported with the tail of its log and does not stop the others. Each run gets ``cores // jobs`` threads
-(``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``GRAIN_NUM_THREADS``).
+``result.json`` satisfies the contract (:func:`~grain_lightning.sweep.results.read_result`) is skipped; the
+directory of any other run is emptied before it starts again (no partial logs left next to the new ones). A
+failed run (nonzero exit, or no valid result) gets ``failed.txt``, is reported with the tail of its log and does
+not stop the others; a run stopped by an interrupt is not marked failed. Each run gets ``cores // jobs`` threads
+(``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,8 +27,9 @@ from typing import Optional, Union
 
 from tqdm.auto import tqdm
 
+from grain_lightning.files import atomic_write_text
 from grain_lightning.sweep.methods import Method
-from grain_lightning.sweep.results import LOG_FILE, RESULT_FILE, read_result, tail
+from grain_lightning.sweep.results import FAILED_FILE, LOG_FILE, RESULT_FILE, read_result, tail
 
 __all__ = [
     "DEFAULT_WORKER",
@@ -37,6 +40,7 @@ __all__ = [
     "available_cores",
     "command",
     "default_jobs",
+    "discard_results",
     "execute",
     "format_lr",
     "is_done",
@@ -47,7 +51,7 @@ __all__ = [
 
 PathLike = Union[str, Path]
 DEFAULT_WORKER: tuple[str, ...] = (sys.executable, "-m", "grain_lightning.cli", "fit")
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GRAIN_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def format_lr(lr: float) -> str:
@@ -167,6 +171,18 @@ def is_done(run: Run, output_dir: PathLike) -> bool:
     return read_result(run.directory(output_dir) / RESULT_FILE, run.seed, run.lr) is not None
 
 
+def discard_results(output_dir: PathLike) -> int:
+    """Delete every run directory (``<method>/lr=<lr>/seed=<seed>/``) under ``output_dir``; how many there were.
+
+    ``--force`` uses it when the recorded settings change, so that results of another configuration are never
+    reported as results of this one.
+    """
+    runs = [p for p in Path(output_dir).glob("*/lr=*/seed=*") if p.is_dir()]
+    for run_dir in runs:
+        shutil.rmtree(run_dir)
+    return len(runs)
+
+
 @dataclass(frozen=True)
 class Failure:
     """A run that failed: why, where its log is, and the log's last lines."""
@@ -256,19 +272,19 @@ def _execute_one(
     result_path, log = run_dir / RESULT_FILE, run_dir / LOG_FILE
     start = time.monotonic()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        result_path.unlink(missing_ok=True)  # a partial or stale file must not count as this run's result
+        if run_dir.exists():  # a stale result, a failure mark or a partial run's logs: start afresh
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
         rc = procs.run(cmd, log, env)
     except OSError as err:  # the run directory or the worker could not be made
         return Failure(run, f"could not start: {err}", log), time.monotonic() - start, None
     seconds = time.monotonic() - start
-    if rc is None:
-        return Failure(run, "not started (interrupted)", log), seconds, None
-    if rc != 0:
-        return Failure(run, f"exit status {rc}", log, tail(log)), seconds, None
-    result = read_result(result_path, run.seed, run.lr)
+    if rc is None or (rc != 0 and procs.stopping):
+        return Failure(run, "interrupted", log), seconds, None
+    result = read_result(result_path, run.seed, run.lr) if rc == 0 else None
     if result is None:
-        reason = f"exit status 0 but no valid {RESULT_FILE}"
+        reason = f"exit status {rc}" if rc != 0 else f"exit status 0 but no valid {RESULT_FILE}"
+        atomic_write_text(run_dir / FAILED_FILE, reason + "\n")
         return Failure(run, reason, log, tail(log)), seconds, None
     return None, seconds, result
 

@@ -135,19 +135,20 @@ def load_settings(output_dir: PathLike) -> SweepSettings:
         raise ValueError(f"{path} cannot be read: {err}") from None
 
 
-def record_settings(output_dir: PathLike, settings: SweepSettings, force: bool = False) -> None:
+def record_settings(output_dir: PathLike, settings: SweepSettings, force: bool = False) -> list[str]:
     """Write ``settings`` to ``output_dir/sweep.json``; if one is there with settings that differ (see
-    :func:`differences`), raise :class:`SettingsMismatch` unless ``force``."""
+    :func:`differences`), raise :class:`SettingsMismatch` unless ``force``. Returns the differences (empty when
+    none or no earlier sweep): with ``force`` the caller discards the earlier results."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output directory {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_FILE
-    if path.exists() and not force:
-        diff = differences(load_settings(out), settings)
-        if diff:
-            raise SettingsMismatch(
-                f"{path} records a different sweep: " + "; ".join(diff) + ". Use another --output_dir, or --force "
-                "to record the new settings and reuse the results already there."
-            )
+    diff = differences(load_settings(out), settings) if path.exists() else []
+    if diff and not force:
+        raise SettingsMismatch(
+            f"{path} records a different sweep: " + "; ".join(diff) + ". Use another --output_dir, or --force "
+            "to record the new settings and discard the results already there."
+        )
     atomic_write_text(path, json.dumps(settings.to_json(), indent=2) + "\n")
+    return diff

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from grain_lightning.files import atomic_write
 from grain_lightning.text.pretrained import cache_dir, resolve_pretrained
 
 __all__ = ["BUILTIN_DATA", "TASKS", "TextDataModule", "data_file", "read_table"]
@@ -59,6 +60,8 @@ def data_file(path: str) -> Path:
 def read_table(path: str) -> pd.DataFrame:
     """Read a CSV (optionally compressed) or Parquet file, or a :data:`BUILTIN_DATA` name; errors name the file."""
     file = data_file(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"data file {str(path)!r} is a directory; give a CSV or Parquet file")
     if not file.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     try:
@@ -165,9 +168,12 @@ class TextDataModule(L.LightningDataModule):
             ("max_length", max_length),
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
+            ("pad_to_multiple_of", pad_to_multiple_of),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         for name, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
@@ -221,7 +227,22 @@ class TextDataModule(L.LightningDataModule):
                         f"task='regression' needs a numeric label column {self.label_column!r}, got {col.dtype}"
                     )
             return []
-        values = sorted(pd.concat(labelled).unique().tolist())
+        try:
+            values = sorted(pd.concat(labelled).unique().tolist())
+        except TypeError as err:
+            kinds = sorted({type(v).__name__ for col in labelled for v in col.unique()})
+            raise ValueError(
+                f"label column {self.label_column!r} mixes value types {kinds} across rows or files: "
+                "give one type (e.g. all integers or all strings)"
+            ) from err
+        train_values = set(self._frames["train"][self.label_column].unique().tolist())
+        unseen = [v for v in values if v not in train_values]
+        if unseen:
+            warnings.warn(
+                f"label column {self.label_column!r}: values {unseen} occur only outside the training file; "
+                f"they are classes of the model ({len(values)} in all) that training never sees",
+                stacklevel=3,
+            )
         if len(values) < 2:
             raise ValueError(
                 f"label column {self.label_column!r} has a single value {values}: classification needs two or more"
@@ -272,6 +293,10 @@ class TextDataModule(L.LightningDataModule):
         std = float(y.std()) if len(y) > 1 else 0.0
         return float(y.mean()), std if std > 0 else 1.0
 
+    def has_split(self, split: str) -> bool:
+        """Whether there is a ``split`` ("train", "val", "test" or "predict")."""
+        return split in self._rows
+
     @property
     def num_labels(self) -> int:
         """Classes of a classification task; 1 for regression (the model's output width)."""
@@ -282,38 +307,43 @@ class TextDataModule(L.LightningDataModule):
         return {split: len(rows) for split, (_, rows) in self._rows.items()}
 
     # ------------------------------------------------------------------ tokens
-    def _token_key(self, file: str, tokenizer_dir: Path) -> str:
+    def _token_key(self, file: str, tokenizer: Any) -> str:
+        """Hash of what the ids depend on: the file (path, size, mtime), the column, ``max_length`` and the tokenizer
+        itself (its full serialisation: vocabulary, normalisation, special tokens), not its directory's name."""
         h = hashlib.sha256()
         stat = Path(file).stat()
         h.update(f"{_TOKEN_CACHE_VERSION}|{Path(file).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
-        h.update(f"{self.text_column}|{self.max_length}|{self.drop_missing_text}|".encode())
-        for name in sorted(p.name for p in tokenizer_dir.glob("*token*")):
-            h.update(name.encode() + (tokenizer_dir / name).read_bytes())
+        h.update(f"{self.text_column}|{self.max_length}|{self.drop_missing_text}|{type(tokenizer).__name__}|".encode())
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: its whole definition
+            h.update(backend.to_str().encode())
+        else:
+            h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+            h.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
         return h.hexdigest()[:24]
 
     def _tokenize(self, key: str) -> _Table:
         from transformers import AutoTokenizer
 
-        tokenizer_dir = resolve_pretrained(self.tokenizer_spec)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_pretrained(self.tokenizer_spec)))
         frame, file = self._frames[key], self._files[key]
-        cache = cache_dir() / "tokens" / f"{self._token_key(file, tokenizer_dir)}.npz"
+        cache = cache_dir() / "tokens" / f"{self._token_key(file, tokenizer)}.npz"
         labels = frame[self.label_column].to_numpy() if key != "predict" else np.zeros(len(frame))
         if cache.is_file():
             with np.load(cache) as stored:
                 if len(stored["lengths"]) == len(frame):
                     return _Table(stored["ids"], stored["lengths"], labels)
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        enc = tok(frame[self.text_column].astype(str).tolist(), truncation=True, max_length=self.max_length)
+        enc = tokenizer(frame[self.text_column].astype(str).tolist(), truncation=True, max_length=self.max_length)
         lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
-        ids = np.full((len(frame), self.max_length), tok.pad_token_id or 0, dtype=np.int32)
+        ids = np.full((len(frame), self.max_length), tokenizer.pad_token_id or 0, dtype=np.int32)
         for i, row in enumerate(enc["input_ids"]):
             ids[i, : len(row)] = row
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
-        os.close(fd)
-        with open(tmp, "wb") as out:
-            np.savez(out, ids=ids, lengths=lengths)
-        os.replace(tmp, cache)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                np.savez(out, ids=ids, lengths=lengths)
+
+        atomic_write(cache, save)
         return _Table(ids, lengths, labels)
 
     def _dataset(self, split: str) -> _Rows:

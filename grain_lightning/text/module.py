@@ -15,6 +15,7 @@ Logged: ``train_loss``, ``val_loss`` / ``test_loss`` and ``val_acc`` / ``test_ac
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning as L
@@ -92,6 +93,10 @@ class TextModel(GrainMixin, L.LightningModule):
             model = self._with_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules or ["query", "value"])
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes
         self.regression = num_labels == 1
+        # in the state dict, so a checkpoint predicts in the unit of the data it was trained on, whatever data
+        # module is attached at predict time
+        self.register_buffer("target_mean", torch.tensor(float(target_mean), dtype=torch.float64))
+        self.register_buffer("target_std", torch.tensor(float(target_std), dtype=torch.float64))
         metric = (
             (lambda: MeanSquaredError(squared=False))
             if self.regression
@@ -113,6 +118,7 @@ class TextModel(GrainMixin, L.LightningModule):
                 param.requires_grad_(True)
         return wrapped
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(n, C)`` logits, or ``(n,)`` standardised predictions for regression."""
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -128,8 +134,11 @@ class TextModel(GrainMixin, L.LightningModule):
     def grain_losses(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._losses(batch)[0]
 
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
-        return values * self.hparams["target_std"] + self.hparams["target_mean"]
+        return values * self.target_std.to(values.dtype) + self.target_mean.to(values.dtype)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str, metric: Any) -> None:
         losses, out = self._losses(batch)
@@ -155,6 +164,20 @@ class TextModel(GrainMixin, L.LightningModule):
         out = self(batch["input_ids"], batch["attention_mask"])
         return self._unscale(out.float()) if self.regression else out.argmax(-1)
 
+    def _optimizer_steps(self) -> int:
+        """Optimizer steps of the fit: ``ceil(batches / N)`` per epoch (GRAIN steps a partial last cycle too, ``N =
+        grain.accumulate_grad_batches``) times the epochs, capped by ``max_steps`` (counted in optimizer steps
+        under manual optimization)."""
+        trainer = self.trainer
+        _ = trainer.estimated_stepping_batches  # loads the train loader: num_training_batches is known after it
+        per_epoch = math.ceil(trainer.num_training_batches / self.grain_config.accumulate_grad_batches)
+        steps = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            steps = min(steps, trainer.max_steps)
+        if math.isinf(steps):
+            raise ValueError("TextModel's schedule needs Trainer(max_epochs) or Trainer(max_steps)")
+        return max(1, int(steps))
+
     @override
     def configure_optimizers(self) -> Any:
         from transformers import get_linear_schedule_with_warmup
@@ -169,7 +192,7 @@ class TextModel(GrainMixin, L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams["lr"])
-        steps = max(1, int(self.trainer.estimated_stepping_batches) // self.grain_config.accumulate_grad_batches)
+        steps = self._optimizer_steps()
         warmup = int(self.hparams["warmup_fraction"] * steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

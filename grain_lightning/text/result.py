@@ -1,6 +1,7 @@
 """One run's result, as ``grain sweep`` reads it: final validation and test metrics, curve, time, steps.
 
-``result.json`` (written atomically, so a killed run never leaves a file that looks finished)::
+``result.json`` (written atomically, so a killed run never leaves a file that looks finished; a non-finite
+metric is ``null``)::
 
     {"seed": 3, "lr": 1e-05, "monitor": "val_acc", "mode": "max", "test_metric": "test_acc",
      "val": {"val_acc": 0.81, "val_loss": 0.45}, "test": {"test_acc": 0.79, "test_loss": 0.47},
@@ -12,9 +13,7 @@ metric that chooses a learning rate and the test metric describe the same model.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +21,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
+
+from grain_lightning.files import atomic_write_json
 
 __all__ = ["ValidationCurve", "run_result", "write_json"]
 
@@ -75,14 +76,16 @@ def run_result(
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (all or nothing)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically (:func:`grain_lightning.files.atomic_write_json`); a non-finite metric
+    is written as ``null``."""
+    atomic_write_json(path, _finite(data))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -51,7 +51,7 @@ if args.mode == "min":
 result = {"seed": args.seed_everything, "lr": args.lr, "monitor": monitor, "mode": args.mode,
           "test_metric": test_metric, "val": {monitor: val, "val_loss": 1 - val},
           "test": {test_metric: test, "test_loss": 1 - test}, "wall_s": 0.5, "steps": 30, "curve": curve,
-          "threads": [os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GRAIN_NUM_THREADS")]}
+          "threads": [os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]}
 with open(args.result_json + ".part", "w") as f:
     json.dump(result, f)
 os.replace(args.result_json + ".part", args.result_json)

@@ -79,3 +79,16 @@ def test_main_rejects_an_output_dir_that_is_a_file(tmp_path, config, capsys):
         main(["--config", str(config), "--methods", "mean", "--lrs", "1e-3", "--output_dir", str(tmp_path / "f")])
     assert "is a file" in capsys.readouterr().err
     assert main(["--report_only", "--output_dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_force_with_another_config_discards_the_earlier_runs(tmp_path, fake_worker, config, capsys):
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--seeds", "1", "--methods", "mean", "--lrs", "1e-3", "--output_dir", str(out)]
+    assert main([*argv, "--quiet"], worker_cmd=fake_worker) == 0
+    result = out / "mean" / "lr=0.001" / "seed=0" / "result.json"
+    before = result.stat().st_mtime_ns
+    config.write_text("model:\n  lr: 0.002\n")  # another configuration: its results are not the old ones
+    assert main([*argv, "--quiet"], worker_cmd=fake_worker) == 2
+    assert main([*argv, "--quiet", "--force"], worker_cmd=fake_worker) == 0
+    assert "1 earlier run(s) discarded" in capsys.readouterr().err
+    assert result.stat().st_mtime_ns != before  # re-run, not reused

@@ -144,3 +144,17 @@ def test_results_that_disagree_on_the_metric_raise(tmp_path):
     write_result(tmp_path, runs[1], val=0.7, test=0.7, mode="min")
     with pytest.raises(ValueError, match="disagree"):
         load_results(tmp_path, runs)
+
+
+def test_a_failed_run_counts_as_worst_when_choosing_the_lr(tmp_path, fake_worker, config):
+    from grain_lightning.sweep.runner import execute
+
+    runs = plan_runs(2, METHODS[:1], [1e-3, 1e-2])  # validation prefers 1e-3 ...
+    execute(runs, tmp_path, config_path=config, jobs=2, worker_cmd=fake_worker, extra_args=["--fail", "mean:1"],
+            check=False, quiet=True)  # fmt: skip
+    failed = [r for r in runs if r.seed == 1]
+    assert all((r.directory(tmp_path) / "failed.txt").is_file() for r in failed)  # ... but seed 1 failed at both
+    assert choose_lrs(load_results(tmp_path, runs)) == {"mean": 1e-3}  # every lr has a failure: best of the rest
+    (failed[1].directory(tmp_path) / "failed.txt").unlink()  # only 1e-3 failed now: 1e-2 wins
+    (failed[1].directory(tmp_path) / "log.txt").unlink()
+    assert choose_lrs(load_results(tmp_path, runs)) == {"mean": 1e-2}

@@ -43,7 +43,7 @@ def test_command_and_environment(tmp_path):
     assert command(run, "c", tmp_path, worker_cmd=["w"])[0] == "w"
     assert threads_per_run(2, cores=8) == 4 and threads_per_run(16, cores=8) == 1
     env = run_env(3, base={"PATH": "/bin"})
-    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["GRAIN_NUM_THREADS"] == "3"
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
     assert env["PATH"] == "/bin"
 
 
@@ -54,7 +54,7 @@ def test_execute_is_resumable(tmp_path, fake_worker, config, capsys):
     assert len(first.done) == len(runs) and not first.skipped and not first.failed
     assert (runs[0].directory(out) / "log.txt").read_text().startswith("$ ")
     result = json.loads((runs[0].directory(out) / "result.json").read_text())
-    assert result["threads"] == [str(threads_per_run(2))] * 3
+    assert result["threads"] == [str(threads_per_run(2))] * 2
     assert capsys.readouterr().err == ""  # quiet
 
     second = execute(runs, out, config_path=config, jobs=2, worker_cmd=fake_worker, quiet=True)
@@ -96,3 +96,12 @@ def test_a_worker_that_cannot_start_is_a_failure(tmp_path, config):
     assert outcome.failed[0].reason.startswith("could not start")
     with pytest.raises(ValueError, match="more than once"):
         execute(runs * 2, tmp_path, config_path=config)
+
+
+def test_a_rerun_starts_from_an_empty_run_directory(tmp_path, fake_worker, config):
+    runs = plan_runs(1, METHODS[:1], [1e-3])
+    run_dir = runs[0].directory(tmp_path)
+    (run_dir / "lightning_logs" / "version_0").mkdir(parents=True)  # an interrupted earlier attempt
+    (run_dir / "failed.txt").write_text("exit status 1\n")
+    execute(runs, tmp_path, config_path=config, worker_cmd=fake_worker, quiet=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["log.txt", "result.json"]

@@ -70,7 +70,7 @@ def test_tokens_are_cached_on_disk_and_reused(setting, monkeypatch, tmp_path):
     def no_tokenizer(*a, **k):
         raise AssertionError("tokenized again although the cache holds this file")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__", no_tokenizer)
     dm = _data(model_dir, csv)
     dm.setup("fit")
     assert len(next(iter(dm.train_dataloader()))["input_ids"]) == 16
@@ -103,6 +103,7 @@ def test_separate_files_and_regression_targets(setting, tmp_path):
         ({"task": "regression", "label_column": "size"}, "numeric label column 'size'"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, "sum below 1"),
         ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be an int >= 1, got 0"),
     ],
 )
 def test_bad_data_options_name_the_value(setting, kwargs, message):
@@ -193,3 +194,84 @@ def test_grain_sweep_is_a_subcommand_of_grain(capsys):
     with pytest.raises(SystemExit) as exit_info:
         grain_main(["sweep", "--help"])
     assert exit_info.value.code == 0 and "usage: grain sweep" in capsys.readouterr().out
+
+
+def test_token_cache_key_is_the_tokenizer_not_its_file_names(setting, tmp_path):
+    """Two tokenizers with the same file names but different vocabularies must not share cached ids."""
+    import shutil
+
+    model_dir, csv = setting
+    other = tmp_path / "other-bert"
+    shutil.copytree(model_dir, other)
+    (other / "tokenizer.json").unlink()
+    vocab = (other / "vocab.txt").read_text().split()
+    (other / "vocab.txt").write_text("\n".join(vocab[:5] + vocab[5:][::-1]) + "\n")  # same words, other ids
+    first, second = _data(model_dir, csv), _data(other, csv)
+    first.setup("fit")
+    second.setup("fit")
+    a = next(iter(first.val_dataloader()))["input_ids"]
+    b = next(iter(second.val_dataloader()))["input_ids"]
+    assert a.shape == b.shape and not torch.equal(a, b)
+
+
+def test_regression_checkpoint_predicts_in_its_own_unit(setting, tmp_path):
+    """The target scale is part of the checkpoint: predict with other data (another subset) gives the same values."""
+    import lightning as L
+
+    model_dir, csv = setting
+    kw = dict(task="regression", label_column="rating", train_size=12)
+    fit_data = _data(model_dir, csv, subset_seed=3, **kw)
+    model = TextModel(str(model_dir), num_labels=1, target_mean=fit_data.target_mean, target_std=fit_data.target_std)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, fit_data)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    other_data = _data(model_dir, csv, subset_seed=4, **kw)
+    assert other_data.target_mean != fit_data.target_mean
+    other = TextModel(
+        str(model_dir), num_labels=1, target_mean=other_data.target_mean, target_std=other_data.target_std
+    )
+    predict = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    expected = torch.cat(predict.predict(model, datamodule=other_data))
+    got = torch.cat(predict.predict(other, datamodule=other_data, ckpt_path=ckpt))
+    assert float(other.target_mean) == pytest.approx(fit_data.target_mean)
+    assert torch.allclose(got, expected)
+
+
+@pytest.mark.parametrize("max_epochs, max_steps, accumulate, expected", [(2, -1, 1, 10), (2, -1, 2, 6), (5, 8, 2, 8)])
+def test_schedule_length_counts_optimizer_steps(setting, max_epochs, max_steps, accumulate, expected):
+    import lightning as L
+
+    from grain_lightning import GrainConfig
+
+    model_dir, csv = setting
+    dm = _data(model_dir, csv, train_size=40, batch_size=8)  # 5 batches per epoch
+    model = TextModel(str(model_dir), grain=GrainConfig(accumulate_grad_batches=accumulate))
+    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    assert model._optimizer_steps() == expected and trainer.global_step == expected
+    assert model.lr_schedulers().get_last_lr()[0] == pytest.approx(0.0)  # the schedule ends with training
+
+
+def test_result_json_needs_a_test_split_before_training(setting, tmp_path):
+    model_dir, csv = setting
+    with pytest.raises(ValueError, match="no test split"):
+        grain_main([
+            "fit", "--model.pretrained", str(model_dir), "--data.train_path", str(csv), "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(tmp_path / "r"), "--result_json", str(tmp_path / "r.json"), *QUIET,
+        ])  # fmt: skip
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("*.ckpt"))  # failed before the fit
+
+
+def test_label_types_mixed_across_files_and_a_directory_as_path(setting, tmp_path):
+    model_dir, csv = setting
+    frame = pd.read_csv(csv).dropna()
+    frame["label"] = frame["label"].map({0: "no", 1: "yes"})
+    strings = tmp_path / "strings.csv"
+    frame.to_csv(strings, index=False)
+    with pytest.raises(ValueError, match="mixes value types"):
+        TextDataModule(train_path=str(csv), test_path=str(strings), tokenizer=str(model_dir))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        _data(model_dir, tmp_path)
