@@ -27,11 +27,16 @@ from typing_extensions import override
 from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LightFMPModule
-from lightfmp.outputs import summary_table
+from lightfmp.outputs import check_output_dir, summary_table
 from lightfmp.selection import DEFAULT_SELECTION, check_selection
 
 DEFAULT_OUTPUT_DIR = "lightfmp_out"
 _OVERRIDES = ("lr", "weight_decay", "dropout")
+
+
+def _auc(value: Optional[float]) -> str:
+    """A test AUC for printing; None (one label class in the test split) is "undefined"."""
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 class LightFMPTrainer(L.Trainer):
@@ -67,7 +72,7 @@ class LightFMPTrainer(L.Trainer):
                 subcommand.
         """
         entry = stages.pretrain(self, model, datamodule, output_dir, ckpt_path)
-        rank_zero_info(f"pretrain: test AUC {entry['auc']:.4f}, expected open fields {entry['expected_fields']:.1f}")
+        rank_zero_info(f"pretrain: test AUC {_auc(entry['auc'])}, expected open fields {entry['expected_fields']:.1f}")
 
     def prune(
         self,
@@ -117,10 +122,11 @@ class LightFMPTrainer(L.Trainer):
             checkpoint: pruned checkpoint (default: ``<output_dir>/pruned.ckpt``).
             finetune_epochs: epochs of this stage (default: the trainer's ``max_epochs``), as in ``pipeline``.
         """
+        stages.check_fit_length("--finetune_epochs", finetune_epochs, "finetune")
         overrides = {k: model.hparams[k] for k in _OVERRIDES}
         trainer = self.fresh(max_epochs=finetune_epochs) if finetune_epochs is not None else self
         entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides)
-        rank_zero_info(f"finetune: test AUC {entry['auc']:.4f} with {entry['fields']} fields")
+        rank_zero_info(f"finetune: test AUC {_auc(entry['auc'])} with {entry['fields']} fields")
 
     def pipeline(
         self,
@@ -142,6 +148,9 @@ class LightFMPTrainer(L.Trainer):
                 permutation, lasso or autofield (see lightfmp.selection).
         """
         check_selection(selection, top_k)  # before stage 1, not after it
+        check_output_dir(output_dir)
+        stages.check_trainer_length(self, "pretrain")
+        stages.check_fit_length("--finetune_epochs", finetune_epochs, "finetune")
         if datamodule.subset != "pretrain":
             datamodule = datamodule.for_subset("pretrain")
         self.pretrain(model, datamodule, output_dir)

@@ -13,19 +13,19 @@ hyper-parameters, so ``LightFMPModule.load_from_checkpoint(path)`` rebuilds the 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import BinaryAUROC
 from typing_extensions import override
 
 from lightfmp.backbones import BACKBONES, CTRBackbone, build_backbone
 from lightfmp.gates import HardConcreteGate
 from lightfmp.inputs import CTRBatch, ModelInputs
-from lightfmp.metrics import BinaryLogLoss
+from lightfmp.metrics import BinaryAUC, BinaryLogLoss
 
 LIGHTFMP_CHECKPOINT_KEY = "lightfmp"
 
@@ -98,8 +98,8 @@ class LightFMPModule(L.LightningModule):
         self.dual_lr = dual_lr
         self.net: Optional[CTRBackbone] = None
         self.gate: Optional[HardConcreteGate] = None
-        self.val_auc, self.val_logloss = BinaryAUROC(), BinaryLogLoss()
-        self.test_auc, self.test_logloss = BinaryAUROC(), BinaryLogLoss()
+        self.val_auc, self.val_logloss = BinaryAUC(), BinaryLogLoss()  # AUC NaN when a split has one class
+        self.test_auc, self.test_logloss = BinaryAUC(), BinaryLogLoss()
         self.checkpoint_extra: Optional[dict[str, Any]] = None  # stage information saved under "lightfmp"
         if feature_spec is not None:
             self._build(ModelInputs.from_dict(feature_spec))
@@ -256,13 +256,12 @@ class LightFMPModule(L.LightningModule):
 
 
 @torch.no_grad()
-def evaluate(
-    model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None
-) -> dict[str, float]:
-    """AUC and LogLoss over a whole loader; ``gates`` (F,) overrides the model's own mask (e.g. 0/1 gates)."""
+def evaluate(model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """AUC, LogLoss and sample count over a whole loader; ``gates`` (F,) overrides the model's own mask (e.g. 0/1
+    gates). ``auc`` is None when the loader's labels hold a single class (AUC is undefined there)."""
     was_training = model.training
     model.eval()
-    auc, logloss = BinaryAUROC(), BinaryLogLoss()
+    auc, logloss = BinaryAUC(), BinaryLogLoss()
     device = next(model.parameters()).device
     n = 0
     for batch in loader:
@@ -275,4 +274,5 @@ def evaluate(
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
-    return {"auc": float(auc.compute()), "logloss": float(logloss.compute()), "samples": n}
+    auc_value = float(auc.compute())
+    return {"auc": None if math.isnan(auc_value) else auc_value, "logloss": float(logloss.compute()), "samples": n}

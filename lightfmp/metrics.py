@@ -5,7 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
+
+
+class BinaryAUC(BinaryAUROC):
+    """``BinaryAUROC`` that is NaN, not 0, when the targets hold a single class (where AUC is undefined)."""
+
+    @override
+    def compute(self) -> torch.Tensor:  # type: ignore[override]  # as BinaryAUROC.compute: a tensor, not a curve
+        if self.thresholds is None:
+            target = dim_zero_cat(self.target)
+            positives, total = int(target.sum()), target.numel()
+        else:  # binned state: confmat (thresholds, 2, 2), rows by target
+            positives, total = int(self.confmat[0, 1].sum()), int(self.confmat[0].sum())
+        if total > 0 and positives in (0, total):
+            return torch.tensor(float("nan"))
+        return super().compute()
 
 
 class BinaryLogLoss(Metric):

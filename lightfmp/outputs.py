@@ -10,9 +10,10 @@ finetune    ``finetune.ckpt``
 =========== ==================================================
 
 Each stage adds its entry to ``metrics.json`` (test AUC and LogLoss, number of fields, parameters, training
-seconds, training samples per second) only once all its files are in place; files are written to a temporary
-name first and renamed. Starting a stage removes the outputs of that stage and of the later ones, so a failed
-run never leaves stale files that look complete.
+seconds, training samples per second) only once all its files are in place; an undefined number (the AUC of a
+test split with one label class) is ``null``, never ``NaN``, so the file is strict JSON. Files are written to a
+temporary name first and renamed. Starting a stage removes the outputs of that stage and of the later ones, so a
+failed run never leaves stale files that look complete.
 
 A stage checkpoint is a Lightning checkpoint (``LightFMPModule.load_from_checkpoint`` loads it) with the
 stage's information under ``"lightfmp"`` and the preprocessor where Lightning keeps the datamodule's state
@@ -23,7 +24,9 @@ holds the same preprocessor state (:meth:`~lightfmp.data.preprocess.Preprocessor
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -57,9 +60,25 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     os.replace(tmp, path)
 
 
-def output_directory(output_dir: PathLike) -> Path:
-    """``output_dir`` as a ``Path``, created if needed."""
+def check_output_dir(output_dir: PathLike) -> Path:
+    """``output_dir`` as a ``Path``; raises ``NotADirectoryError`` naming it when it, or the nearest of its parents
+    that exists, is not a directory (checked before a stage runs; nothing is created)."""
     out = Path(output_dir)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == out else f"is inside {str(path)!r}, which is"
+                raise NotADirectoryError(
+                    f"output_dir {str(out)!r} {where} an existing file, not a directory; pass a new or existing "
+                    "directory as --output_dir"
+                )
+            break
+    return out
+
+
+def output_directory(output_dir: PathLike) -> Path:
+    """``output_dir`` as a ``Path`` (see :func:`check_output_dir`), created if needed."""
+    out = check_output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -95,7 +114,8 @@ def read_metrics(output_dir: PathLike) -> dict[str, Any]:
 
 
 def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> None:
-    atomic_write(output_dir / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    text = json.dumps(metrics, indent=2, allow_nan=False)  # strict JSON: undefined values are null (metrics_entry)
+    atomic_write(output_dir / METRICS_FILE, lambda p: p.write_text(text))
 
 
 def record(output_dir: Path, stage: str, entry: dict[str, Any]) -> None:
@@ -106,9 +126,13 @@ def record(output_dir: Path, stage: str, entry: dict[str, Any]) -> None:
 
 
 def metrics_entry(
-    module: LightFMPModule, scores: dict[str, float], throughput: Optional[TrainingThroughput]
+    module: LightFMPModule, scores: dict[str, Any], throughput: Optional[TrainingThroughput]
 ) -> dict[str, Any]:
-    """A stage's ``metrics.json`` entry: test scores, size of the model and, after a fit, its throughput."""
+    """A stage's ``metrics.json`` entry: test scores, size of the model and, after a fit, its throughput.
+
+    An undefined number (``None``, NaN or infinite, e.g. the AUC of a test split with one label class) is ``None``
+    (``null`` in ``metrics.json``); a NaN or infinite one also warns, naming the key.
+    """
     entry: dict[str, Any] = {
         "auc": scores["auc"],
         "logloss": scores["logloss"],
@@ -123,7 +147,16 @@ def metrics_entry(
             train_samples=throughput.samples,
             samples_per_second=throughput.samples_per_second,
         )
+    for key, value in entry.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            warnings.warn(f"{key} is {value}; recorded as null in {METRICS_FILE}", UserWarning, stacklevel=2)
+            entry[key] = None
     return entry
+
+
+def _rounded(value: Optional[float], digits: Optional[int]) -> Optional[float]:
+    """``round(value, digits)``; None stays None (an undefined metric)."""
+    return None if value is None else round(value, digits)
 
 
 def summary_table(output_dir: PathLike) -> pd.DataFrame:
@@ -138,10 +171,10 @@ def summary_table(output_dir: PathLike) -> pd.DataFrame:
                     "stage": stage,
                     "fields": m["fields"],
                     "parameters": m["parameters"],
-                    "test_auc": round(m["auc"], 4),
-                    "test_logloss": round(m["logloss"], 4),
-                    "train_seconds": round(m["train_seconds"], 1) if "train_seconds" in m else None,
-                    "samples_per_second": round(m["samples_per_second"]) if "samples_per_second" in m else None,
+                    "test_auc": _rounded(m["auc"], 4),
+                    "test_logloss": _rounded(m["logloss"], 4),
+                    "train_seconds": _rounded(m.get("train_seconds"), 1),
+                    "samples_per_second": _rounded(m.get("samples_per_second"), None),
                 }
             )
     return pd.DataFrame(rows)
@@ -195,9 +228,16 @@ def stage_checkpoint(output_dir: Path, checkpoint: Optional[PathLike], default_n
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A stage checkpoint, read once (on the CPU); it must have the Light-FMP entry."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if LIGHTFMP_CHECKPOINT_KEY not in checkpoint:
+    """A stage checkpoint, read once (on the CPU); it must have the Light-FMP entry. A file that ``torch.load``
+    cannot read raises ``ValueError`` naming it (the library's error as ``__cause__``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types for a damaged file (UnpicklingError, RuntimeError, ...)
+        raise ValueError(
+            f"{str(path)!r} is not a readable checkpoint (not written by torch.save, or truncated or corrupt; "
+            f"{path.stat().st_size} bytes): {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(checkpoint, dict) or LIGHTFMP_CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path} is not a Light-FMP checkpoint (no {LIGHTFMP_CHECKPOINT_KEY!r} entry)")
     return checkpoint
 

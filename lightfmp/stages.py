@@ -9,7 +9,8 @@ finetune    fit the pruned model on the rest of the train split
 =========== =====================================================
 
 Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp.outputs`) and returns its
-``metrics.json`` entry.
+``metrics.json`` entry. A fitting stage refuses, before it touches the output directory, a trainer that would not
+train (``max_epochs`` or ``max_steps`` 0) and training rows of a single label class.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 from lightfmp.outputs import (
     PathLike,
+    check_output_dir,
     checkpoint_preprocessor_state,
     clear_from,
     metrics_entry,
@@ -50,7 +52,7 @@ from lightfmp.selection import (
     rank_fields,
 )
 
-__all__ = ["finetune", "pretrain", "prune", "timed_fit"]
+__all__ = ["check_fit_length", "check_trainer_length", "finetune", "pretrain", "prune", "timed_fit"]
 
 
 def _single_process(trainer: L.Trainer) -> None:
@@ -59,6 +61,21 @@ def _single_process(trainer: L.Trainer) -> None:
             f"Light-FMP's stages run in one process (they write the output directory from it); got a trainer with "
             f"world_size={trainer.world_size}. Use --trainer.devices 1 --trainer.num_nodes 1"
         )
+
+
+def check_fit_length(option: str, value: Optional[int], stage: str) -> None:
+    """Refuse a training length of 0 (``option`` as the user typed it, e.g. ``--trainer.max_epochs``): the stage
+    would record the test scores of an untrained model and an undefined throughput."""
+    if value == 0:
+        raise ValueError(
+            f"{option} 0: stage {stage!r} would not train; expected a positive number (or -1 for no limit)"
+        )
+
+
+def check_trainer_length(trainer: L.Trainer, stage: str) -> None:
+    """:func:`check_fit_length` of the trainer's ``max_epochs`` and ``max_steps``."""
+    check_fit_length("--trainer.max_epochs", trainer.max_epochs, stage)
+    check_fit_length("--trainer.max_steps", trainer.max_steps, stage)
 
 
 def timed_fit(
@@ -90,15 +107,18 @@ def pretrain(
 
     Writes ``pretrain.ckpt`` and ``preprocessor.json``. ``ckpt_path``: resume an interrupted stage-1 fit from a
     full Lightning checkpoint (e.g. one written by a ``ModelCheckpoint`` callback); the default starts from
-    scratch.
+    scratch. The data is read (and its training labels checked) before the output directory is touched.
     """
     _single_process(trainer)
-    out = output_directory(output_dir)
-    clear_from(out, "pretrain")
+    check_output_dir(output_dir)
+    check_trainer_length(trainer, "pretrain")
     if not module.field_mask:
         raise ValueError("pretrain needs a model with field_mask=True")
     if datamodule.subset != "pretrain":
         datamodule = datamodule.for_subset("pretrain")
+    datamodule.setup("fit")  # reads the data; refuses training labels of one class
+    out = output_directory(output_dir)
+    clear_from(out, "pretrain")
     throughput = timed_fit(trainer, module, datamodule, ckpt_path)
     scores = evaluate(module, datamodule.test_dataloader())
     assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
@@ -245,15 +265,18 @@ def finetune(
     replace the checkpoint's.
     """
     _single_process(trainer)
-    out = output_directory(output_dir)
+    out = check_output_dir(output_dir)
+    check_trainer_length(trainer, "finetune")
     ckpt_path = stage_checkpoint(out, checkpoint, "pruned.ckpt", "prune")
     ckpt = read_checkpoint(ckpt_path)
     extra = ckpt[LIGHTFMP_CHECKPOINT_KEY]
     if "kept_fields" not in extra:
         raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")
-    clear_from(out, "finetune")
     module = LightFMPModule.from_checkpoint(ckpt, **(overrides or {}))
     dm = datamodule.for_subset("finetune", fields=extra["kept_fields"], preprocessor=read_preprocessor(ckpt, ckpt_path))
+    dm.setup("fit")  # reads the data; refuses training labels of one class
+    out = output_directory(out)
+    clear_from(out, "finetune")
     throughput = timed_fit(trainer, module, dm)
     scores = evaluate(module, dm.test_dataloader())
     stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there

@@ -287,9 +287,54 @@ class CTRDataModule(L.LightningDataModule):
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever Lightning's ``stage``."""
-        if self.encoded is not None:
-            return
+        """Read, split, fit (or reuse) the preprocessor and encode; done once, whatever Lightning's ``stage``.
+
+        The first time, an evaluation split whose labels hold one class gets a warning (its AUC is undefined);
+        for ``stage`` ``"fit"`` or None, :meth:`check_train_labels` refuses a train subset of one class.
+        """
+        if self.encoded is None:
+            self._encode()
+            for split in ("validation", "test"):
+                self._warn_single_class(split)
+        if stage in (None, "fit"):
+            self.check_train_labels()
+
+    def _label_values(self, indices: np.ndarray) -> dict[int, int]:
+        """Row count per label value (0/1) of ``indices``."""
+        labels = self._require_setup().labels[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        values, counts = torch.unique(labels.long(), return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
+
+    def _label_hint(self) -> str:
+        assert self.schema is not None
+        positive = f" (the schema's positive values: {list(self.schema.positive)})" if self.schema.positive else ""
+        return f"label column {self.schema.label!r}{positive}"
+
+    def check_train_labels(self) -> None:
+        """Raise ``ValueError`` when the rows of this ``subset`` hold one label class: nothing to learn, and AUC
+        is undefined."""
+        seen = self._label_values(self.train_indices)
+        if len(seen) == 1:
+            table = self._label_values(np.arange(len(self._require_setup())))
+            raise ValueError(
+                f"the training rows of subset {self.subset!r} all have the same label: {self._label_hint()} has "
+                f"values {sorted(seen)} there (rows per value: {seen}; whole table: {table}); a click-through model "
+                "needs both classes 0 and 1"
+            )
+
+    def _warn_single_class(self, split: Literal["validation", "test"]) -> None:
+        assert self.splits is not None
+        indices = self.splits.val if split == "validation" else self.splits.test
+        seen = self._label_values(indices) if len(indices) else {}
+        if len(seen) == 1:
+            warnings.warn(
+                f"the {split} split's {len(indices)} rows all have label {next(iter(seen))} in "
+                f"{self._label_hint()}: its AUC is undefined (recorded as null; LogLoss is still computed)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _encode(self) -> None:
         reuse = self._preprocessor_to_reuse()
         if reuse is not None and self.fields is not None:
             reuse = reuse.select(self.fields)

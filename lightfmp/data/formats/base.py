@@ -2,14 +2,20 @@
 finishing a frame to its schema's columns.
 
 Bad input raises ``ValueError`` (or ``FileNotFoundError`` / ``KeyError``) naming the file and, for malformed
-rows, the line number (1-based, header included); nothing is returned partially.
+rows, the line number (1-based, header included); nothing is returned partially. A truncated or corrupt gzip
+file raises ``ValueError`` naming the file and the line where its data breaks (the library's error as
+``__cause__``).
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
+import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -39,6 +45,39 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+#: what the gzip module and pandas raise for a truncated, corrupt or non-gzip ``.gz`` file
+GZIP_ERRORS: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _gzip_break(path: Path) -> tuple[int, int]:
+    """``(bytes, line)``: how many decompressed bytes of ``path`` can be read, and the line they end in."""
+    good = newlines = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while piece := fh.read1(1 << 16):  # one raw read each: keeps the data decompressed before the break
+                good += len(piece)
+                newlines += piece.count(b"\n")
+    except GZIP_ERRORS:
+        pass
+    return good, newlines + 1
+
+
+@contextmanager
+def gzip_errors(path: Path) -> Iterator[None]:
+    """Turn the gzip errors of reading a ``.gz`` ``path`` into ``ValueError`` naming the file and where its data
+    breaks."""
+    try:
+        yield
+    except GZIP_ERRORS as e:
+        if path.suffix != ".gz":
+            raise
+        good, line = _gzip_break(path)
+        raise ValueError(
+            f"{str(path)!r} is not a readable gzip file (truncated or corrupt): its data breaks after {good} "
+            f"decompressed bytes, in line {line} ({type(e).__name__}: {e})"
+        ) from e
+
+
 def check_field_counts(
     path: PathLike,
     sep: str,
@@ -62,7 +101,7 @@ def check_field_counts(
     lines = 0  # physical newlines before the current block
     inside = 0  # quote parity at the start of the current block
     carry = b""
-    with open_binary(path) as fh:
+    with gzip_errors(path), open_binary(path) as fh:
         while True:
             block = fh.read(block_bytes)
             final = not block
@@ -140,8 +179,9 @@ def read_chunks(path: Path, chunksize: int, nrows: Optional[int], **kwargs: Any)
     """``pd.read_csv`` in chunks; pandas' errors become ``ValueError`` naming the file (:class:`NotNumeric` for a
     non-number in a float64 column)."""
     try:
-        reader = pd.read_csv(path, chunksize=chunksize, nrows=nrows, **kwargs)
-        yield from reader
+        with gzip_errors(path):
+            reader = pd.read_csv(path, chunksize=chunksize, nrows=nrows, **kwargs)
+            yield from reader
     except UnicodeDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid text in the expected encoding: {e}") from None
     except pd.errors.EmptyDataError as e:
@@ -155,15 +195,36 @@ def read_chunks(path: Path, chunksize: int, nrows: Optional[int], **kwargs: Any)
 
 
 def read_header(path: Path) -> list[str]:
-    """Column names of a CSV file with a header line."""
+    """Column names of a CSV file with a header line; a name given twice raises (pandas would rename the second
+    one ``name.1`` and a reader would silently use the first)."""
     try:
-        return list(pd.read_csv(path, nrows=0).columns)
+        with gzip_errors(path):
+            names = list(pd.read_csv(path, nrows=0).columns)
+            text = (
+                gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+                if path.suffix == ".gz"
+                else open(path, encoding="utf-8-sig", newline="")
+            )
+            with text:
+                raw = next(csv.reader(text), [])
     except UnicodeDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid UTF-8 text: {e}") from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"data file {str(path)!r} is empty") from None
     except pd.errors.ParserError as e:
         raise ValueError(f"malformed header in {str(path)!r}: {e}") from None
+    check_unique_columns(raw, path)
+    return names
+
+
+def check_unique_columns(names: Sequence[str], path: PathLike) -> None:
+    """Raise ``ValueError`` naming the file and the column names that occur more than once in ``names``."""
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        raise ValueError(
+            f"duplicate column name(s) {dupes} in the header of {str(path)!r}: each column needs a "
+            "unique name (rename one of them)"
+        )
 
 
 def fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.DataFrame]:
@@ -220,6 +281,24 @@ def binary_labels(
             "expected 0/1 (or list the positive values in the schema's 'positive')"
         )
     return pd.Series(out, index=raw.index)
+
+
+def check_positive_labels(
+    labels: pd.Series, seen: Iterable[Any], positive: Sequence[Any], path: PathLike, name: str
+) -> None:
+    """With a schema's ``positive`` values: raise when they match none (or all) of the raw labels ``seen``, which
+    would leave every row with label 0 (or 1); ``labels``: the 0/1 labels of the whole file."""
+    ones = int(labels.sum())
+    if 0 < ones < len(labels):
+        return
+    values = sorted({str(v) for v in seen})
+    shown = values[:20] + (["..."] if len(values) > 20 else [])
+    what = "match none" if ones == 0 else "match every one"
+    raise ValueError(
+        f"the schema's positive label values {list(positive)} {what} of the values in label column {name!r} of "
+        f"{str(path)!r} (values seen: {shown}): every row would have label {int(ones > 0)}; list the raw values "
+        "that mean 1 in the schema's 'positive'"
+    )
 
 
 def override_schema(full: Schema, schema: Optional[Schema]) -> Schema:

@@ -15,6 +15,8 @@ from lightfmp.data.formats.base import (
     binary_labels,
     check_field_counts,
     check_file,
+    check_positive_labels,
+    check_unique_columns,
     concat_chunks,
     convert_fields,
     fast_then_exact,
@@ -51,6 +53,7 @@ def read_table(
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
             raise ValueError(f"{str(path)!r} is not a readable Parquet file: {e}") from None
         available = pfile.schema_arrow.names
+        check_unique_columns(available, path)
     else:
         available = read_header(path)
         check_field_counts(path, ",", expected=len(available), skip_lines=1, quote='"')
@@ -58,6 +61,7 @@ def read_table(
     if missing:
         raise ValueError(f"schema does not match {str(path)!r}: missing column(s) {missing}; the file has {available}")
     row_base = 0 if file_format == "parquet" else 1  # Parquet rows are reported as "line" row + 1
+    seen_labels: set[str] = set()  # raw label values (a few), named when `positive` matches none of them
 
     def collect(dense_dtype: Any) -> list[pd.DataFrame]:
         remaining = max_rows if file_format == "parquet" else None  # read_csv applies max_rows itself
@@ -83,6 +87,8 @@ def read_table(
                 chunk = chunk.iloc[:remaining]
                 remaining -= len(chunk)
             lines = offset + row_base + 1 + np.arange(len(chunk))
+            if schema.positive is not None and len(seen_labels) <= 20:
+                seen_labels.update(str(v).strip() for v in pd.unique(chunk[schema.label].dropna()))
             chunk[schema.label] = binary_labels(chunk[schema.label], path, lines, schema.label, schema.positive)
             chunks.append(convert_fields(chunk, schema, path, lines))
             offset += len(chunk)
@@ -90,7 +96,10 @@ def read_table(
                 break
         return chunks
 
-    return finish_frame(concat_chunks(fast_then_exact(collect), path), schema, path)
+    frame = concat_chunks(fast_then_exact(collect), path)
+    if schema.positive is not None:
+        check_positive_labels(frame[schema.label], seen_labels, schema.positive, path, schema.label)
+    return finish_frame(frame, schema, path)
 
 
 @register_reader("csv")
