@@ -58,8 +58,11 @@ def run_result(
     seed: Optional[int],
     lr: float,
 ) -> dict[str, Any]:
-    """Validate and test the final weights; the ``result.json`` dict."""
-    val = _metrics(trainer.validate(model, datamodule=datamodule, verbose=False), "val_")
+    """Validate (unless the fit's last validation already saw the final weights) and test them; ``result.json``."""
+    if curve and curve[-1]["step"] == trainer.global_step:  # validated after the last step: same weights, same data
+        val = {k: v for k, v in curve[-1].items() if k.startswith("val_")}
+    else:
+        val = _metrics(trainer.validate(model, datamodule=datamodule, verbose=False), "val_")
     test = _metrics(trainer.test(model, datamodule=datamodule, verbose=False), "test_")
     return {
         "seed": seed,

@@ -1,4 +1,4 @@
-"""Small hand-made batches for model tests (the data pipeline has its own tests)."""
+"""Small hand-made batches for model tests (the data pipeline has its own tests), and a planted stage 1."""
 
 from __future__ import annotations
 
@@ -46,3 +46,27 @@ def restrict(batch: CTRBatch, full: ModelInputs, keep: ModelInputs) -> CTRBatch:
     jts = batch.sparse.to_dict()
     sparse = KeyedJaggedTensor.from_jt_dict({n: jts[n] for n in keep.sparse_names}) if keep.sparse else None
     return CTRBatch(batch.dense[:, cols], sparse, batch.labels)
+
+
+def planted_stage1(rows: int, dense: int, sparse: int, informative: int, hidden: tuple[int, ...], epochs: int = 5):
+    """Stage 1 (gated MLP, seed 0) fitted on the pretrain half of a synthetic task whose label uses ``informative``
+    of its ``dense + sparse`` fields; returns ``(module, datamodule)``."""
+    import lightning as L
+
+    from lightfmp.data.datamodule import CTRDataModule
+    from lightfmp.lightning_module import LightFMPModule
+
+    L.seed_everything(0, verbose=False)
+    dm = CTRDataModule(
+        format="synthetic", synthetic_rows=rows, synthetic_dense=dense, synthetic_sparse=sparse,
+        synthetic_num_informative=informative, batch_size=256, pretrain_fraction=0.5, subset="pretrain", seed=0,
+    )  # fmt: skip
+    module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=hidden, l0_weight=0.02, lr=0.01)
+    L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, dm)
+    return module, dm

@@ -14,6 +14,7 @@ from lightfmp.cli import run_cli
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.selection import METHODS, SelectionContext, check_selection, get_method, rank_fields
+from tests.lightfmp.batches import planted_stage1
 from tests.lightfmp.test_stages import TINY
 
 BASELINES = sorted(set(METHODS) - {"random"})
@@ -22,22 +23,7 @@ BASELINES = sorted(set(METHODS) - {"random"})
 @pytest.fixture(scope="module")
 def planted():
     """Stage 1 on 10k rows whose label uses 4 of 12 fields (2 XOR-like pairs with main effects)."""
-    L.seed_everything(0, verbose=False)
-    dm = CTRDataModule(
-        format="synthetic",
-        synthetic_rows=10000,
-        synthetic_dense=4,
-        synthetic_sparse=8,
-        synthetic_num_informative=4,
-        batch_size=256,
-        pretrain_fraction=0.5,
-        subset="pretrain",
-        seed=0,
-    )
-    module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=(32,), l0_weight=0.02, lr=0.01)
-    L.Trainer(
-        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    ).fit(module, dm)
+    module, dm = planted_stage1(rows=10000, dense=4, sparse=8, informative=4, hidden=(32,))
     return SelectionContext.from_datamodule(module, dm, epochs=5), set(dm.synthetic.informative_fields)
 
 

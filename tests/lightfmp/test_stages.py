@@ -12,6 +12,7 @@ from lightfmp.cli import run_cli as main
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.lightning_module import LightFMPModule, evaluate
+from tests.lightfmp.batches import planted_stage1
 
 TINY = [
     "--data.format",
@@ -47,22 +48,7 @@ def cli(*args):
 
 def test_planted_fields_are_recovered():
     """Precision and recall of the kept fields >= 0.9 on a task whose label uses 5 of 20 fields."""
-    L.seed_everything(0, verbose=False)
-    dm = CTRDataModule(
-        format="synthetic",
-        synthetic_rows=20000,
-        synthetic_dense=8,
-        synthetic_sparse=12,
-        synthetic_num_informative=5,
-        batch_size=256,
-        pretrain_fraction=0.5,
-        subset="pretrain",
-        seed=0,
-    )
-    module = LightFMPModule(backbone="mlp", embedding_dim=8, hidden=(64,), l0_weight=0.02, lr=0.01)
-    L.Trainer(
-        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    ).fit(module, dm)
+    module, dm = planted_stage1(rows=20000, dense=8, sparse=12, informative=5, hidden=(64,))
     report = module.gate.report()
     kept = set(report.field[report.kept])
     truth = set(dm.synthetic.informative_fields)

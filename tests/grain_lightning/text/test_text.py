@@ -275,3 +275,23 @@ def test_label_types_mixed_across_files_and_a_directory_as_path(setting, tmp_pat
         TextDataModule(train_path=str(csv), test_path=str(strings), tokenizer=str(model_dir))
     with pytest.raises(IsADirectoryError, match="is a directory"):
         _data(model_dir, tmp_path)
+
+
+def test_result_json_validates_again_only_when_the_last_validation_is_stale(setting, tmp_path, monkeypatch):
+    import lightning as L
+
+    model_dir, csv = setting
+    calls = []
+    validate = L.Trainer.validate
+    monkeypatch.setattr(L.Trainer, "validate", lambda self, *a, **k: calls.append(1) or validate(self, *a, **k))
+    for epochs, every, revalidated in ((2, 1, False), (3, 2, True)):
+        calls.clear()
+        out = tmp_path / f"run{epochs}"
+        grain_main([
+            "fit", "--model.pretrained", str(model_dir), "--data.path", str(csv), "--data.train_size", "32",
+            "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(every),
+            "--trainer.default_root_dir", str(out), "--result_json", str(out / "result.json"), *QUIET,
+        ])  # fmt: skip
+        result = json.loads((out / "result.json").read_text())
+        assert bool(calls) == revalidated and set(result["val"]) == {"val_acc", "val_loss"}
+        assert (result["curve"][-1]["step"] == result["steps"]) != revalidated
