@@ -84,6 +84,7 @@ class LightFMPTrainer(L.Trainer):
         top_k: Optional[int] = None,
         selection: str = DEFAULT_SELECTION,
         finetune_epochs: Optional[int] = None,
+        allow_data_mismatch: bool = False,
     ) -> None:
         """Stage 2: drop the fields whose gate is closed (or that a selection method ranks low) and save the
         smaller model. ``finetune_epochs`` (stage 3's) is accepted and unused, so that one config file serves
@@ -96,11 +97,13 @@ class LightFMPTrainer(L.Trainer):
             selection: who ranks the fields: lightfmp (the stage-1 gates), random, univariate, permutation,
                 lasso or autofield (see lightfmp.selection); the baselines that fit a model train for the
                 trainer's max_epochs on the pretrain subset.
+            allow_data_mismatch: go on when the data (file content, schema, split or preprocessing options)
+                differs from the data stage 1 was trained on; refused by default.
         """
         check_selection(selection, top_k)
         if self.is_global_zero:
             _, report, entry = stages.prune(
-                output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs
+                output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs, allow_data_mismatch
             )
             print(report.to_string(index=False))
             total = entry["fields"] + len(entry["dropped_fields"])
@@ -115,17 +118,19 @@ class LightFMPTrainer(L.Trainer):
         output_dir: str = DEFAULT_OUTPUT_DIR,
         checkpoint: Optional[str] = None,
         finetune_epochs: Optional[int] = None,
+        allow_data_mismatch: bool = False,
     ) -> None:
         """Stage 3: continue training the pruned model on the rest of the data (``--model.lr`` etc. apply).
 
         Args:
             checkpoint: pruned checkpoint (default: ``<output_dir>/pruned.ckpt``).
             finetune_epochs: epochs of this stage (default: the trainer's ``max_epochs``), as in ``pipeline``.
+            allow_data_mismatch: go on when the data differs from the data stage 1 was trained on.
         """
         stages.check_fit_length("--finetune_epochs", finetune_epochs, "finetune")
         overrides = {k: model.hparams[k] for k in _OVERRIDES}
         trainer = self.fresh(max_epochs=finetune_epochs) if finetune_epochs is not None else self
-        entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides)
+        entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides, allow_data_mismatch)
         rank_zero_info(f"finetune: test AUC {_auc(entry['auc'])} with {entry['fields']} fields")
 
     def pipeline(

@@ -1,22 +1,23 @@
-"""The output directory of a Light-FMP run: which stage writes which file, ``metrics.json``, atomic writes,
-clearing the files of a stage and the later ones, and saving / reading stage checkpoints.
+"""The output directory of a Light-FMP run: which stage writes which file, ``metrics.json`` and the summary
+derived from it, and saving / reading stage checkpoints.
 
-=========== ==================================================
+=========== =====================================================================
 stage       writes
-=========== ==================================================
+=========== =====================================================================
 pretrain    ``pretrain.ckpt``, ``preprocessor.json``
-prune       ``pruned.ckpt``, ``feature_report.csv``
+prune       ``pruned.ckpt``, ``feature_report.csv``, ``keep_probabilities.png``
 finetune    ``finetune.ckpt``
-=========== ==================================================
+=========== =====================================================================
 
 Each stage adds its entry to ``metrics.json`` (test AUC and LogLoss, number of fields, parameters, training
-seconds, training samples per second) only once all its files are in place; an undefined number (the AUC of a
-test split with one label class) is ``null``, never ``NaN``, so the file is strict JSON. Files are written to a
-temporary name first and renamed. Starting a stage removes the outputs of that stage and of the later ones, so a
-failed run never leaves stale files that look complete.
+seconds, training samples per second) only once all its files are in place (:mod:`lightfmp.staging` writes a
+stage's files elsewhere first and moves them in when the stage has succeeded); an undefined number (the AUC of a
+test split with one label class) is ``null``, never ``NaN``, so the file is strict JSON. ``summary.csv`` and
+``summary.md`` (the before/after table, :func:`summary_table`) are rewritten with ``metrics.json``.
 
 A stage checkpoint is a Lightning checkpoint (``LightFMPModule.load_from_checkpoint`` loads it) with the
-stage's information under ``"lightfmp"`` and the preprocessor where Lightning keeps the datamodule's state
+stage's information under ``"lightfmp"`` (including ``"data"``, the :mod:`~lightfmp.data.fingerprint` of the
+data stage 1 was trained on) and the preprocessor where Lightning keeps the datamodule's state
 (``DATAMODULE_CHECKPOINT_KEY``, :func:`~lightfmp.data.datamodule.preprocessor_state`); ``preprocessor.json``
 holds the same preprocessor state (:meth:`~lightfmp.data.preprocess.Preprocessor.save`).
 """
@@ -44,12 +45,21 @@ PathLike = Union[str, Path]
 STAGES = ("pretrain", "prune", "finetune")
 STAGE_FILES = {
     "pretrain": ("pretrain.ckpt", "preprocessor.json"),
-    "prune": ("pruned.ckpt", "feature_report.csv"),
+    "prune": ("pruned.ckpt", "feature_report.csv", "keep_probabilities.png"),
     "finetune": ("finetune.ckpt",),
 }
 METRICS_FILE = "metrics.json"
 PREPROCESSOR_FILE = "preprocessor.json"
 FEATURE_REPORT_FILE = "feature_report.csv"
+KEEP_PROBABILITIES_FILE = "keep_probabilities.png"
+SUMMARY_FILES = ("summary.csv", "summary.md")
+#: why the prune row can differ from pretrain's with the same fields (written under the table in summary.md)
+PRUNE_ROW_NOTE = (
+    "The prune row scores the stage-1 model with its gates fixed to 0/1 (a field is in or out), the model the "
+    "pruned network reproduces exactly; the pretrain row scores it with the deterministic soft gates of "
+    "training (each field's embedding scaled by its gate value). So the prune row's LogLoss can move even when "
+    "no field is dropped: the kept fields' gates go from their soft value to 1."
+)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -83,19 +93,6 @@ def output_directory(output_dir: PathLike) -> Path:
     return out
 
 
-def clear_from(output_dir: Path, stage: str) -> None:
-    """Remove the files and metrics of ``stage`` and of every later stage."""
-    later = STAGES[STAGES.index(stage) :]
-    for s in later:
-        for name in STAGE_FILES[s]:
-            (output_dir / name).unlink(missing_ok=True)
-    metrics = read_metrics(output_dir)
-    if any(s in metrics for s in later):
-        for s in later:
-            metrics.pop(s, None)
-        _write_metrics(output_dir, metrics)
-
-
 def write_preprocessor(output_dir: Path, preprocessor: Preprocessor) -> None:
     """``preprocessor.json``: :meth:`Preprocessor.save` (atomic), the state the checkpoints hold too."""
     preprocessor.save(output_dir / PREPROCESSOR_FILE)
@@ -113,16 +110,18 @@ def read_metrics(output_dir: PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> None:
+def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> None:
+    """Replace ``metrics.json`` (atomically) by ``metrics``, then ``summary.csv`` and ``summary.md`` from it."""
     text = json.dumps(metrics, indent=2, allow_nan=False)  # strict JSON: undefined values are null (metrics_entry)
     atomic_write(output_dir / METRICS_FILE, lambda p: p.write_text(text))
-
-
-def record(output_dir: Path, stage: str, entry: dict[str, Any]) -> None:
-    """Set the ``metrics.json`` entry of ``stage`` (the last write of a stage)."""
-    metrics = read_metrics(output_dir)
-    metrics[stage] = entry
-    _write_metrics(output_dir, metrics)
+    table = _summary_frame(metrics)
+    csv_file, md_file = (output_dir / name for name in SUMMARY_FILES)
+    if table.empty:
+        csv_file.unlink(missing_ok=True)
+        md_file.unlink(missing_ok=True)
+        return
+    atomic_write(csv_file, lambda p: table.to_csv(p, index=False))
+    atomic_write(md_file, lambda p: p.write_text(summary_markdown(table, metrics)))
 
 
 def metrics_entry(
@@ -161,7 +160,34 @@ def _rounded(value: Optional[float], digits: Optional[int]) -> Optional[float]:
 
 def summary_table(output_dir: PathLike) -> pd.DataFrame:
     """Before/after table from ``metrics.json``: one row per finished stage."""
-    metrics = read_metrics(output_dir)
+    return _summary_frame(read_metrics(output_dir))
+
+
+def summary_markdown(table: pd.DataFrame, metrics: dict[str, Any]) -> str:
+    """``summary.md``: the before/after table, the kept and dropped fields, and :data:`PRUNE_ROW_NOTE`."""
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = [
+        "| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    lines = ["# Light-FMP run", "", header, rule, *body, ""]
+    if "prune" in metrics:
+        prune = metrics["prune"]
+        lines += [
+            f"Selection `{prune.get('selection', 'lightfmp')}` kept {len(prune['kept_fields'])} fields: "
+            f"{', '.join(prune['kept_fields'])}.",
+            "",
+            f"Dropped {len(prune['dropped_fields'])}: {', '.join(prune['dropped_fields']) or '(none)'}.",
+            "",
+            PRUNE_ROW_NOTE,
+            "",
+        ]
+    if table["test_auc"].isna().any():
+        lines += ["An empty test AUC is undefined: that test split holds one label class.", ""]
+    return "\n".join(lines)
+
+
+def _summary_frame(metrics: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for stage in STAGES:
         if stage in metrics:

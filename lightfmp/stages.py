@@ -9,8 +9,10 @@ finetune    fit the pruned model on the rest of the train split
 =========== =====================================================
 
 Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp.outputs`) and returns its
-``metrics.json`` entry. A fitting stage refuses, before it touches the output directory, a trainer that would not
-train (``max_epochs`` or ``max_steps`` 0) and training rows of a single label class.
+``metrics.json`` entry. Inputs are checked before any work: a fitting stage refuses a trainer that would not
+train (``max_epochs`` or ``max_steps`` 0) and training rows of a single label class; prune and finetune refuse
+data other than stage 1's (:mod:`lightfmp.data.fingerprint`). The files are written through
+:func:`lightfmp.staging.staged_outputs`: a stage that fails or is killed leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -27,22 +29,22 @@ from lightning.pytorch.callbacks import Callback
 
 from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.data.fingerprint import CONTENT_OPTIONS, check_same_data, data_fingerprint
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 from lightfmp.outputs import (
+    KEEP_PROBABILITIES_FILE,
     PathLike,
     check_output_dir,
     checkpoint_preprocessor_state,
-    clear_from,
     metrics_entry,
-    output_directory,
     read_checkpoint,
     read_preprocessor,
-    record,
     save_checkpoint,
     stage_checkpoint,
     write_feature_report,
     write_preprocessor,
 )
+from lightfmp.plots import plot_keep_probabilities
 from lightfmp.selection import (
     DEFAULT_SELECTION,
     SelectionContext,
@@ -51,6 +53,7 @@ from lightfmp.selection import (
     get_method,
     rank_fields,
 )
+from lightfmp.staging import staged_outputs
 
 __all__ = ["check_fit_length", "check_trainer_length", "finetune", "pretrain", "prune", "timed_fit"]
 
@@ -117,45 +120,37 @@ def pretrain(
     if datamodule.subset != "pretrain":
         datamodule = datamodule.for_subset("pretrain")
     datamodule.setup("fit")  # reads the data; refuses training labels of one class
-    out = output_directory(output_dir)
-    clear_from(out, "pretrain")
-    throughput = timed_fit(trainer, module, datamodule, ckpt_path)
-    scores = evaluate(module, datamodule.test_dataloader())
-    assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
-    write_preprocessor(out, datamodule.preprocessor)
-    save_checkpoint(trainer, module, out / "pretrain.ckpt", {"stage": "pretrain"})
-    entry = metrics_entry(module, scores, throughput)
-    entry["expected_fields"] = float(module.gate.expected_l0().detach()) if module.gate is not None else None
-    record(out, "pretrain", entry)
+    fingerprint = data_fingerprint(_options(datamodule))
+    with staged_outputs(Path(output_dir), "pretrain") as staged:
+        throughput = timed_fit(trainer, module, datamodule, ckpt_path)
+        scores = evaluate(module, datamodule.test_dataloader())
+        assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
+        write_preprocessor(staged.directory, datamodule.preprocessor)
+        save_checkpoint(trainer, module, staged.path("pretrain.ckpt"), {"stage": "pretrain", "data": fingerprint})
+        entry = metrics_entry(module, scores, throughput)
+        entry["expected_fields"] = float(module.gate.expected_l0().detach()) if module.gate is not None else None
+        staged.commit(entry)
     return entry
 
 
-#: datamodule options that decide which rows are the pretrain, validation and test rows
-_SPLIT_OPTIONS = (
-    "format", "path", "split", "val_fraction", "test_fraction", "pretrain_fraction", "seed", "max_rows",
-    "synthetic_rows", "synthetic_dense", "synthetic_sparse", "synthetic_cardinality", "synthetic_informative",
-    "synthetic_num_informative", "synthetic_interaction",
-)  # fmt: skip
+def _options(datamodule: CTRDataModule) -> dict[str, Any]:
+    return {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if not k.startswith("_")}
 
 
-def _check_same_split(datamodule: CTRDataModule, ckpt: dict[str, Any], ckpt_path: Any) -> None:
-    """Refuse data split differently from stage 1's: the selection methods would train on stage 1's
-    validation or test rows, and prune's test scores would include rows stage 1 trained on."""
-    saved = ckpt.get("datamodule_hyper_parameters") or {}
-    current = dict(getattr(datamodule, "hparams", {}) or {})
-
-    def same(key: str) -> bool:
-        a, b = saved.get(key), current.get(key)
-        if key == "path" and a is not None and b is not None:
-            return Path(str(a)).resolve() == Path(str(b)).resolve()
-        return a == b
-
-    differ = [k for k in _SPLIT_OPTIONS if k in saved and k in current and not same(k)]
+def _check_stage1_data(datamodule: CTRDataModule, ckpt: dict[str, Any], ckpt_path: Path, allow: bool) -> None:
+    """Refuse data other than stage 1's (:func:`~lightfmp.data.fingerprint.check_same_data`); a checkpoint from
+    before fingerprints is compared on the options Lightning saved with it, not on the file's content."""
+    current = data_fingerprint(_options(datamodule))
+    saved = ckpt[LIGHTFMP_CHECKPOINT_KEY].get("data")
+    if saved is None and ckpt.get("datamodule_hyper_parameters"):
+        hparams = ckpt["datamodule_hyper_parameters"]
+        saved = {**current, **{k: hparams[k] for k in CONTENT_OPTIONS if k in hparams}}
+    differ = check_same_data(saved, current, ckpt_path, allow)
     if differ:
-        shown = ", ".join(f"{k}={current[k]!r} (stage 1: {saved[k]!r})" for k in differ)
-        raise ValueError(
-            f"the data given to prune is split differently from stage 1's ({ckpt_path}): {shown}; pass the same "
-            "--data.* options as stage 1"
+        warnings.warn(
+            f"--allow_data_mismatch: going on with data other than stage 1's ({'; '.join(differ)})",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -167,6 +162,7 @@ def prune(
     top_k: Optional[int] = None,
     selection: str = DEFAULT_SELECTION,
     selection_epochs: Optional[int] = None,
+    allow_data_mismatch: bool = False,
 ) -> tuple[LightFMPModule, pd.DataFrame, dict[str, Any]]:
     """Stage 2: keep the fields chosen by ``selection`` and build the smaller model from the stage-1 checkpoint.
 
@@ -174,8 +170,10 @@ def prune(
     gate keep probability exceeds ``threshold``, or the ``top_k`` most probable; any other method scores the
     fields from the stage-1 data and/or model and keeps its ``top_k`` best (``top_k`` is required).
     ``selection_epochs``: epochs of the methods that fit a model of their own (default 5).
+    ``allow_data_mismatch``: go on (with a warning) when ``datamodule``'s data is not stage 1's.
 
-    Writes ``pruned.ckpt`` and ``feature_report.csv`` (a ``score`` column from the method, and ``selection``).
+    Writes ``pruned.ckpt``, ``feature_report.csv`` (a ``score`` column from the method, and ``selection``) and
+    ``keep_probabilities.png``.
     Returns the pruned module, the per-field report and the metrics entry (with ``selection`` and
     ``selection_seconds``): the test scores of the stage-1 model with its gates fixed to 0/1, which the pruned
     model reproduces exactly (``CTRBackbone.prune``). They are computed on ``datamodule``'s test split if it is
@@ -183,7 +181,7 @@ def prune(
     on a copy set up with stage 1's preprocessor.
     """
     check_selection(selection, top_k)
-    out = output_directory(output_dir)
+    out = check_output_dir(output_dir)
     ckpt_path = stage_checkpoint(out, checkpoint, "pretrain.ckpt", "pretrain")
     ckpt = read_checkpoint(ckpt_path)
     masked = LightFMPModule.from_checkpoint(ckpt)
@@ -192,7 +190,7 @@ def prune(
     fields = len(masked.feature_spec.names)
     if top_k is not None and top_k > fields:
         raise ValueError(f"top_k={top_k} is more than the stage-1 model's {fields} fields")
-    _check_same_split(datamodule, ckpt, ckpt_path)
+    _check_stage1_data(datamodule, ckpt, ckpt_path, allow_data_mismatch)
     if datamodule.encoded is None:
         datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
         datamodule.setup("test")
@@ -233,22 +231,27 @@ def prune(
     pruned_module = masked.pruned(kept)
     gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
     scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
-    clear_from(out, "prune")  # only now: a failed prune leaves the previous run's outputs as they were
-    write_feature_report(out, report)
-    save_checkpoint(
-        None,
-        pruned_module,
-        out / "pruned.ckpt",
-        {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path), "selection": selection},
-        preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
-    )
     entry = metrics_entry(pruned_module, scores, None)
     entry["kept_fields"] = kept
     entry["dropped_fields"] = [n for n in masked.feature_spec.names if n not in kept]
     entry["parameters_before"] = masked.num_parameters()
     entry["selection"] = selection
     entry["selection_seconds"] = selection_seconds
-    record(out, "prune", entry)
+    extra = {"stage": "prune", "kept_fields": kept, "source": str(ckpt_path), "selection": selection}
+    if "data" in ckpt[LIGHTFMP_CHECKPOINT_KEY]:
+        extra["data"] = ckpt[LIGHTFMP_CHECKPOINT_KEY]["data"]
+    line = threshold if selection == DEFAULT_SELECTION and top_k is None else None
+    with staged_outputs(out, "prune") as staged:
+        write_feature_report(staged.directory, report)
+        plot_keep_probabilities(report, staged.path(KEEP_PROBABILITIES_FILE), line)
+        save_checkpoint(
+            None,
+            pruned_module,
+            staged.path("pruned.ckpt"),
+            extra,
+            preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
+        )
+        staged.commit(entry)
     return pruned_module, report, entry
 
 
@@ -258,11 +261,13 @@ def finetune(
     output_dir: PathLike,
     checkpoint: Optional[PathLike] = None,
     overrides: Optional[dict[str, Any]] = None,
+    allow_data_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Stage 3: continue training the pruned model on the rest of the train split, reading only kept fields.
 
     Writes ``finetune.ckpt``. ``overrides``: optimisation hyper-parameters (lr, weight_decay, dropout) to
-    replace the checkpoint's.
+    replace the checkpoint's. ``allow_data_mismatch``: go on (with a warning) when ``datamodule``'s data is not
+    stage 1's.
     """
     _single_process(trainer)
     out = check_output_dir(output_dir)
@@ -272,15 +277,15 @@ def finetune(
     extra = ckpt[LIGHTFMP_CHECKPOINT_KEY]
     if "kept_fields" not in extra:
         raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")
+    _check_stage1_data(datamodule, ckpt, ckpt_path, allow_data_mismatch)
     module = LightFMPModule.from_checkpoint(ckpt, **(overrides or {}))
     dm = datamodule.for_subset("finetune", fields=extra["kept_fields"], preprocessor=read_preprocessor(ckpt, ckpt_path))
     dm.setup("fit")  # reads the data; refuses training labels of one class
-    out = output_directory(out)
-    clear_from(out, "finetune")
-    throughput = timed_fit(trainer, module, dm)
-    scores = evaluate(module, dm.test_dataloader())
     stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there
-    save_checkpoint(trainer, module, out / "finetune.ckpt", {**stage_extra, "stage": "finetune"})
-    entry = metrics_entry(module, scores, throughput)
-    record(out, "finetune", entry)
+    with staged_outputs(out, "finetune") as staged:
+        throughput = timed_fit(trainer, module, dm)
+        scores = evaluate(module, dm.test_dataloader())
+        save_checkpoint(trainer, module, staged.path("finetune.ckpt"), {**stage_extra, "stage": "finetune"})
+        entry = metrics_entry(module, scores, throughput)
+        staged.commit(entry)
     return entry

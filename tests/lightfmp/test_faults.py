@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lightfmp import staging
 from lightfmp.cli import run_cli
 from lightfmp.data import read_frame
+from lightfmp.outputs import STAGE_FILES
+from lightfmp.staging import staging_directories
 
 SCHEMA = """\
 label: y
@@ -165,3 +172,122 @@ def test_output_dir_that_is_a_file_is_refused_before_reading(tmp_path):
         with pytest.raises(NotADirectoryError, match=rf"output_dir '{taken}' is an existing file"):
             run_cli([command, *args(missing_data, taken)])
     assert taken.read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------- 5. nothing lost
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every visible file of an output directory and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A complete pipeline run: (data directory, output directory, snapshot of its files)."""
+    data = table(tmp_path / "data", rows=400)
+    out = tmp_path / "out"
+    run_cli(["pipeline", *args(data, out), "--top_k", "2"])
+    files = snapshot(out)
+    assert {"pretrain.ckpt", "preprocessor.json", "pruned.ckpt", "feature_report.csv", "finetune.ckpt"} <= set(files)
+    assert list(strict_json(files["metrics.json"].decode())) == ["pretrain", "prune", "finetune"]
+    return data, out, files
+
+
+def test_failed_reruns_leave_the_previous_run_complete(finished_run, tmp_path):
+    """Bad input, or a failure in the middle of training, never removes or changes the previous run's files."""
+    data, out, before = finished_run
+    typo = [a if not a.endswith("data.csv") else str(data / "dta.csv") for a in args(data, out)]
+    with pytest.raises(FileNotFoundError, match="dta.csv"):
+        run_cli(["pretrain", *typo])
+    assert snapshot(out) == before
+    with pytest.raises(ValueError, match="top_k"):
+        run_cli(["prune", *args(data, out), "--top_k", "0", "--selection", "random"])
+    assert snapshot(out) == before
+    for stage in ("pretrain", "finetune"):
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run_cli([stage, *args(data, out), "--trainer.callbacks+=tests.lightfmp.killer.RaiseAtBatch"])
+        assert snapshot(out) == before, stage
+    assert [p.name for p in out.iterdir() if p.name.startswith(".staging")] == []  # cleaned up on the way out
+
+
+def _run_killed(argv: list[str]) -> subprocess.CompletedProcess:
+    code = f"from lightfmp.cli import main; main({argv!r})"
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_sigkill_mid_stage_leaves_the_previous_run_complete(finished_run, stage):
+    """SIGKILL in the middle of a fit: no clean-up runs, and still the previous outputs are complete and usable; the
+    next run removes what the killed one left."""
+    data, out, before = finished_run
+    done = _run_killed([stage, *args(data, out), "--trainer.callbacks+=tests.lightfmp.killer.SigkillAtBatch"])
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert snapshot(out) == before
+    assert len(staging_directories(out)) == 1  # the killed stage's partial files, never in the output directory
+    from lightfmp.lightning_module import LightFMPModule
+
+    LightFMPModule.load_from_checkpoint(out / "finetune.ckpt")  # usable
+    run_cli(["prune", *args(data, out), "--top_k", "2"])  # the next run recovers the directory
+    assert staging_directories(out) == []
+    assert list(strict_json((out / "metrics.json").read_text())) == ["pretrain", "prune"]
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_run(finished_run, monkeypatch):
+    """Killed between the renames of a commit: metrics.json lists no stage whose files are not all in place, and
+    the next run completes the commit from the staging directory."""
+    data, out, before = finished_run
+    real_replace = Path.replace
+    moved: list[str] = []
+
+    def replace_once(self: Path, target: Path) -> Path:
+        if moved:
+            raise KeyboardInterrupt("killed during the commit")
+        moved.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(staging.Path, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(["prune", *args(data, out), "--top_k", "3"])
+    monkeypatch.undo()
+    metrics = strict_json((out / "metrics.json").read_text())
+    assert list(metrics) == ["pretrain"]  # prune and finetune are out: their files are being replaced
+    for stage in metrics:
+        assert all((out / name).exists() for name in STAGE_FILES[stage])
+    assert not (out / "finetune.ckpt").exists()  # made from the pruned model being replaced
+    with staging.locked(out):
+        assert staging.recover(out) == ["prune"]
+    metrics = strict_json((out / "metrics.json").read_text())
+    assert list(metrics) == ["pretrain", "prune"] and len(metrics["prune"]["kept_fields"]) == 3
+    assert all((out / name).exists() for name in STAGE_FILES["prune"])
+    assert pd.read_csv(out / "feature_report.csv").kept.sum() == 3
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(finished_run):
+    data, out, before = finished_run
+    with staging.locked(out):
+        with pytest.raises(RuntimeError, match=r"output_dir .*out' is in use by another lightfmp run"):
+            run_cli(["prune", *args(data, out), "--top_k", "2"])
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- 6. foreign checkpoints
+def test_prune_and_finetune_refuse_data_other_than_stage_1s(finished_run, tmp_path):
+    """Another file (or the same file changed) would be encoded with stage 1's vocabularies: refused, naming what
+    differs; --allow_data_mismatch goes on with a warning. A copy of the same file elsewhere is the same data."""
+    data, out, before = finished_run
+    other = table(tmp_path / "other", rows=300)  # same schema and columns, other rows
+    for stage, extra in (("prune", ["--top_k", "2"]), ("finetune", [])):
+        with pytest.raises(ValueError, match=r"differs from the data the stage-1 checkpoint .*the data file's content"):
+            run_cli([stage, *args(other, out), *extra])
+        assert snapshot(out) == before
+    with pytest.raises(ValueError, match=r"min_count=3 \(stage 1: 1\)"):
+        run_cli(["finetune", *args(data, out), "--data.min_count", "3"])
+    with pytest.warns(UserWarning, match="--allow_data_mismatch: going on with data other than stage 1's"):
+        run_cli(["prune", *args(other, out), "--top_k", "2", "--allow_data_mismatch", "true"])
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    run_cli(["finetune", *args(copy, out)])  # same content, another path: accepted
+    with open(data / "data.csv", "a") as f:
+        f.write("41.0,20,a,x,1\n")  # the stage-1 file itself changed
+    with pytest.raises(ValueError, match="the data file's content"):
+        run_cli(["finetune", *args(data, out)])

@@ -148,7 +148,7 @@ def test_one_config_file_serves_every_subcommand(tmp_path):
 def test_prune_refuses_data_split_differently_from_stage_1(tmp_path):
     out = tmp_path / "run"
     run_cli(["pretrain", *TINY, "--output_dir", str(out)])
-    with pytest.raises(ValueError, match=r"split differently from stage 1's.*seed=1 \(stage 1: 0\)"):
+    with pytest.raises(ValueError, match=r"differs from the data the stage-1 checkpoint .*seed=1 \(stage 1: 0\)"):
         run_cli(["prune", *TINY, "--data.seed", "1", "--output_dir", str(out), "--top_k", "2", "--selection", "random"])
     run_cli(["prune", *TINY, "--output_dir", str(out), "--top_k", "2", "--selection", "random"])  # same split: fine
 

@@ -59,8 +59,11 @@ def test_planted_fields_are_recovered():
 def test_stage_subcommands_write_consistent_outputs(tmp_path):
     out = tmp_path / "run"
     cli("pretrain", *TINY, "--output_dir", str(out))
-    assert {p.name for p in out.iterdir()} == {"pretrain.ckpt", "preprocessor.json", "metrics.json"}
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible == {"pretrain.ckpt", "preprocessor.json", "metrics.json", "summary.csv", "summary.md"}
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lightfmp.lock"]  # no staging left
     cli("prune", *TINY, "--output_dir", str(out), "--top_k", "3")
+    assert (out / "keep_probabilities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = pd.read_csv(out / "feature_report.csv")
     assert {"field", "keep_probability", "kept"} <= set(report.columns) and report.kept.sum() == 3
     cli("finetune", *TINY, "--output_dir", str(out))
