@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.lightning_module import LightFMPModule
+from lightfmp.logs import stage_loggers
 from lightfmp.outputs import check_output_dir, summary_table
 from lightfmp.selection import DEFAULT_SELECTION, check_selection
 
@@ -42,8 +43,9 @@ def _auc(value: Optional[float]) -> str:
 class LightFMPTrainer(L.Trainer):
     """A Lightning Trainer that also runs Light-FMP's stages (used as LightningCLI subcommands).
 
-    A stage that fits after another one gets a fresh Trainer built from the same arguments (a Trainer's
-    state, e.g. its epoch counter, is spent after ``fit``).
+    Each fitting stage runs on a fresh Trainer built from this one's arguments (:meth:`for_stage`: a Trainer's
+    state, e.g. its epoch counter, is spent after ``fit``), whose loggers write a version named by the stage
+    (:mod:`lightfmp.logs`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,6 +57,11 @@ class LightFMPTrainer(L.Trainer):
         args, kwargs = copy.deepcopy(self._init_arguments)
         kwargs.update(overrides)
         return type(self)(*args, **kwargs)
+
+    def for_stage(self, stage: str, output_dir: str, **overrides: Any) -> LightFMPTrainer:
+        """:meth:`fresh` with ``overrides`` and the loggers of ``stage`` (:func:`~lightfmp.logs.stage_loggers`)."""
+        logger = copy.deepcopy(self._init_arguments[1].get("logger", True))
+        return self.fresh(**overrides, logger=stage_loggers(logger, stage, output_dir))
 
     def pretrain(
         self,
@@ -71,7 +78,8 @@ class LightFMPTrainer(L.Trainer):
             finetune_epochs: stage 3's epochs; not used here, accepted so that one config file serves every
                 subcommand.
         """
-        entry = stages.pretrain(self, model, datamodule, output_dir, ckpt_path)
+        check_output_dir(output_dir)
+        entry = stages.pretrain(self.for_stage("pretrain", output_dir), model, datamodule, output_dir, ckpt_path)
         rank_zero_info(f"pretrain: test AUC {_auc(entry['auc'])}, expected open fields {entry['expected_fields']:.1f}")
 
     def prune(
@@ -129,7 +137,9 @@ class LightFMPTrainer(L.Trainer):
         """
         stages.check_fit_length("--finetune_epochs", finetune_epochs, "finetune")
         overrides = {k: model.hparams[k] for k in _OVERRIDES}
-        trainer = self.fresh(max_epochs=finetune_epochs) if finetune_epochs is not None else self
+        check_output_dir(output_dir)
+        epochs = {"max_epochs": finetune_epochs} if finetune_epochs is not None else {}
+        trainer = self.for_stage("finetune", output_dir, **epochs)
         entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides, allow_data_mismatch)
         rank_zero_info(f"finetune: test AUC {_auc(entry['auc'])} with {entry['fields']} fields")
 
@@ -160,8 +170,7 @@ class LightFMPTrainer(L.Trainer):
             datamodule = datamodule.for_subset("pretrain")
         self.pretrain(model, datamodule, output_dir)
         self.prune(model, datamodule, output_dir, None, threshold, top_k, selection)  # reuses the stage-1 data
-        follow_up = self.fresh(**({"max_epochs": finetune_epochs} if finetune_epochs is not None else {}))
-        follow_up.finetune(model, datamodule, output_dir)  # a fresh trainer: this one has finished its fit
+        self.finetune(model, datamodule, output_dir, finetune_epochs=finetune_epochs)
         if self.is_global_zero:
             print(f"\nLight-FMP results in {Path(output_dir).resolve()}")
             print(summary_table(output_dir).to_string(index=False))
@@ -190,7 +199,7 @@ def run_cli(args: Optional[list[str]] = None) -> LightFMPCLI:
         trainer_class=LightFMPTrainer,
         trainer_defaults={
             "max_epochs": 5,
-            "logger": False,
+            "logger": True,  # a CSVLogger under <output_dir>/logs/<stage> (lightfmp.logs)
             "enable_checkpointing": False,
             "enable_model_summary": False,
         },

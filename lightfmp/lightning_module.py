@@ -212,6 +212,14 @@ class LightFMPModule(L.LightningModule):
         if self.gate is not None:
             loss = loss + self.gate.penalty(self._l0_progress())
             self.log("expected_fields", self.gate.expected_l0().detach(), on_step=True, batch_size=bs)
+            keep = self.gate.keep_probability().detach()
+            # one curve per field: keep_probability/C1_step (on the Trainer's log_every_n_steps) and _epoch
+            self.log_dict(
+                {f"keep_probability/{name}": p for name, p in zip(self.gate.names, keep)},
+                on_step=True,
+                on_epoch=True,
+                batch_size=bs,
+            )
         self.log("train_bce", bce.detach(), on_step=True, prog_bar=True, batch_size=bs)
         return loss
 

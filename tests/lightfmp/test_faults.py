@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -291,3 +292,22 @@ def test_prune_and_finetune_refuse_data_other_than_stage_1s(finished_run, tmp_pa
         f.write("41.0,20,a,x,1\n")  # the stage-1 file itself changed
     with pytest.raises(ValueError, match="the data file's content"):
         run_cli(["finetune", *args(data, out)])
+
+
+# ----------------------------------------------------------------------------- 7. small data
+def test_too_few_training_steps_warn_naming_the_numbers(tmp_path):
+    """200 rows: the pretrain subset (20 % of the 160 training rows) is 32 rows, one batch of 32; at batch 8 it is
+    4 steps per epoch; the finetune subset (128 rows, batch 4) gives 32 steps and no warning."""
+    data = table(tmp_path / "data")
+    out = tmp_path / "out"
+    with pytest.warns(
+        UserWarning, match=r"stage 'pretrain' trains on 32 rows .*1 optimizer steps per epoch at batch 32"
+    ):
+        run_cli(["pretrain", *args(data, out)])
+    with pytest.warns(UserWarning, match=r"trains on 32 rows .*fewer than one batch \(64\).*--data.batch_size \(to 1 "):
+        run_cli(["pretrain", *args(data, out), "--data.batch_size", "64"])
+    run_cli(["prune", *args(data, out), "--top_k", "2"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run_cli(["finetune", *args(data, out), "--data.batch_size", "4"])
+    assert not [w for w in seen if "optimizer steps per epoch" in str(w.message)]

@@ -1,6 +1,7 @@
 """Light-FMP stages and the ``lightfmp`` CLI end to end on small synthetic data."""
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -60,13 +61,19 @@ def test_stage_subcommands_write_consistent_outputs(tmp_path):
     out = tmp_path / "run"
     cli("pretrain", *TINY, "--output_dir", str(out))
     visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    assert visible == {"pretrain.ckpt", "preprocessor.json", "metrics.json", "summary.csv", "summary.md"}
+    assert visible == {"pretrain.ckpt", "preprocessor.json", "metrics.json", "summary.csv", "summary.md", "logs"}
+    # the default logger: a CSV version named by the stage, with one keep-probability curve per field
+    logged = pd.read_csv(out / "logs" / "pretrain" / "metrics.csv")
+    curves = [c for c in logged.columns if c.startswith("keep_probability/") and c.endswith("_epoch")]
+    assert len(curves) == 10 and logged[curves].notna().all(axis=1).sum() == 2  # 2 epochs
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lightfmp.lock"]  # no staging left
     cli("prune", *TINY, "--output_dir", str(out), "--top_k", "3")
     assert (out / "keep_probabilities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = pd.read_csv(out / "feature_report.csv")
     assert {"field", "keep_probability", "kept"} <= set(report.columns) and report.kept.sum() == 3
     cli("finetune", *TINY, "--output_dir", str(out))
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["finetune", "pretrain"]
+    assert "val_auc" in pd.read_csv(out / "logs" / "finetune" / "metrics.csv").columns
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["pretrain", "prune", "finetune"]
     for stage in ("pretrain", "finetune"):
@@ -178,3 +185,22 @@ def test_multi_process_trainer_is_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="world_size=2"):
         stages.pretrain(trainer, LightFMPModule(backbone="mlp"), dm, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_loggers_name_versions_by_stage_and_never_reuse_one(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightfmp.logs import stage_loggers
+
+    assert stage_loggers(False, "pretrain", tmp_path) is False
+    (default,) = stage_loggers(True, "pretrain", tmp_path)
+    assert isinstance(default, CSVLogger) and Path(default.log_dir) == tmp_path / "logs" / "pretrain"
+    (tmp_path / "logs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "logs" / "pretrain-1").mkdir()
+    (again,) = stage_loggers(None, "pretrain", tmp_path)
+    assert Path(again.log_dir) == tmp_path / "logs" / "pretrain-2"  # an earlier run's logs are kept
+    board, pinned = TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path, version="mine")
+    assert stage_loggers([board, pinned], "finetune", tmp_path) == [board, pinned]
+    assert Path(board.log_dir) == tmp_path / "tb" / "lightning_logs" / "finetune" and pinned.version == "mine"
+    with pytest.raises(TypeError, match="--trainer.logger must be .* got str"):
+        stage_loggers("csv", "pretrain", tmp_path)
