@@ -1,4 +1,10 @@
-"""Lightning callbacks of Light-FMP: :class:`TrainingThroughput`, the training time and samples of a fit."""
+"""Lightning callbacks of Light-FMP: :class:`TrainingThroughput`, the training time and samples of a fit.
+
+Why not Lightning's ``ThroughputMonitor``: it logs a windowed rate (``samples_per_sec`` over the last
+``window_size`` batches) to the loggers and keeps no total of the fit's wall and CPU seconds; ``metrics.json``
+records one number per stage for the whole fit (and ``lightfmp`` may run with no logger). Add
+``ThroughputMonitor`` with ``--trainer.callbacks+=ThroughputMonitor`` for a logged rate curve.
+"""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightfmp.backbones import BACKBONES, CTRBackbone, build_backbone
@@ -101,6 +102,7 @@ class LightFMPModule(L.LightningModule):
         self.val_auc, self.val_logloss = BinaryAUC(), BinaryLogLoss()  # AUC NaN when a split has one class
         self.test_auc, self.test_logloss = BinaryAUC(), BinaryLogLoss()
         self.checkpoint_extra: Optional[dict[str, Any]] = None  # stage information saved under "lightfmp"
+        self.eval_gates: Optional[torch.Tensor] = None  # (F,) gates replacing the field mask's in eval (evaluate)
         if feature_spec is not None:
             self._build(ModelInputs.from_dict(feature_spec))
 
@@ -197,8 +199,11 @@ class LightFMPModule(L.LightningModule):
     # ----------------------------------------------------------------- forward and steps
     @override
     def forward(self, batch: CTRBatch, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``(B,)``. With a field mask and no explicit ``gates``, samples (train) or uses test gates (eval)."""
+        """Logits ``(B,)``. With a field mask and no explicit ``gates``, samples (train) or uses test gates (eval),
+        or ``eval_gates`` (F,) in eval mode when set."""
         net = self._require_net()
+        if gates is None and self.eval_gates is not None and not self.training:
+            gates = self.eval_gates.to(batch.dense.device).unsqueeze(0).expand(batch.dense.shape[0], -1)
         if gates is None and self.gate is not None:
             gates = self.gate(batch.dense.shape[0])
         return net(batch.dense, batch.sparse, gates)
@@ -252,6 +257,7 @@ class LightFMPModule(L.LightningModule):
         self.test_auc.update(logits, batch.labels.long())
         self.test_logloss.update(logits, batch.labels)
         self.log_dict({"test_auc": self.test_auc, "test_logloss": self.test_logloss}, batch_size=len(batch))
+        self.log("test_samples", float(len(batch)), reduce_fx="sum", batch_size=len(batch))
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -263,24 +269,45 @@ class LightFMPModule(L.LightningModule):
         return torch.optim.AdamW(groups)
 
 
-@torch.no_grad()
-def evaluate(model: LightFMPModule, loader: Iterable[CTRBatch], gates: Optional[torch.Tensor] = None) -> dict[str, Any]:
-    """AUC, LogLoss and sample count over a whole loader; ``gates`` (F,) overrides the model's own mask (e.g. 0/1
-    gates). ``auc`` is None when the loader's labels hold a single class (AUC is undefined there)."""
-    was_training = model.training
-    model.eval()
-    auc, logloss = BinaryAUC(), BinaryLogLoss()
-    device = next(model.parameters()).device
-    n = 0
-    for batch in loader:
-        batch = batch.to(device)
-        g = None if gates is None else gates.to(device).unsqueeze(0).expand(len(batch), -1)
-        logits = model(batch, g)
-        auc.update(logits, batch.labels.long())
-        logloss.update(logits, batch.labels)
-        n += len(batch)
-    model.train(was_training)
-    if n == 0:
+def _as_is(batch: CTRBatch) -> CTRBatch:
+    return batch
+
+
+def evaluate(
+    model: LightFMPModule,
+    loader: Iterable[CTRBatch],
+    gates: Optional[torch.Tensor] = None,
+    trainer: Optional[L.Trainer] = None,
+) -> dict[str, Any]:
+    """AUC, LogLoss and sample count over a whole loader, by Lightning's test loop (``trainer.test``: the module's
+    ``test_step`` and torchmetrics states, synchronised across ranks; the scores also go to ``trainer``'s loggers).
+
+    ``gates`` (F,) replace the model's own field mask (e.g. 0/1 gates); ``trainer``: the stage's (default: a
+    quiet one on the CPU, no logger). ``auc`` is None when the loader's labels hold a single class (AUC is
+    undefined there).
+    """
+    if trainer is None:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    if not isinstance(loader, DataLoader):  # e.g. a list of batches, which Lightning would read as many loaders
+        loader = DataLoader(list(loader), batch_size=None, collate_fn=_as_is)  # type: ignore[arg-type]
+    model.eval_gates = gates
+    try:
+        results = trainer.test(model, dataloaders=loader, verbose=False)
+    finally:
+        model.eval_gates = None
+    if not results or not results[0].get("test_samples"):
         raise ValueError("evaluate() got an empty loader")
-    auc_value = float(auc.compute())
-    return {"auc": None if math.isnan(auc_value) else auc_value, "logloss": float(logloss.compute()), "samples": n}
+    scores = results[0]
+    auc = float(scores["test_auc"])
+    return {
+        "auc": None if math.isnan(auc) else auc,
+        "logloss": float(scores["test_logloss"]),
+        "samples": int(scores["test_samples"]),
+    }

@@ -149,7 +149,7 @@ def pretrain(
     fingerprint = data_fingerprint(_options(datamodule))
     with staged_outputs(Path(output_dir), "pretrain") as staged:
         throughput = timed_fit(trainer, module, datamodule, ckpt_path)
-        scores = evaluate(module, datamodule.test_dataloader())
+        scores = evaluate(module, datamodule.test_dataloader(), trainer=trainer)
         assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
         write_preprocessor(staged.directory, datamodule.preprocessor)
         save_checkpoint(trainer, module, staged.path("pretrain.ckpt"), {"stage": "pretrain", "data": fingerprint})
@@ -311,7 +311,7 @@ def finetune(
     stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there
     with staged_outputs(out, "finetune") as staged:
         throughput = timed_fit(trainer, module, dm)
-        scores = evaluate(module, dm.test_dataloader())
+        scores = evaluate(module, dm.test_dataloader(), trainer=trainer)
         save_checkpoint(trainer, module, staged.path("finetune.ckpt"), {**stage_extra, "stage": "finetune"})
         entry = metrics_entry(module, scores, throughput)
         staged.commit(entry)

@@ -1,8 +1,10 @@
-"""``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
+r"""``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
 
-The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); a loader draws
-index batches (:class:`IndexBatches` yields whole index tensors, sharded across DDP ranks; the DataLoader runs
-with ``batch_size=None``) and :meth:`EncodedFrame.batch` collates them with tensor indexing. The train loader
+The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); the loaders are
+plain ``DataLoader``\ s (a ``RandomSampler`` seeded by ``seed`` for training, in order for evaluation, and
+PyTorch's ``BatchSampler``) over :class:`EncodedRows`, whose ``__getitems__`` collates a whole batch of positions
+with one tensor indexing (:meth:`EncodedFrame.batch`) instead of a row at a time. Under DDP, Lightning replaces
+the sampler with its ``DistributedSampler`` as for any loader. The train loader
 serves the part of the training split chosen by ``subset``: ``"pretrain"`` (a seeded ``pretrain_fraction``
 subset, Light-FMP's pretrain stage), ``"finetune"`` (the rest, the finetune stage) or ``"full"``; validation
 and test loaders serve the same splits whatever the subset. The finetune stage reuses the pretrain stage's
@@ -16,17 +18,14 @@ The fitted preprocessor is persisted in one format, :meth:`Preprocessor.state_di
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
@@ -41,80 +40,10 @@ SUBSETS: tuple[str, ...] = ("pretrain", "finetune", "full")
 DATA_FORMATS = FORMATS + ("synthetic",)
 
 
-class IndexBatches(DistributedSampler):
-    """Index tensors of ``batch_size`` positions in ``0 .. n - 1``; the last batch may be smaller.
-
-    Shuffled: a permutation seeded by ``(seed, epoch)``, the epoch set by Lightning through ``set_epoch``
-    (or counted by this sampler's iterations when nobody sets it), so runs are reproducible and epochs
-    differ. Across ``num_replicas`` ranks (default: the initialised process group, else 1) rank ``r``
-    takes every ``num_replicas``-th position from ``r``; when shuffling, the remainder is dropped so every
-    rank runs the same number of steps. Evaluation (no shuffle) keeps every row once, so ranks may differ
-    by one row.
-
-    It subclasses ``DistributedSampler`` only so that Lightning keeps it under DDP (Lightning replaces
-    other samplers by a per-row ``DistributedSampler``) and calls ``set_epoch``; it does not use its
-    parent's constructor, which needs a process group.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
-    ) -> None:
-        Sampler.__init__(self)
-        if num_replicas is not None and not 0 <= (rank or 0) < num_replicas:
-            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.dataset = None  # type: ignore[assignment]  # no dataset: the parent's attribute, kept for its readers
-        self.drop_last = False
-        self._replicas, self._rank = num_replicas, rank
-        self._epoch: Optional[int] = None  # set by set_epoch; None: count this sampler's iterations
-        self._iterations = 0
-
-    @property
-    def num_replicas(self) -> int:  # type: ignore[override]
-        if self._replicas is not None:
-            return self._replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:  # type: ignore[override]
-        if self._replicas is not None:
-            return self._rank or 0
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    @override
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
-    def _num_rows(self) -> int:
-        world, rank = self.num_replicas, self.rank
-        return self.n // world if self.shuffle else len(range(rank, self.n, world))
-
-    @override
-    def __len__(self) -> int:
-        return math.ceil(self._num_rows() / self.batch_size)
-
-    @override
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        world, rank = self.num_replicas, self.rank
-        if self.shuffle:
-            epoch = self._epoch if self._epoch is not None else self._iterations
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            rows = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
-            rows = rows[rank::world][: self._num_rows()]
-        else:
-            rows = torch.arange(rank, self.n, world)
-        self._iterations += 1
-        yield from rows.split(self.batch_size)
-
-
 class EncodedRows(Dataset):
-    """The rows ``indices`` of an encoded table; ``dataset[positions]`` is one collated :class:`CTRBatch`."""
+    """The rows ``indices`` of an encoded table. ``dataset.__getitems__(positions)`` (what a ``DataLoader`` with a
+    batch sampler calls) is one collated :class:`CTRBatch` of those positions, as is ``dataset[positions]``;
+    ``dataset[i]`` is a batch of one."""
 
     def __init__(self, encoded: EncodedFrame, indices: np.ndarray) -> None:
         self.encoded = encoded
@@ -123,12 +52,17 @@ class EncodedRows(Dataset):
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    def __getitems__(self, positions: Union[list[int], torch.Tensor]) -> CTRBatch:
+        return self.encoded.batch(self.indices[torch.as_tensor(positions, dtype=torch.long)])
+
     @override
-    def __getitem__(self, positions: torch.Tensor) -> CTRBatch:
-        return self.encoded.batch(self.indices[positions])
+    def __getitem__(self, position: Union[int, list[int], torch.Tensor]) -> CTRBatch:
+        """A batch of one row (an int), or of the positions given (a list or index tensor)."""
+        return self.__getitems__([position] if isinstance(position, int) else position)
 
 
 def _identity(batch: CTRBatch) -> CTRBatch:
+    """The collate function: ``EncodedRows.__getitems__`` has already collated the batch."""
     return batch
 
 
@@ -390,9 +324,10 @@ class CTRDataModule(L.LightningDataModule):
         dataset = EncodedRows(self._require_setup(), indices)
         return DataLoader(
             dataset,
-            sampler=IndexBatches(len(dataset), batch_size, shuffle, seed=self.seed),
-            batch_size=None,
-            collate_fn=_identity,  # type: ignore[arg-type]  # with batch_size=None it gets one item, not a list
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,  # reproducible epochs
+            collate_fn=_identity,  # type: ignore[arg-type]  # gets the CTRBatch of __getitems__, not a list
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

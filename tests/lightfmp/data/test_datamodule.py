@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lightfmp.data.datamodule import CTRDataModule, IndexBatches
+from lightfmp.data.datamodule import CTRDataModule
 from tests.lightfmp.data.files import ml100k_dir, write
 
 
@@ -33,18 +33,19 @@ def test_datamodule_subsets_cover_train_split_and_loaders():
     assert np.array_equal(np.sort(np.concatenate([pre_rows, fine_rows])), dm.splits.train)
     assert np.array_equal(fine.splits.val, dm.splits.val) and np.array_equal(fine.splits.test, dm.splits.test)
     loader = dm.train_dataloader()
-    positions = list(loader.sampler)  # one epoch of index batches
-    rows = loader.dataset.indices[torch.cat(positions)]
+    positions = list(loader.batch_sampler)  # one epoch of position batches
+    rows = loader.dataset.indices[torch.as_tensor(sum(positions, []))]
     assert sorted(rows.tolist()) == pre_rows.tolist()  # every pretrain row once per epoch
     batches = list(loader)  # the next epoch: a new permutation
     assert [len(b) for b in batches] == [256, 256, 256, 32]
-    first = dm.encoded.batch(loader.dataset.indices[positions[0]])
+    first = dm.encoded.batch(loader.dataset.indices[torch.as_tensor(positions[0])])
     assert not torch.equal(batches[0].labels, first.labels) or not torch.equal(batches[0].dense, first.dense)
     again = CTRDataModule(
         format="synthetic", synthetic_rows=4000, subset="pretrain", batch_size=256, seed=3, pretrain_fraction=0.25
     )
     again.setup()
-    assert torch.equal(next(iter(again.train_dataloader())).dense, first.dense)  # same seed, same first epoch
+    expected = next(iter(dm.train_dataloader())).dense  # a new loader starts again at the first epoch
+    assert torch.equal(next(iter(again.train_dataloader())).dense, expected)  # same seed, same first epoch
     val = list(dm.val_dataloader())
     assert [len(b) for b in val] == [400] and torch.equal(
         val[0].labels, dm.encoded.labels[torch.as_tensor(dm.splits.val)]
@@ -206,20 +207,29 @@ def test_datamodule_arguments_parse_from_command_line():
         parser.parse_args(["--data.stage", "warmup"])
 
 
-def test_index_batches_epochs_and_rank_shards():
-    sampler = IndexBatches(103, 10, shuffle=True, seed=4)
-    first, second = torch.cat(list(sampler)), torch.cat(list(sampler))  # epochs 0 and 1 (counted)
-    assert sorted(first.tolist()) == list(range(103)) and not torch.equal(first, second)
-    sampler.set_epoch(0)
-    assert torch.equal(torch.cat(list(sampler)), first)  # Lightning's set_epoch makes epochs reproducible
-    shards = [IndexBatches(103, 10, shuffle=True, seed=4, num_replicas=3, rank=r) for r in range(3)]
-    for s in shards:
-        s.set_epoch(5)
-    rows = [torch.cat(list(s)) for s in shards]
-    assert [len(s) for s in shards] == [4, 4, 4] and [len(r) for r in rows] == [34, 34, 34]
-    assert len(set(torch.cat(rows).tolist())) == 102  # disjoint; one remainder row dropped this epoch
-    evals = [torch.cat(list(IndexBatches(103, 10, shuffle=False, num_replicas=3, rank=r))) for r in range(3)]
-    assert sorted(torch.cat(evals).tolist()) == list(range(103))
+def test_loaders_are_plain_dataloaders_that_lightning_shards_across_ranks():
+    """The train loader is a standard DataLoader (seeded RandomSampler, BatchSampler); Lightning's own
+    DistributedSampler replacement gives each of 3 ranks an equal, disjoint share (padded by repetition)."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler, RandomSampler
+
+    dm = CTRDataModule(format="synthetic", synthetic_rows=500, subset="full", batch_size=10, seed=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, RandomSampler) and loader.batch_size == 10
+    first, second = (torch.cat([b.labels for b in loader]) for _ in range(2))
+    assert len(first) == dm.num_train_samples and not torch.equal(first, second)  # epochs differ
+    assert torch.equal(torch.cat([b.labels for b in dm.train_dataloader()]), first)  # a new loader: epoch 0 again
+    shards = []
+    for rank in range(3):
+        sampler = DistributedSampler(loader.dataset, num_replicas=3, rank=rank, shuffle=True, seed=4)
+        sharded = _update_dataloader(loader, sampler, mode=None)
+        shards.append([torch.as_tensor(p) for p in sharded.batch_sampler])
+    assert len({len(s) for s in shards}) == 1  # same number of steps on every rank
+    seen = torch.cat([torch.cat(s) for s in shards])
+    assert set(seen.tolist()) == set(range(dm.num_train_samples))  # every row on some rank
+    batch = next(iter(_update_dataloader(loader, DistributedSampler(loader.dataset, 3, 1, shuffle=False))))
+    assert torch.equal(batch.labels, dm.encoded.labels[loader.dataset.indices[1:30:3]])
 
 
 def test_datamodule_parquet_list_valued_field_matches_csv_strings(tmp_path):
