@@ -2,8 +2,10 @@
 
 Usage: ``python tests/grain_lightning/distributed/fault_worker.py OUTDIR SCENARIO TIMEOUT_S`` with
 ``MASTER_PORT`` set to a free port. Lightning's popen ``ddp`` launcher re-runs this command as rank 1. Each
-rank writes ``OUTDIR/rank<r>.err`` (the traceback) when its fit raises, and re-raises (the process exits
-non-zero), or ``OUTDIR/rank<r>.ok`` when its fit returns. One scenario per launch: after a fault the process
+rank writes ``OUTDIR/rank<r>.err`` (the time, ``time.time()``, on the first line, then the traceback) when its
+fit raises, and re-raises (the process exits non-zero), or ``OUTDIR/rank<r>.ok`` when its fit returns. In
+``raise_rank1_linger`` rank 1 stays alive after its error (as a process that catches it and goes on would)
+until rank 0 has stopped. One scenario per launch: after a fault the process
 group is not usable again. ``TIMEOUT_S`` is the process-group timeout given to the strategy (``timeout=``, a
 ``timedelta``, the name that existed before ``fault_timeout``), so a hang shows as a run that lasts that long.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -72,7 +75,7 @@ def run(scenario: str, timeout_s: float) -> None:
     elif scenario == "unequal_iterable":
         data = DataLoader(ShortRank1Stream(), batch_size=W.BATCH)
     elif scenario.startswith("raise_rank"):
-        module = FailsOnOneRank(int(scenario[-1]))
+        module = FailsOnOneRank(int(scenario[len("raise_rank")]))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     strategy = GrainDDPStrategy(timeout=timedelta(seconds=timeout_s))
@@ -84,7 +87,11 @@ def main(argv: list[str]) -> None:
     try:
         run(scenario, timeout_s)
     except BaseException:
-        (out / f"rank{rank()}.err").write_text(traceback.format_exc())
+        (out / f"rank{rank()}.err").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        if scenario.endswith("_linger") and rank() == 1:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any((out / f"rank0.{end}").exists() for end in ("err", "ok")):
+                time.sleep(0.2)
         raise
     (out / f"rank{rank()}.ok").write_text("")
 
