@@ -286,7 +286,15 @@ class FaultMonitor:
     # ------------------------------------------------------------------ the other ranks
     @contextmanager
     def collective(self) -> Iterator[None]:
-        """A failure inside, after another rank posted its error, becomes :class:`RankFailedError` quoting it."""
+        """Collectives inside: :class:`RankFailedError` quoting another rank's posted error, instead of waiting.
+
+        Raised at once when the watchdog has already seen such an error (no collective is started that the
+        failing rank would never join), or when a collective inside fails (or times out) after one.
+        """
+        with self._lock:
+            known = self.failures[min(self.failures)] if self.running and self.failures else None
+        if known is not None:
+            raise RankFailedError(f"{self.owner}: {known} (rank {self.rank} stopped before its next collective)")
         try:
             yield
         except Exception as exc:
