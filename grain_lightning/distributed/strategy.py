@@ -57,6 +57,7 @@ from grain_lightning.distributed.faults import (
     check_end_of_data,
     check_fault_timeout,
     end_of_data_slots,
+    on_every_rank,
     raised_on_every_rank,
 )
 from grain_lightning.distributed.layout import Layout, Overlap
@@ -331,11 +332,12 @@ class GrainDDPStrategy(DDPStrategy):
                 ),
                 f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
             )
-            with raised_on_every_rank():
-                raise ValueError(
+            raise on_every_rank(  # every rank sees the same table and raises here: nothing to post
+                ValueError(
                     f"grain_ddp needs the same parameters on every rank (name, shape, dtype, requires_grad); first "
                     f"difference: {diff}"
                 )
+            )
 
     @contextmanager
     @override

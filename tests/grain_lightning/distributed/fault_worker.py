@@ -19,6 +19,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
@@ -68,17 +69,20 @@ class FailsOnOneRank(W.Plain):
 
 
 def run(scenario: str, timeout_s: float) -> None:
-    module: W.Plain = W.Plain()
+    module: L.LightningModule = W.Plain()
     data = W.make_loader()
     if scenario == "unequal_map":
         data = DataLoader(W.make_data(), batch_size=W.BATCH, sampler=ShortRank1())
-    elif scenario == "unequal_iterable":
+    elif scenario in ("unequal_iterable", "unequal_iterable_mixin"):
         data = DataLoader(ShortRank1Stream(), batch_size=W.BATCH)
     elif scenario.startswith("raise_rank"):
         module = FailsOnOneRank(int(scenario[len("raise_rank")]))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    strategy = GrainDDPStrategy(timeout=timedelta(seconds=timeout_s))
+    options = {}
+    if scenario.endswith("_mixin"):  # GrainMixin, every group of every rank: the counts travel in its all_gather
+        module, options = W.WithMixin(), dict(mixin_groups="global")
+    strategy = GrainDDPStrategy(timeout=timedelta(seconds=timeout_s), **options)
     W.make_trainer(strategy, [], max_epochs=2).fit(module, data)
 
 

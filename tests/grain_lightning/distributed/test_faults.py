@@ -71,10 +71,15 @@ def last_line(text: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scenario, counts",
-    [("unequal_map", "rank 0: 3, rank 1: 2"), ("unequal_iterable", "rank 0: more than 2, rank 1: 2")],
+    [
+        ("unequal_map", "rank 0: 3, rank 1: 2"),
+        ("unequal_iterable", "rank 0: more than 2, rank 1: 2"),
+        ("unequal_iterable_mixin", "rank 0: more than 2, rank 1: 2"),
+    ],
 )
 def test_unequal_batch_counts_raise_on_every_rank_naming_the_counts(tmp_path, scenario, counts):
-    """Rank 1 has 2 batches, rank 0 has 3 (a sampler with a length / an iterable dataset without one)."""
+    """Rank 1 has 2 batches, rank 0 has 3 (a sampler with a length / an iterable dataset without one, also
+    under ``GrainMixin`` with ``mixin_groups="global"``, whose combination exchanges counts instead of flags)."""
     proc, errors = launch(tmp_path, scenario)
     assert_every_rank_failed(proc, errors, tmp_path)
     for r in range(2):
