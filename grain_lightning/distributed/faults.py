@@ -9,13 +9,13 @@ Two failures that plain DDP turns into a hang or a misleading backend error:
   :func:`check_end_of_data` raises on every rank at the step where one rank's data ends before another's.
   Both raise :class:`UnequalBatchesError` on every rank, naming the batch counts and the remedy.
 - **An exception on one rank.** :class:`FaultMonitor`: the failing rank posts ``"rank R failed: Type:
-  message"`` to the process group's store (from ``Strategy.on_exception``) and waits, for at most a few
-  seconds, until every other rank's watchdog thread has read it; then its exception goes on (its process
-  exits, which makes every peer's pending collective fail at once). A rank whose collective then fails (or
-  times out after ``fault_timeout`` seconds, the process-group timeout, when the failing process stays
-  alive) raises :class:`RankFailedError` quoting the failing rank's error; the watchdog also logs it as soon
-  as it is seen. Exceptions raised on every rank at the same point (marked with :func:`on_every_rank`) are
-  not posted: no rank is left waiting.
+  message"`` to the process group's store (from ``Strategy.on_exception``) and waits until every other
+  rank's watchdog thread has read it (milliseconds; at most ``ACK_WAIT_MAX_S`` when a rank never does);
+  then its exception goes on (its process exits, which makes every peer's pending collective fail at
+  once). A rank whose collective then fails (or times out after ``fault_timeout`` seconds, the
+  process-group timeout, when the failing process stays alive) raises :class:`RankFailedError` quoting the
+  failing rank's error; the watchdog also logs it as soon as it is seen. Exceptions raised on every rank at
+  the same point (marked with :func:`on_every_rank`) are not posted: no rank is left waiting.
 
 A gloo collective cannot be interrupted from another thread (``ProcessGroup.abort`` and
 ``destroy_process_group`` leave a peer's pending receive blocked); only the peer's exit or the timeout ends
