@@ -18,7 +18,7 @@ GRAIN_LAYERS = [
     {"policy", "reference"},
     {"functional", "ghost"},
     {"protocol"},
-    {"mixin", "distributed"},
+    {"mixin", "distributed"},  # distributed/: strategy, cross_rank, collectives, layout, faults (see below)
     {"demo", "text", "sweep"},
     {"cli", "engine", "ddp", "cross_rank", "__init__"},
 ]
@@ -60,6 +60,17 @@ def test_grain_imports_point_down(path):
             if other == mine:
                 continue
             assert layer(other) < layer(mine), f"{path.name} ({mine}) imports {name}, not a lower layer"
+
+
+def test_distributed_faults_imports_no_other_grain_module():
+    """``distributed/faults.py`` (layer 5, inside ``distributed/``) is strategy-independent: any strategy may use it."""
+    path = ROOT / "grain_lightning" / "distributed" / "faults.py"
+    imported = [
+        name
+        for node in runtime_imports(path)
+        for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+    ]
+    assert not [name for name in imported if name.startswith("grain_lightning")], imported
 
 
 @pytest.mark.parametrize("package", ["grain_lightning", "lightfmp"])

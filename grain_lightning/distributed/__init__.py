@@ -1,10 +1,19 @@
-"""GRAIN across data-parallel ranks: the ``grain_ddp`` strategy, the cross-rank min-norm, collectives, layout.
+"""GRAIN across data-parallel ranks: the ``grain_ddp`` strategy, the cross-rank min-norm, collectives, layout, faults.
 
 Importing this package registers the ``grain_ddp`` strategy names with Lightning.
 """
 
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.faults import RankFailedError, UnequalBatchesError
 from grain_lightning.distributed.strategy import GrainDDPStrategy
 
-__all__ = ["CommCounter", "CrossRankMinNorm", "CrossRankResult", "GrainDDPStrategy", "MODES"]
+__all__ = [
+    "CommCounter",
+    "CrossRankMinNorm",
+    "CrossRankResult",
+    "GrainDDPStrategy",
+    "MODES",
+    "RankFailedError",
+    "UnequalBatchesError",
+]

@@ -38,7 +38,6 @@ from typing import Any, Literal, Optional
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
@@ -51,6 +50,16 @@ from grain_lightning.config import PolicyOptions, check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.faults import (
+    DEFAULT_FAULT_TIMEOUT,
+    FaultMonitor,
+    check_batch_counts,
+    check_end_of_data,
+    check_fault_timeout,
+    end_of_data_slots,
+    on_every_rank,
+    raised_on_every_rank,
+)
 from grain_lightning.distributed.layout import Layout, Overlap
 from grain_lightning.policy import Decision, StepPolicy
 from grain_lightning.protocol import GrainModule, MixinCycle
@@ -87,7 +96,12 @@ class GrainDDPStrategy(DDPStrategy):
             last step's rank weights. The ``grain_ddp/*`` diagnostics reach the loggers every
             ``log_every_n_steps`` combinations, whatever the Trainer's ``log_every_n_steps``.
         broadcast_buffers: broadcast the module's buffers from rank 0 before every training step (as DDP).
-        timeout: process-group timeout (shorten it in tests).
+        fault_timeout: seconds a rank waits in a collective for the other ranks (the process-group timeout;
+            default 300, Lightning's is 1800). An exception on one rank is posted to the other ranks, which stop
+            with :class:`~grain_lightning.distributed.faults.RankFailedError` quoting it as soon as the failing
+            process exits, and after this long if it stays alive; a hung or killed rank stops the others after
+            this long too. Raise it if rank 0 alone can take longer (e.g. writing a large checkpoint).
+        timeout: Lightning's name for the same, as a ``timedelta`` (give one of the two).
         start_method: ``"popen"`` (``grain_ddp``), ``"spawn"`` (``grain_ddp_spawn``), ``"fork"``.
 
     The other arguments are DDPStrategy's. Attributes ``comm`` (a
@@ -119,9 +133,15 @@ class GrainDDPStrategy(DDPStrategy):
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        fault_timeout: Optional[float] = None,
+        timeout: Optional[timedelta] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
+        owner = "GrainDDPStrategy"
+        if fault_timeout is not None and timeout is not None:
+            raise ValueError(f"{owner}: give fault_timeout (seconds) or timeout (a timedelta), not both")
+        given = timeout if timeout is not None else fault_timeout
+        seconds = check_fault_timeout(owner, DEFAULT_FAULT_TIMEOUT if given is None else given)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -129,10 +149,9 @@ class GrainDDPStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=timedelta(seconds=seconds),
             start_method=start_method,
         )
-        owner = "GrainDDPStrategy"
         check_choices(owner, {"mode": mode, "mixin_groups": mixin_groups}, _CHOICES)
         if not bucket_cap_mb > 0:
             raise ValueError(f"{owner}: bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
@@ -160,6 +179,8 @@ class GrainDDPStrategy(DDPStrategy):
         self.mode, self.block_size_mb, self.mixin_groups = mode, block_size_mb, mixin_groups
         self.bucket_cap_mb, self.broadcast_buffers = bucket_cap_mb, broadcast_buffers
         self.comm = CommCounter()
+        self.faults = FaultMonitor(seconds, owner="grain_ddp")  # grain_lightning.distributed.faults
+        self._counts_checked_epoch = -1
         self.num_combines = 0
         self._sync_blocked = False
         self._aggregator: Optional[CrossRankMinNorm] = None
@@ -202,6 +223,11 @@ class GrainDDPStrategy(DDPStrategy):
         return self.policy.options.log_every_n_steps
 
     @property
+    def fault_timeout(self) -> float:
+        """Seconds a rank waits in a collective for the others (the process-group timeout)."""
+        return self.faults.timeout_s
+
+    @property
     def bytes_sent(self) -> int:
         """Bytes this rank has sent in gradient combinations and buffer broadcasts."""
         return self.comm.bytes_sent
@@ -225,7 +251,55 @@ class GrainDDPStrategy(DDPStrategy):
                     start_method=start_method,
                 )
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ set-up, faults (distributed/faults.py)
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.faults.start()  # a watchdog that reads the errors other ranks post
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Post this rank's error for the other ranks (or name the other rank's error that caused this one)."""
+        super().on_exception(exception)
+        self.faults.on_exception(exception)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self.faults.collective():
+            super().barrier(*args, **kwargs)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._check_batch_counts()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        trainer = self._module().trainer
+        if trainer.reload_dataloaders_every_n_epochs > 0 and trainer.current_epoch != self._counts_checked_epoch:
+            self._check_batch_counts()  # the loaders may have changed with the epoch
+
+    def _check_batch_counts(self) -> None:
+        """Every rank must run the same number of batches per epoch: compare them once per epoch."""
+        trainer = self._module().trainer
+        self._counts_checked_epoch = trainer.current_epoch
+        if self.world_size > 1:
+            with self.faults.collective():
+                check_batch_counts(
+                    trainer.num_training_batches, self.global_rank, self.world_size, device=self.root_device
+                )
+
+    def _end_of_data(self) -> tuple[bool, int]:
+        """(this rank's training data end with the current batch, batches so far this epoch)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None or not module.trainer.training:
+            return False, 0
+        trainer = module.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        batches, total = progress.current.ready, trainer.num_training_batches
+        return bool(progress.is_last_batch) or batches >= total, batches
+
     @override
     def configure_ddp(self) -> None:
         """Check that every rank has the same parameters, broadcast rank 0's state; no DDP wrapper."""
@@ -235,7 +309,8 @@ class GrainDDPStrategy(DDPStrategy):
                 "never lower the scale. Use precision='bf16-mixed' or '32-true'"
             )
         if self.world_size > 1:
-            self._check_same_parameters()
+            with self.faults.collective():
+                self._check_same_parameters()
             assert self.model is not None
             _sync_module_states(self.model)
             self._aggregator = CrossRankMinNorm(self.mode, tol=self.policy.options.solver_tol)
@@ -257,9 +332,11 @@ class GrainDDPStrategy(DDPStrategy):
                 ),
                 f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
             )
-            raise ValueError(
-                f"grain_ddp needs the same parameters on every rank (name, shape, dtype, requires_grad); first "
-                f"difference: {diff}"
+            raise on_every_rank(  # every rank sees the same table and raises here: nothing to post
+                ValueError(
+                    f"grain_ddp needs the same parameters on every rank (name, shape, dtype, requires_grad); first "
+                    f"difference: {diff}"
+                )
             )
 
     @contextmanager
@@ -275,7 +352,8 @@ class GrainDDPStrategy(DDPStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.broadcast_buffers and self.world_size > 1:
-            self._broadcast_buffers()
+            with self.faults.collective():
+                self._broadcast_buffers()
         return super().training_step(*args, **kwargs)
 
     def _broadcast_buffers(self) -> None:
@@ -301,9 +379,10 @@ class GrainDDPStrategy(DDPStrategy):
         if sync and self.mode != "allgather":
             self._begin_overlap(self._layout_for(self._trainable()))
         try:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-            if sync:
-                self.combine_gradients()
+            with self.faults.collective():
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                if sync:
+                    self.combine_gradients()
         finally:
             self._overlap = None
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -312,6 +391,7 @@ class GrainDDPStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self.faults.stop()
         self._drop_layout()
         self._aggregator = None
         super().teardown()
@@ -397,7 +477,9 @@ class GrainDDPStrategy(DDPStrategy):
         world = self.world_size
         flags = torch.zeros(world + 1, dtype=torch.float64)  # [invalid, one-hot by rank | skip votes]
         flags[self.global_rank], flags[world] = float(invalid), float(skip)
-        extras = torch.cat([flags, torch.tensor(has, dtype=torch.float64)])
+        # + [data end here | batches so far], one-hot by rank: unequal batch counts found at no extra round trip
+        ends = end_of_data_slots(world, self.global_rank, *self._end_of_data())
+        extras = torch.cat([flags, ends, torch.tensor(has, dtype=torch.float64)])
         pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
         ranks = torch.arange(world)
 
@@ -412,8 +494,9 @@ class GrainDDPStrategy(DDPStrategy):
             res = self._aggregator.finish(exchange, layout.buffer, extras=extras, decide=decide)
         else:
             res = self._aggregator.combine(layout.buffer.view(1, -1), layout.buffer, extras=extras, decide=decide)
+        check_end_of_data(res.extras[world + 1 : 3 * world + 1], world)
         invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
-        return self._finish(res, layout, res.extras[world + 1 :], pi, [1] * world, invalid_ranks, self.policy)
+        return self._finish(res, layout, res.extras[3 * world + 1 :], pi, [1] * world, invalid_ranks, self.policy)
 
     def _finish(
         self,
@@ -433,7 +516,8 @@ class GrainDDPStrategy(DDPStrategy):
                 if res.bad_ranks
                 else f"non-finite loss on rank(s) {invalid}"
             )
-            self.policy.nonfinite(what, self._global_step())
+            with raised_on_every_rank():
+                self.policy.nonfinite(what, self._global_step())
             self._skip(layout)
             return False
         if res.weights is None:
@@ -481,9 +565,10 @@ class GrainDDPStrategy(DDPStrategy):
         """
         if self.world_size == 1:
             return not (cycle.invalid or cycle.vote_skip)
-        if cycle.policy is None:
-            return self.combine_gradients(params=cycle.params, invalid=cycle.invalid, skip=cycle.vote_skip)
-        return self._combine_groups(cycle)
+        with self.faults.collective():
+            if cycle.policy is None:
+                return self.combine_gradients(params=cycle.params, invalid=cycle.invalid, skip=cycle.vote_skip)
+            return self._combine_groups(cycle)
 
     def _combine_groups(self, cycle: MixinCycle) -> bool:
         """``mixin_groups="global"``: one min-norm problem over every group of every rank."""
@@ -492,11 +577,14 @@ class GrainDDPStrategy(DDPStrategy):
         grads = cycle.group_gradients
         invalid = cycle.invalid or grads is None or cycle.mean_weights is None
         k_r = grads.num_groups if grads is not None and not invalid else 0
-        table = self._aggregator.exchange_counts([k_r, int(invalid)])
+        last, batches = self._end_of_data()
+        table = self._aggregator.exchange_counts([k_r, int(invalid), int(last), batches])
+        check_end_of_data(torch.cat([table[:, 2], table[:, 3]]).double(), self.world_size)
         bad = torch.nonzero(table[:, 1]).reshape(-1).tolist()
         if bad:
             self.num_combines += 1
-            self.policy.nonfinite(f"non-finite loss on rank(s) {bad}", self._global_step())
+            with raised_on_every_rank():
+                self.policy.nonfinite(f"non-finite loss on rank(s) {bad}", self._global_step())
             self._skip(layout)
             return False
         assert grads is not None and cycle.mean_weights is not None
