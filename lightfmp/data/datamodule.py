@@ -1,10 +1,10 @@
 r"""``CTRDataModule``: read, split, preprocess (fitted on the training split) and serve ``CTRBatch`` loaders.
 
 The whole table is encoded once into tensors (:class:`~lightfmp.data.preprocess.EncodedFrame`); the loaders are
-plain ``DataLoader``\ s (a ``RandomSampler`` seeded by ``seed`` for training, in order for evaluation, and
-PyTorch's ``BatchSampler``) over :class:`EncodedRows`, whose ``__getitems__`` collates a whole batch of positions
-with one tensor indexing (:meth:`EncodedFrame.batch`) instead of a row at a time. Under DDP, Lightning replaces
-the sampler with its ``DistributedSampler`` as for any loader. The train loader
+plain ``DataLoader``\ s over :class:`EncodedRows`, whose ``__getitems__`` collates a whole batch of positions with
+one tensor indexing (:meth:`EncodedFrame.batch`) instead of a row at a time, with a ``DistributedSampler``
+(training, seeded by ``seed``) or an unrepeated one (evaluation) over the process group's ranks, one rank without
+a process group (``CTRDataModule._loader``). The train loader
 serves the part of the training split chosen by ``subset``: ``"pretrain"`` (a seeded ``pretrain_fraction``
 subset, Light-FMP's pretrain stage), ``"finetune"`` (the rest, the finetune stage) or ``"full"``; validation
 and test loaders serve the same splits whatever the subset. The finetune stage reuses the pretrain stage's
@@ -25,7 +25,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
@@ -321,12 +323,24 @@ class CTRDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
+        """A DataLoader over ``indices`` with a sampler that shards them across the process group's ranks (one rank
+        when there is none): training, PyTorch's ``DistributedSampler`` (shuffled by ``(seed, epoch)``, Lightning
+        calls ``set_epoch``; padded by repetition so every rank runs the same number of steps); evaluation,
+        Lightning's ``UnrepeatedDistributedSampler`` (each row on exactly one rank, so synchronised metrics equal a
+        single process's). Rank ``r`` of ``W`` gets positions ``r, r + W, ...`` of the epoch's order, so with ``W``
+        ranks at batch ``B`` the union of the ranks' ``i``-th batches is a single process's ``i``-th batch at
+        ``W * B`` (when the rows divide evenly by ``W``)."""
         dataset = EncodedRows(self._require_setup(), indices)
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        sampler: DistributedSampler
+        if shuffle:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        else:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,  # reproducible epochs
+            sampler=sampler,
             collate_fn=_identity,  # type: ignore[arg-type]  # gets the CTRBatch of __getitems__, not a list
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

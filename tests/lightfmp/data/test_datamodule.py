@@ -36,6 +36,7 @@ def test_datamodule_subsets_cover_train_split_and_loaders():
     positions = list(loader.batch_sampler)  # one epoch of position batches
     rows = loader.dataset.indices[torch.as_tensor(sum(positions, []))]
     assert sorted(rows.tolist()) == pre_rows.tolist()  # every pretrain row once per epoch
+    loader.sampler.set_epoch(1)  # as Lightning does each epoch
     batches = list(loader)  # the next epoch: a new permutation
     assert [len(b) for b in batches] == [256, 256, 256, 32]
     first = dm.encoded.batch(loader.dataset.indices[torch.as_tensor(positions[0])])
@@ -207,29 +208,40 @@ def test_datamodule_arguments_parse_from_command_line():
         parser.parse_args(["--data.stage", "warmup"])
 
 
-def test_loaders_are_plain_dataloaders_that_lightning_shards_across_ranks():
-    """The train loader is a standard DataLoader (seeded RandomSampler, BatchSampler); Lightning's own
-    DistributedSampler replacement gives each of 3 ranks an equal, disjoint share (padded by repetition)."""
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler, RandomSampler
+def test_loaders_shard_rows_across_ranks_like_one_process_at_the_global_batch(monkeypatch):
+    """Training: a plain DistributedSampler (one rank without a process group), epochs set by Lightning; the ranks'
+    i-th batches together are one process's i-th batch at the global batch size. Evaluation: every row once."""
+    from torch.utils.data import DistributedSampler
 
-    dm = CTRDataModule(format="synthetic", synthetic_rows=500, subset="full", batch_size=10, seed=4)
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler) and loader.batch_size == 10
-    first, second = (torch.cat([b.labels for b in loader]) for _ in range(2))
-    assert len(first) == dm.num_train_samples and not torch.equal(first, second)  # epochs differ
-    assert torch.equal(torch.cat([b.labels for b in dm.train_dataloader()]), first)  # a new loader: epoch 0 again
+    from lightfmp.data import datamodule as module
+
+    def setup(world: int, rank: int, batch_size: int) -> CTRDataModule:
+        monkeypatch.setattr(module.dist, "is_initialized", lambda: world > 1)
+        monkeypatch.setattr(module.dist, "get_world_size", lambda: world)
+        monkeypatch.setattr(module.dist, "get_rank", lambda: rank)
+        dm = CTRDataModule(format="synthetic", synthetic_rows=500, subset="full", batch_size=batch_size, seed=4)
+        dm.setup("fit")
+        return dm
+
+    one = setup(1, 0, 20).train_dataloader()
+    assert type(one.sampler) is DistributedSampler and one.sampler.num_replicas == 1
+    one.sampler.set_epoch(3)
+    single = [b.labels for b in one]
+    assert sum(len(b) for b in single) == 400 and len(single) == 20
     shards = []
-    for rank in range(3):
-        sampler = DistributedSampler(loader.dataset, num_replicas=3, rank=rank, shuffle=True, seed=4)
-        sharded = _update_dataloader(loader, sampler, mode=None)
-        shards.append([torch.as_tensor(p) for p in sharded.batch_sampler])
-    assert len({len(s) for s in shards}) == 1  # same number of steps on every rank
-    seen = torch.cat([torch.cat(s) for s in shards])
-    assert set(seen.tolist()) == set(range(dm.num_train_samples))  # every row on some rank
-    batch = next(iter(_update_dataloader(loader, DistributedSampler(loader.dataset, 3, 1, shuffle=False))))
-    assert torch.equal(batch.labels, dm.encoded.labels[loader.dataset.indices[1:30:3]])
+    for rank in range(2):
+        loader = setup(2, rank, 10).train_dataloader()
+        loader.sampler.set_epoch(3)
+        shards.append([b.dense for b in loader])
+    assert len(shards[0]) == len(shards[1]) == 20
+    full = setup(1, 0, 20)
+    loader = full.train_dataloader()
+    loader.sampler.set_epoch(3)
+    for i, batch in enumerate(loader):
+        assert torch.equal(torch.cat([shards[0][i], shards[1][i]]).sort(dim=0).values, batch.dense.sort(dim=0).values)
+    evals = [setup(3, r, 7).test_dataloader() for r in range(3)]
+    rows = torch.cat([torch.cat([b.labels for b in loader]) for loader in evals])
+    assert len(rows) == len(full.splits.test)  # every test row once, no padding
 
 
 def test_datamodule_parquet_list_valued_field_matches_csv_strings(tmp_path):
