@@ -26,6 +26,10 @@ same deterministic kernels.
 parameter, or a bucket of consecutive parameters): ``d_b = sum_i w*_{b,i} g_{i,b}``. Since
 ``<d_b, g_{i,b}> >= ||d_b||^2`` for every block, summing gives ``<d, g_i> >= ||d||^2 >= 0`` as well.
 
+Output left sharded (``grain_fsdp``, :meth:`CrossRankMinNorm.send_shards` / :meth:`~CrossRankMinNorm.solve_shards` /
+:meth:`~CrossRankMinNorm.combine_shard`): as ``"sharded"`` without the final all_gather: each rank keeps only
+its shard of ``d``. Bytes per rank: ``(R-1)/R P`` (a reduce-scatter's volume) plus the ``R^2`` Gram.
+
 The all-gathers run as ``all_gather_into_tensor`` on NCCL and as direct sends and receives on other
 backends (the same bytes; gloo's all-gather is several times slower than its sends). Bytes are counted by
 :class:`~grain_lightning.distributed.collectives.CommCounter`. The weights come from the step policy

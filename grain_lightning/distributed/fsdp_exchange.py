@@ -120,6 +120,8 @@ class AllToAllComm(ReduceScatter):
         buf = self._buffer
         recv = buf if buf is not None and buf.data_ptr() == output_tensor.data_ptr() else None
         self._buffer = None
+        for earlier in self.pieces:  # one exchange in flight, as FSDP keeps one reduce-scatter input alive
+            earlier.wait()
         recv, work = self.aggregator.send_shards(input_tensor, recv)
         self.pieces.append(Piece(self, recv, input_tensor, work))
         return None

@@ -220,3 +220,21 @@ def test_constructor_rejects_bad_options(bad, match):
 
     with pytest.raises(ValueError, match=match):
         GrainFSDPStrategy(timeout=timedelta(seconds=5), **bad)
+
+
+def test_one_device_is_plain_training(restore_environ):
+    """``devices=1``: FSDP over one rank, no exchange, the same parameters as Lightning's default strategy."""
+    from grain_lightning import GrainFSDPStrategy
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    runs = {}
+    for name, strat in (("auto", "auto"), ("grain_fsdp", GrainFSDPStrategy(timeout=timedelta(seconds=30)))):
+        rec = FW.Recorder()
+        trainer = W.make_trainer(strat, [rec], devices=1)
+        trainer.fit(W.Plain(momentum=0.9), W.make_loader())
+        runs[name] = (rec.params, trainer.strategy)
+    assert len(runs["auto"][0]) == 7  # one rank: all 48 samples, 6 batches
+    for a, b in zip(runs["auto"][0], runs["grain_fsdp"][0]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert runs["grain_fsdp"][1].bytes_sent == 0 and runs["grain_fsdp"][1].num_combines == 0
