@@ -187,6 +187,11 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                 "grain_fsdp does not support GrainMixin modules yet (within-rank groups under FSDP); use "
                 "strategy='grain_ddp', or a plain LightningModule under grain_fsdp"
             )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                "grain_fsdp does not support fp16 loss scaling (precision='16-mixed' on GPU): a skipped step would "
+                "never lower the scale. Use precision='bf16-mixed' or '32-true'"
+            )
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -247,23 +252,23 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ backward
-    def _fsdp_roots(self) -> list[FSDPModule]:
+    def _set_gradient_sync(self, sync: bool) -> None:
         module = self.lightning_module
-        return [] if module is None else [m for m in module.children() if isinstance(m, FSDPModule)]
+        for m in [] if module is None else module.modules():
+            if isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(sync, recurse=False)
 
     @contextmanager
     @override
     def block_backward_sync(self) -> Iterator[None]:
         """Within this context FSDP keeps accumulating unsharded local gradients (no exchange, no combination)."""
         previous, self._sync_blocked = self._sync_blocked, True
-        for root in self._fsdp_roots():
-            root.set_requires_gradient_sync(False)
+        self._set_gradient_sync(False)
         try:
             yield None
         finally:
             self._sync_blocked = previous
-            for root in self._fsdp_roots():
-                root.set_requires_gradient_sync(not previous)
+            self._set_gradient_sync(not previous)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:

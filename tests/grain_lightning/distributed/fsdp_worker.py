@@ -82,6 +82,20 @@ class TinyGPT2(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=W.LR)
 
 
+class ShardsItself(W.Plain):
+    """Shards its Linear layers and its net in ``configure_model``, as ModelParallelStrategy asks."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.net, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 def fsdp(**kw) -> GrainFSDPStrategy:
     return GrainFSDPStrategy(timeout=timedelta(seconds=60), **kw)
 
@@ -91,6 +105,7 @@ SCENARIOS = {
     "sharded": dict(strategy=dict(**LINEAR)),
     "blockwise": dict(strategy=dict(mode="blockwise", **LINEAR)),
     "root_only": dict(strategy=dict()),  # no ModuleList: the net is one FSDP unit
+    "configure_model": dict(strategy=dict(), shards_itself=True),
     "step_norm": dict(strategy=dict(step_norm="mean", **LINEAR)),
     "ddp": dict(ddp=True),
     "accum_clip": dict(
@@ -118,7 +133,8 @@ def run_scenario(name: str, out: Path) -> None:
         module: L.LightningModule = TinyGPT2()
         data = DataLoader(gpt2_data(), batch_size=4, sampler=W.RankSamples(GPT_N))
     else:
-        module = (W.WithMixin if spec.get("mixin") else W.Plain)(**spec.get("module", {}))
+        cls = W.WithMixin if spec.get("mixin") else ShardsItself if spec.get("shards_itself") else W.Plain
+        module = cls(**spec.get("module", {}))
         data = W.make_loader(spec.get("batch_size", W.BATCH))
     strat = W.strategy() if spec.get("ddp") else fsdp(**spec["strategy"])
     rec = Recorder()

@@ -47,7 +47,7 @@ def records(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sharded", "blockwise", "root_only"])
+@pytest.mark.parametrize("name", ["sharded", "blockwise", "root_only", "configure_model"])
 def test_update_equals_single_process_grain_over_the_ranks_batches(records, name):
     rec = records[name][0]
     combine = blockwise_min_norm_point if name == "blockwise" else min_norm_point
