@@ -246,6 +246,21 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                 )
                 raise ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
 
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """ModelParallelStrategy's (sharded ``torch.distributed.checkpoint`` by default), plus the step policy's
+        state (warm start, counters) under ``"grain_fsdp"``."""
+        super().save_checkpoint({**checkpoint, "grain_fsdp": self.policy.state_dict()}, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.pop("grain_fsdp", None)
+        if state is not None:
+            self.policy.load_state_dict(state)
+        return checkpoint
+
     @override
     def teardown(self) -> None:
         self._aggregator, self._comms, self._pieces = None, [], []

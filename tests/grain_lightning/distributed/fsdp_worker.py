@@ -178,6 +178,7 @@ def save(out: Path, name: str, trainer: L.Trainer, strat, params, error, **extra
         calls=dict(strat.comm.calls),
         num_combines=strat.num_combines,
         skipped_steps=strat.skipped_steps,
+        policy_steps=strat.policy.steps,
         metrics=metrics,
         error=error,
         rank=trainer.global_rank,

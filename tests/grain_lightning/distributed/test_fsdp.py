@@ -160,6 +160,7 @@ def test_sharded_checkpoint_resume_equals_uninterrupted_fit(records):
     assert torch.equal(rec["params"][0], rec["straight"][3])
     for x, y in zip(rec["params"], rec["straight"][3:]):
         assert torch.allclose(x, y, atol=1e-12, rtol=0)
+    assert rec["num_combines"] == 3 and rec["policy_steps"] == 6  # the step policy's state came back too
 
 
 @pytest.mark.slow
