@@ -7,7 +7,12 @@ The update is the min-norm point of the convex hull of the group gradients,
 
 from grain_lightning.config import GrainConfig, PolicyOptions
 from grain_lightning.diagnostics import blockwise_diagnostics, grain_diagnostics
-from grain_lightning.distributed import CommCounter, CrossRankMinNorm, GrainDDPStrategy  # registers "grain_ddp"
+from grain_lightning.distributed import (  # registers "grain_ddp" and "grain_fsdp"
+    CommCounter,
+    CrossRankMinNorm,
+    GrainDDPStrategy,
+    GrainFSDPStrategy,
+)
 from grain_lightning.functional import GrainBackwardResult, grain_backward
 from grain_lightning.ghost import (
     BlockwiseResult,
@@ -44,6 +49,7 @@ __all__ = [
     "GrainBackwardResult",
     "GrainConfig",
     "GrainDDPStrategy",
+    "GrainFSDPStrategy",
     "GhostEngine",
     "GhostGradients",
     "GrainMixin",

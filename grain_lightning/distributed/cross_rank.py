@@ -26,6 +26,10 @@ same deterministic kernels.
 parameter, or a bucket of consecutive parameters): ``d_b = sum_i w*_{b,i} g_{i,b}``. Since
 ``<d_b, g_{i,b}> >= ||d_b||^2`` for every block, summing gives ``<d, g_i> >= ||d||^2 >= 0`` as well.
 
+Output left sharded (``grain_fsdp``, :meth:`CrossRankMinNorm.send_shards` / :meth:`~CrossRankMinNorm.solve_shards` /
+:meth:`~CrossRankMinNorm.combine_shard`): as ``"sharded"`` without the final all_gather: each rank keeps only
+its shard of ``d``. Bytes per rank: ``(R-1)/R P`` (a reduce-scatter's volume) plus the ``R^2`` Gram.
+
 The all-gathers run as ``all_gather_into_tensor`` on NCCL and as direct sends and receives on other
 backends (the same bytes; gloo's all-gather is several times slower than its sends). Bytes are counted by
 :class:`~grain_lightning.distributed.collectives.CommCounter`. The weights come from the step policy
@@ -290,6 +294,52 @@ class CrossRankMinNorm:
         for work in works:
             work.wait()
         return result
+
+    # ------------------------------------------------------------------ output left sharded (grain_fsdp)
+    def send_shards(self, piece: torch.Tensor, recv: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
+        """Start the all-to-all of this rank's ``(R * S,)`` ``piece`` (one gradient row, ``R`` pieces of ``S``).
+
+        Rank ``s`` receives piece ``s`` of every rank's row: ``recv.view(R, S)[r]`` is rank ``r``'s. This is a
+        reduce-scatter's volume (``(R-1) S`` elements sent). Returns ``(recv, work)``; wait on ``work``.
+        """
+        world = self.world
+        if piece.dim() != 1 or piece.numel() % world:
+            raise ValueError(f"piece must be flat with a length divisible by {world}, got shape {tuple(piece.shape)}")
+        recv = torch.empty_like(piece) if recv is None else recv
+        self.counter.add("all_to_all", (world - 1) * piece.numel() // world * piece.element_size())
+        return recv, dist.all_to_all_single(recv, piece, group=self.group, async_op=True)
+
+    def solve_shards(
+        self,
+        shards: Sequence[tuple[torch.Tensor, list[tuple[int, int, int]]]],
+        num_blocks: int,
+        extras: Optional[torch.Tensor] = None,
+        decide: Optional[Decide] = None,
+    ) -> CrossRankResult:
+        """Gram and decision from shards received by :meth:`send_shards`, without gathering anything.
+
+        ``shards``: ``(rows, segments)`` per piece, ``rows`` the ``(R, S)`` received view and ``segments``
+        ``[(block, start, end), ...]`` of ``[0, S)``. Each rank adds its partial ``(B, R, R)`` Gram; one
+        all-reduce of ``B R^2`` numbers (plus ``extras``) gives every rank the same Gram and decision.
+        """
+        gram = torch.zeros(num_blocks, self.world, self.world, dtype=torch.float64)
+        for rows, segments in shards:
+            gram += self._partial_gram(rows, segments, num_blocks).to(gram.device)
+        extras = self._extras(extras)
+        packed = torch.cat([gram.reshape(-1), extras])
+        device = torch.device("cuda", torch.cuda.current_device()) if self._nccl else torch.device("cpu")
+        packed = packed.to(device)
+        self.counter.all_reduce(packed, self.world, self.group)
+        packed = packed.cpu()
+        n = gram.numel()
+        return self._decide(packed[:n].view_as(gram), packed[n:], [1] * self.world, decide)
+
+    @classmethod
+    def combine_shard(
+        cls, rows: torch.Tensor, weights: torch.Tensor, segments: list[tuple[int, int, int]], out: torch.Tensor
+    ) -> None:
+        """``out[s:e] = sum_r w_{b,r} rows[r, s:e]`` per segment; ``out`` may be ``rows[0]`` (read first)."""
+        cls._combine_rows(rows, weights, segments, out)
 
     def combine(
         self,

@@ -29,9 +29,10 @@ TOL = 1e-9  # float64 model: the references agree to rounding
 
 
 def launch_worker(
-    out: Path, scenarios: list[str], timeout: float = 240, devices: int = 2
+    out: Path, scenarios: list[str], timeout: float = 240, devices: int = 2, worker: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the worker with a fresh free port; retry with another port if the chosen one was taken."""
+    """Run the worker (default ``ddp_worker.py``) with a fresh free port; retry if the port was taken."""
+    worker = worker or Path(__file__).with_name("ddp_worker.py")
     for _ in range(3):
         env = dict(
             os.environ,
@@ -44,7 +45,7 @@ def launch_worker(
         for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
             env.pop(key, None)
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), *scenarios],
+            [sys.executable, str(worker), str(out), *scenarios],
             env=env,
             cwd=str(ROOT),
             capture_output=True,

@@ -1,0 +1,397 @@
+r"""``GrainFSDPStrategy`` (``Trainer(strategy="grain_fsdp")``): min-norm across fully sharded (FSDP2) ranks.
+
+FSDP reduce-scatters the ranks' gradients ``g_1..g_R`` so that each rank holds its shard of their mean.
+This strategy gives each rank its shard of their min-norm combination ``d = sum_r w*_r g_r``,
+``w* = argmin_{w in simplex} ||sum_r w_r g_r||^2``, so that ``<d, g_r> >= ||d||^2 >= 0`` for every rank,
+and no full gradient is gathered anywhere:
+
+1. the module is sharded with ``fully_shard`` (FSDP2): every module of a ``wrap`` class (default: each
+   element of an ``nn.ModuleList``, i.e. transformer blocks), then every top-level child (the root);
+2. where FSDP would reduce-scatter a parameter group's gradients, an all-to-all gives rank ``s`` shard ``s``
+   of every rank's gradient (``(R, S)``; a reduce-scatter's bytes, :mod:`~grain_lightning.distributed.fsdp_exchange`);
+3. after the backward each rank adds its partial ``R x R`` Gram over its shards; one all-reduce of ``R^2``
+   numbers (``B R^2`` blockwise); every rank's step policy (:mod:`grain_lightning.policy`) decides alike;
+4. each rank writes its shard of ``d`` into the sharded parameters' ``.grad`` (DTensors).
+
+Cost per step over FSDP: ``R^2`` float64 all-reduced; ``(R - 1)`` gradient shards of memory until the end of
+the backward; the Gram (``R^2 P / R`` multiply-adds per rank). Clipping (``gradient_clip_val``) of the
+DTensor ``.grad`` computes ``||d||`` from the shards (an all-reduce of the squared shard norms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from typing_extensions import override
+
+from grain_lightning.config import PolicyOptions, check_choices
+from grain_lightning.diagnostics import log_diagnostics
+from grain_lightning.distributed.collectives import CommCounter
+from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.fsdp_exchange import AllToAllComm, Piece, install
+from grain_lightning.policy import Decision, StepPolicy
+from grain_lightning.protocol import GrainModule
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["GrainFSDPStrategy"]
+
+FSDP_MODES = ("sharded", "blockwise")
+Wrap = Union[None, str, type, Sequence[Union[str, type]]]
+
+
+class GrainFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 with each rank's shard of the min-norm combination of the ranks' gradients (module docstring).
+
+    Args:
+        mode: ``"sharded"`` (one min-norm problem over the whole gradient) or ``"blockwise"`` (one per
+            parameter tensor: ``<d_b, g_{r,b}> >= ||d_b||^2`` per block). ``"allgather"`` (grain_ddp's reference
+            mode) gathers full gradients and is refused.
+        wrap: module classes (types or class names) each given its own FSDP unit; ``None`` (default): the
+            classes of the elements of every ``nn.ModuleList`` (transformer blocks). Every top-level child of
+            the LightningModule is then sharded as a root. Modules already sharded in ``configure_model``
+            (``fully_shard``) are kept as they are; nothing is wrapped twice.
+        reshard_after_forward: FSDP2's option (free the unsharded parameters after the forward).
+        on_nonfinite: a NaN/Inf gradient on any rank: every rank ``"raise"`` s ``FloatingPointError`` (default)
+            or ``"skip"`` s the step (``.grad`` set to ``None``).
+        collapse_eps, on_collapse, collapse_mix, solver_tol, warm_start, step_norm, log_every_n_steps: the
+            step-policy options (:class:`~grain_lightning.config.PolicyOptions`), as for ``grain_ddp``;
+            ``on_collapse="mean"`` is FSDP's update. ``grain_fsdp/*`` diagnostics are logged every
+            ``log_every_n_steps`` combinations.
+        save_distributed_checkpoint: ``True`` (default): a sharded ``torch.distributed.checkpoint`` folder,
+            loadable at another world size; ``False``: one full file written by rank 0 (ModelParallelStrategy's).
+        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
+
+    :class:`~grain_lightning.GrainMixin` modules are refused (use ``grain_ddp``). Attributes ``comm`` (bytes
+    this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count what happened.
+    """
+
+    def __init__(
+        self,
+        mode: str = "sharded",
+        *,
+        wrap: Wrap = None,
+        reshard_after_forward: bool = True,
+        on_nonfinite: str = "raise",
+        collapse_eps: float = 1e-3,
+        on_collapse: str = "mean",
+        collapse_mix: float = 0.5,
+        solver_tol: float = 1e-12,
+        warm_start: bool = True,
+        step_norm: str = "grain",
+        log_every_n_steps: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        owner = "GrainFSDPStrategy"
+        if mode == "allgather":
+            raise ValueError(
+                f"{owner}: mode='allgather' gathers every rank's full gradient, which FSDP exists to avoid; use "
+                "mode='sharded' or 'blockwise' (or grain_ddp's mode='allgather' as a reference)"
+            )
+        check_choices(owner, {"mode": mode}, {"mode": FSDP_MODES})
+        options = PolicyOptions.from_values(
+            owner,
+            dict(
+                on_nonfinite=on_nonfinite,
+                collapse_eps=collapse_eps,
+                on_collapse=on_collapse,
+                collapse_mix=collapse_mix,
+                solver_tol=solver_tol,
+                warm_start=warm_start,
+                step_norm=step_norm,
+                log_every_n_steps=log_every_n_steps,
+            ),
+        )
+        self.policy = StepPolicy(
+            options,
+            owner="grain_fsdp",
+            warn=rank_zero_warn,
+            nonfinite_hint="every rank raises; GrainFSDPStrategy(on_nonfinite='skip') skips such steps on every rank",
+        )
+        self.mode, self.wrap, self.reshard_after_forward = mode, _wrap_names(wrap), reshard_after_forward
+        self.comm = CommCounter()
+        self.num_combines = 0
+        self._sync_blocked = False
+        self._aggregator: Optional[CrossRankMinNorm] = None
+        self._comms: list[AllToAllComm] = []
+        self._pieces: list[Piece] = []
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on every rank (non-finite gradients, or a collapse with ``on_collapse="skip"``)."""
+        return self.policy.skipped
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent in gradient combinations (all-to-alls and Gram all-reduces)."""
+        return self.comm.bytes_sent
+
+    # ------------------------------------------------------------------ registry
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """Register ``grain_fsdp`` (left alone when the name is taken)."""
+        if "grain_fsdp" not in strategy_registry:
+            strategy_registry.register(
+                "grain_fsdp", cls, description="GRAIN min-norm across FSDP2 (fully sharded) data-parallel ranks"
+            )
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup_environment(self) -> None:
+        """Process group, then a one-dimensional ``data_parallel`` device mesh over all ranks."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._setup_distributed()
+        self._device_mesh = init_device_mesh(
+            self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",)
+        )
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Shard the module (FSDP2), install the all-to-all exchange, then the optimizers (on the shards)."""
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        if isinstance(module, GrainModule):
+            raise TypeError(
+                "grain_fsdp does not support GrainMixin modules yet (within-rank groups under FSDP); use "
+                "strategy='grain_ddp', or a plain LightningModule under grain_fsdp"
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                "grain_fsdp does not support fp16 loss scaling (precision='16-mixed' on GPU): a skipped step would "
+                "never lower the scale. Use precision='bf16-mixed' or '32-true'"
+            )
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._shard(module)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard(self, module: nn.Module) -> None:
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"grain_fsdp shards submodules; move the LightningModule's own parameters {own} into a submodule"
+            )
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):
+            self._check_same_parameters(module)
+            if self.world_size > 1:
+                _sync_module_states(module)  # every rank starts from rank 0's weights, as under DDP
+        mesh, classes = self.device_mesh, self._wrap_classes(module)
+        for m in reversed(list(module.modules())):  # descendants before their ancestors
+            if m is not module and type(m).__name__ in classes and not isinstance(m, FSDPModule):
+                fully_shard(m, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        for child in module.children():
+            if not isinstance(child, FSDPModule) and any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        self._aggregator = CrossRankMinNorm("sharded", tol=self.policy.options.solver_tol)
+        self._aggregator.counter = self.comm
+        self._pieces = []
+        self._comms = install(module, self._aggregator, self._pieces)
+
+    def _wrap_classes(self, module: nn.Module) -> set[str]:
+        if self.wrap is not None:
+            return set(self.wrap)
+        return {type(m).__name__ for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+
+    def _check_same_parameters(self, module: nn.Module) -> None:
+        mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        for rank, theirs in enumerate(every):
+            if theirs != every[0]:
+                diff = next(
+                    (
+                        f"#{i}: rank 0 has {a}, rank {rank} has {b}"
+                        for i, (a, b) in enumerate(zip(every[0], theirs))
+                        if a != b
+                    ),
+                    f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
+                )
+                raise ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """ModelParallelStrategy's (sharded ``torch.distributed.checkpoint`` by default), plus the step policy's
+        state (warm start, counters) under ``"grain_fsdp"``."""
+        super().save_checkpoint({**checkpoint, "grain_fsdp": self.policy.state_dict()}, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.pop("grain_fsdp", None)
+        if state is not None:
+            self.policy.load_state_dict(state)
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self._aggregator, self._comms, self._pieces = None, [], []
+        super().teardown()
+
+    # ------------------------------------------------------------------ backward
+    def _set_gradient_sync(self, sync: bool) -> None:
+        module = self.lightning_module
+        for m in [] if module is None else module.modules():
+            if isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(sync, recurse=False)
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Iterator[None]:
+        """Within this context FSDP keeps accumulating unsharded local gradients (no exchange, no combination)."""
+        previous, self._sync_blocked = self._sync_blocked, True
+        self._set_gradient_sync(False)
+        try:
+            yield None
+        finally:
+            self._sync_blocked = previous
+            self._set_gradient_sync(not previous)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
+        """Local backward (FSDP sends each group's shards as it finishes), then the combination."""
+        module = self.lightning_module
+        assert module is not None
+        sync = not self._sync_blocked and self.world_size > 1
+        if sync:
+            stale = [n for n, p in module.named_parameters() if p.grad is not None]
+            if stale:
+                raise RuntimeError(
+                    f"grain_fsdp combines each step's gradients and found .grad already set on {stale[:3]}...; "
+                    "zero them with set_to_none=True before the backward"
+                )
+        self._pieces.clear()
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        try:
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+            if sync:
+                self.combine_gradients()
+        finally:
+            self._pieces.clear()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    # ------------------------------------------------------------------ the combination
+    def combine_gradients(self) -> bool:
+        """Replace each rank's sharded ``.grad`` by its shard of ``d`` (after a syncing backward).
+
+        Returns ``True`` when ``.grad`` holds ``d``; ``False`` when every rank skips the step (``.grad`` set to
+        ``None``). Raises ``FloatingPointError`` on every rank for non-finite gradients with
+        ``on_nonfinite="raise"``.
+        """
+        pieces = list(self._pieces)
+        if not pieces:
+            return True
+        assert self._aggregator is not None
+        firsts, total = {}, 0
+        for comm in self._comms:
+            firsts[id(comm)] = total
+            total += len(comm.trainable())
+        blockwise = self.mode == "blockwise"
+        shards = [(p.wait(), p.comm.segments(firsts[id(p.comm)] if blockwise else None)) for p in pieces]
+        world = self.world_size
+        pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
+        ranks = torch.arange(world)
+
+        def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
+            return self.policy.decide(gram, pi, keys=ranks)
+
+        res = self._aggregator.solve_shards(shards, total if blockwise else 1, None, decide)
+        self.num_combines += 1
+        if res.bad_ranks:
+            self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
+        if res.bad_ranks or res.weights is None:
+            for p in self._trainable():
+                p.grad = None
+            self.policy.record_skip()
+            return False
+        for piece, (_rows, segments) in zip(pieces, shards):
+            piece.write(res.weights, segments)
+        if res.decision is not None:
+            self._log(res, res.decision, pi)
+        self.policy.record_step()
+        return True
+
+    def _trainable(self) -> list[Tensor]:
+        module = self.lightning_module
+        return [] if module is None else [p for p in module.parameters() if p.requires_grad]
+
+    def _global_step(self) -> int:
+        module = self.lightning_module
+        return module.trainer.global_step if module is not None and module._trainer is not None else -1
+
+    def _log(self, res: CrossRankResult, decision: Decision, pi: Tensor) -> None:
+        module = self.lightning_module
+        if not self.policy.log_now or module is None or module._trainer is None:
+            return
+        diag = self.policy.diagnostics(res.gram, decision, pi)
+        traces = torch.diagonal(res.gram, dim1=1, dim2=2).sum(1)
+        w = decision.solved.reshape(res.gram.shape[0], -1)
+        avg = (traces[:, None] * w).sum(0) / traces.sum() if float(traces.sum()) > 0 else w.mean(0)
+        out = {k.replace("grain/", "grain_fsdp/"): v for k, v in diag.items()}
+        out.update({f"grain_fsdp/weight_rank{r}": float(avg[r]) for r in range(self.world_size)})
+        out["grain_fsdp/skipped_steps"] = float(self.skipped_steps)
+        log_diagnostics(module, out)
+
+
+def _wrap_names(wrap: Wrap) -> Optional[tuple[str, ...]]:
+    if wrap is None:
+        return None
+    items = [wrap] if isinstance(wrap, (str, type)) else list(wrap)
+    names = []
+    for item in items:
+        if isinstance(item, type):
+            names.append(item.__name__)
+        elif isinstance(item, str) and item:
+            names.append(item.rsplit(".", 1)[-1])
+        else:
+            raise ValueError(f"GrainFSDPStrategy: wrap must name module classes (types or names), got {item!r}")
+    return tuple(names)
+
+
+def register_grain_fsdp(registry: _StrategyRegistry = StrategyRegistry) -> None:
+    """Register ``grain_fsdp`` in ``registry`` (done on import; a name already taken is left alone)."""
+    GrainFSDPStrategy.register_strategies(registry)
+
+
+register_grain_fsdp()

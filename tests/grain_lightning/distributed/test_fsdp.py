@@ -1,0 +1,241 @@
+"""``grain_fsdp``: two and three gloo processes on the CPU against single-process references.
+
+One launch of ``fsdp_worker.py`` runs every two-rank scenario; a second launch (three ranks) checks the padded
+shards of three ranks and loads the two-rank sharded checkpoint. References are computed here from the
+recorded full parameters before each step (independent autograd pass, brute-force min-norm solver).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from tests.grain_lightning.distributed import fsdp_worker as FW
+from tests.grain_lightning.distributed.test_strategy import (
+    TOL,
+    W,
+    applied_direction,
+    blockwise_min_norm_point,
+    grad_at,
+    launch_worker,
+    mean_length,
+    min_norm_point,
+    rank_batch,
+    rank_grads,
+)
+
+WORKER = Path(FW.__file__)
+TWO_RANKS = [*FW.SCENARIOS, "resume"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grain_fsdp")
+    proc = launch_worker(out, TWO_RANKS, timeout=420, worker=WORKER)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(run_dir):
+    return {name: [torch.load(run_dir / f"{name}_rank{r}.pt") for r in range(2)] for name in TWO_RANKS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sharded", "blockwise", "root_only", "configure_model"])
+def test_update_equals_single_process_grain_over_the_ranks_batches(records, name):
+    rec = records[name][0]
+    combine = blockwise_min_norm_point if name == "blockwise" else min_norm_point
+    assert len(rec["params"]) == 4  # before training, then three steps
+    away_from_mean = 0.0
+    for step in range(3):
+        g = rank_grads(rec["params"][step], step)
+        d = applied_direction(rec["params"], step, step + 1)
+        assert torch.allclose(d, combine(g), atol=TOL, rtol=0), (d - combine(g)).abs().max()
+        assert (g @ d >= (d @ d) - 1e-9).all()  # <d, g_r> >= ||d||^2 for both ranks
+        away_from_mean = max(away_from_mean, float((d - g.mean(0)).abs().max()))
+    assert away_from_mean > 1e-3  # FSDP's mean would fail the comparison
+    assert rec["num_combines"] == 3 and rec["skipped_steps"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sharded", "blockwise", "accum_clip", "nonfinite_skip", "gpt2", "resume"])
+def test_gathered_shards_give_identical_full_parameters_on_every_rank(records, name):
+    a, b = records[name]
+    assert len(a["params"]) == len(b["params"]) > 1
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+@pytest.mark.slow
+def test_grain_fsdp_equals_grain_ddp(records):
+    for fsdp_name, ddp_name in (("sharded", "ddp"), ("root_only", "ddp"), ("gpt2", "gpt2_ddp")):
+        fsdp, ddp = records[fsdp_name][0]["params"], records[ddp_name][0]["params"]
+        assert len(fsdp) == len(ddp) == 4
+        for x, y in zip(fsdp, ddp):
+            assert torch.allclose(x, y, atol=TOL, rtol=0), (fsdp_name, (x - y).abs().max())
+
+
+@pytest.mark.slow
+def test_bytes_are_a_reduce_scatter_plus_the_gram(records):
+    rec = records["sharded"][0]
+    # two FSDP units, Linear(6, 8) and Linear(8, 3): dim 0 padded to 2: 8*6 + 8 and 4*8 + 4 float64 numbers
+    reduce_scatter = (2 - 1) / 2 * (56 + 36) * 8
+    per_step = rec["bytes_sent"] / 3
+    assert rec["calls"] == {"all_to_all": 6, "all_reduce": 3}
+    assert reduce_scatter < per_step <= reduce_scatter + 2 * 1 / 2 * 4 * 8  # + the 2 x 2 float64 Gram
+    assert "all_gather" not in records["blockwise"][0]["calls"]
+
+
+@pytest.mark.slow
+def test_step_norm_mean_and_diagnostics(records):
+    params = records["step_norm"][0]["params"]
+    for step in range(3):
+        g = rank_grads(params[step], step)
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, mean_length(min_norm_point(g), g), atol=TOL, rtol=0)
+    metrics = records["sharded"][0]["metrics"]
+    assert metrics["grain_fsdp/weight_rank0"] + metrics["grain_fsdp/weight_rank1"] == pytest.approx(1.0)
+    assert metrics["grain_fsdp/worst_alignment"] >= 0 and 0 < metrics["grain_fsdp/norm_ratio"] <= 1 + 1e-9
+    assert records["blockwise"][0]["metrics"]["grain_fsdp/num_blocks"] == 4
+
+
+@pytest.mark.slow
+def test_accumulation_exchanges_once_per_step_and_clips_the_combined_gradient_from_shards(records):
+    rec = records["accum_clip"][0]
+    params = rec["params"]  # before, then after each of 6 micro-batches of 4: steps after micro-batches 2, 4, 6
+    assert rec["num_combines"] == 3 and rec["calls"]["all_to_all"] == 6  # two FSDP units per step
+    for step in range(3):
+        assert torch.equal(params[2 * step], params[2 * step + 1])
+        d = min_norm_point(rank_grads(params[2 * step], step))
+        clipped = d * min(1.0, 0.05 / (float(d.norm()) + 1e-6))
+        assert float(d.norm()) > 0.05  # clipping is active
+        assert torch.allclose(applied_direction(params, 2 * step, 2 * step + 2), clipped, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_skips_or_raises_on_every_rank(records):
+    for rec in records["nonfinite_skip"]:
+        params = rec["params"]
+        assert rec["skipped_steps"] == 1
+        assert torch.equal(params[1], params[2]) and not torch.equal(params[2], params[3])
+        assert torch.isfinite(params[3]).all()
+    for rec in records["nonfinite_raise"]:
+        assert rec["error"] is not None and rec["error"].startswith("FloatingPointError")
+        assert "rank(s) [1]" in rec["error"] and "every rank raises" in rec["error"]
+
+
+@pytest.mark.slow
+def test_grain_mixin_is_refused_naming_grain_ddp(records):
+    for rec in records["mixin_refused"]:
+        assert rec["error"].startswith("TypeError") and "grain_ddp" in rec["error"]
+
+
+@pytest.mark.slow
+def test_tiny_gpt2_first_step_equals_single_process_grain(records):
+    params = records["gpt2"][0]["params"]
+    model = FW.gpt2_model()
+    data = FW.gpt2_data().tensors[0]
+    rows = []
+    for rank in range(2):
+        vector_to_parameters(params[0].clone(), model.parameters())
+        model.zero_grad()
+        ids = data[rank::2][:4]
+        model(input_ids=ids, labels=ids).loss.backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    g = torch.stack(rows)
+    d = applied_direction(params, 0, 1)
+    assert torch.allclose(d, min_norm_point(g), atol=TOL, rtol=0)
+    assert records["gpt2"][0]["num_combines"] == 3
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resume_equals_uninterrupted_fit(records):
+    rec = records["resume"][0]
+    assert len(rec["straight"]) == 7 and len(rec["params"]) == 4  # resumed: before + 3 steps of epoch 2
+    assert torch.equal(rec["params"][0], rec["straight"][3])
+    for x, y in zip(rec["params"], rec["straight"][3:]):
+        assert torch.allclose(x, y, atol=1e-12, rtol=0)
+    assert rec["num_combines"] == 3 and rec["policy_steps"] == 6  # the step policy's state came back too
+
+
+@pytest.mark.slow
+def test_three_ranks_match_the_reference_and_load_the_two_rank_checkpoint(run_dir, tmp_path):
+    os.environ["GRAIN_TEST_CKPT"] = str(run_dir / "final.ckpt")
+    try:
+        proc = launch_worker(tmp_path, ["sharded", "blockwise", "load"], devices=3, timeout=300, worker=WORKER)
+    finally:
+        os.environ.pop("GRAIN_TEST_CKPT")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("sharded", "blockwise"):
+        recs = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(3)]
+        params = recs[0]["params"]
+        assert len(params) == 3  # 16 samples per rank: two steps
+        assert all(torch.equal(a, b) for rec in recs[1:] for a, b in zip(params, rec["params"]))
+        combine = blockwise_min_norm_point if name == "blockwise" else min_norm_point
+        for step in range(2):
+            g = torch.stack([grad_at(params[step], *rank_batch(r, step, world=3)) for r in range(3)])
+            d = applied_direction(params, step, step + 1)
+            assert torch.allclose(d, combine(g), atol=TOL, rtol=0)
+            assert (g @ d >= (d @ d) - 1e-9).all()
+    saved = torch.load(run_dir / "resume_rank0.pt")["straight"][-1]  # 2 ranks, after two epochs
+    loaded = [torch.load(tmp_path / f"load_rank{r}.pt")["params"] for r in range(3)]
+    assert all(torch.equal(rec[0], saved) for rec in loaded)  # resharded 2 -> 3 ranks, bit for bit
+    assert len(loaded[0]) == 3 and torch.isfinite(loaded[0][-1]).all()  # and it trains on (momentum loaded)
+
+
+# ---------------------------------------------------------------------- in-process: registry, options
+def test_registry_and_cli_name():
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from grain_lightning import GrainFSDPStrategy
+    from grain_lightning.distributed.fsdp import register_grain_fsdp
+
+    register_grain_fsdp()  # a second registration is a no-op
+    assert StrategyRegistry["grain_fsdp"]["strategy"] is GrainFSDPStrategy
+    cli = LightningCLI(
+        W.Plain,
+        run=False,
+        save_config_callback=None,
+        args=["--trainer.strategy", "grain_fsdp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+    )
+    assert isinstance(cli.trainer.strategy, GrainFSDPStrategy) and cli.trainer.strategy.mode == "sharded"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(mode="allgather"), "gathers every rank's full gradient"),
+        (dict(mode="mean"), "mode must be one of"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
+        (dict(wrap=[3]), "wrap must name module classes"),
+    ],
+)
+def test_constructor_rejects_bad_options(bad, match):
+    from grain_lightning import GrainFSDPStrategy
+
+    with pytest.raises(ValueError, match=match):
+        GrainFSDPStrategy(timeout=timedelta(seconds=5), **bad)
+
+
+def test_one_device_is_plain_training(restore_environ):
+    """``devices=1``: FSDP over one rank, no exchange, the same parameters as Lightning's default strategy."""
+    from grain_lightning import GrainFSDPStrategy
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    runs = {}
+    for name, strat in (("auto", "auto"), ("grain_fsdp", GrainFSDPStrategy(timeout=timedelta(seconds=30)))):
+        rec = FW.Recorder()
+        trainer = W.make_trainer(strat, [rec], devices=1)
+        trainer.fit(W.Plain(momentum=0.9), W.make_loader())
+        runs[name] = (rec.params, trainer.strategy)
+    assert len(runs["auto"][0]) == 7  # one rank: all 48 samples, 6 batches
+    for a, b in zip(runs["auto"][0], runs["grain_fsdp"][0]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert runs["grain_fsdp"][1].bytes_sent == 0 and runs["grain_fsdp"][1].num_combines == 0
