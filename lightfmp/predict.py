@@ -99,8 +99,8 @@ class ScoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        scores = prediction.detach().cpu().double().numpy()
-        self.writer.writerows(zip(batch.row_ids.tolist(), scores.tolist()))
+        scores = prediction.detach().float().cpu().numpy()
+        self.writer.writerows(zip(batch.row_ids.tolist(), map(str, scores)))  # float32's shortest exact repr
         self.rows += len(scores)
 
 

@@ -16,9 +16,10 @@ values (as strings). Supported formats (``PREDICT_FORMATS``):
 * ``criteo``: a headerless TSV in the training file's column order (``layout``), with or without the leading
   label column (told apart by the field count of the first line).
 
-Bad input raises before anything is scored where it can be seen up front (missing file, missing columns, a
-criteo line of the wrong width), else when its chunk is read, naming the file, and for a non-numeric value in
-a dense field the value, the field and the line.
+Bad input raises before anything is scored where it can be seen up front (missing file, missing columns, a line
+with another number of fields than the header: :func:`~lightfmp.data.formats.base.check_field_counts`, one
+streamed pass over the file, as the training readers do), else when its chunk is read, naming the file, and for
+a non-numeric value in a dense field the value, the field and the line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     PathLike,
+    check_field_counts,
     check_file,
     check_unique_columns,
     gzip_errors,
@@ -112,6 +114,7 @@ def feature_chunks(
                 f"{len(layout)} fields after the label, so expected {len(layout)} (no label) or {len(layout) + 1}"
             )
         _missing_columns(path, names, columns, "field")
+        check_field_counts(path, "\t", expected=n)  # a streamed pass: a line of another width would shift fields
         chunks = read_chunks(
             path, chunksize, None, sep="\t", header=None, names=columns, usecols=names, dtype=str,
             keep_default_na=False, na_values=[""], quoting=3,
@@ -126,6 +129,7 @@ def feature_chunks(
     _missing_columns(path, raw, header, "field")
     if id_column is not None:
         _missing_columns(path, [id_column], header, "id")
+    check_field_counts(path, ",", expected=len(header), skip_lines=1, quote=None if format == "avazu" else '"')
     usecols = list(dict.fromkeys(raw + ([id_column] if id_column else [])))
     options: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_values": _NA_VALUES}
     if format == "adult":
