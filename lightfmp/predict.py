@@ -68,14 +68,12 @@ class ScoreStream(IterableDataset):
     def __init__(self, chunks: Iterator[tuple[Any, np.ndarray]], preprocessor: Preprocessor, batch_size: int) -> None:
         super().__init__()
         self.chunks, self.preprocessor, self.batch_size = chunks, preprocessor, batch_size
-        self.rows = 0  # rows served so far
 
     def __iter__(self) -> Iterator[PredictionBatch]:
         for frame, row_ids in self.chunks:
             encoded = self.preprocessor.encode_features(frame)
             for index in torch.arange(len(encoded)).split(self.batch_size):
                 b = encoded.batch(index)
-                self.rows += len(index)
                 yield PredictionBatch(b.dense, b.sparse, b.labels, row_ids[index.numpy()])
 
 
@@ -214,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_format",
         choices=PREDICT_FORMATS,
         default=None,
-        help="format of --data.path (default: the run's format; csv for data the readers cannot stream)",
+        help="format of --data.path (default: the run's format; criteo after a run on synthetic data, else csv)",
     )
     parser.add_argument(
         "--data.chunksize", dest="chunksize", type=int, default=DEFAULT_PREDICT_CHUNKSIZE, help="rows read at a time"

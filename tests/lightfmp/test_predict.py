@@ -14,6 +14,7 @@ import torch
 
 from lightfmp.cli import main
 from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.data.unlabeled import feature_chunks
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.predict import predict
 from tests.lightfmp.finished_run import eager_scores, new_rows, stage_model, tiny_run
@@ -54,6 +55,16 @@ def test_chunked_reading_gives_the_same_output_as_one_chunk(run, rows, tmp_path)
     assert one.row.tolist() == many.row.tolist() == list(range(len(rows)))
     # batches of other sizes may differ in the last float32 bit (another summation order in the matmuls)
     np.testing.assert_allclose(one.score, many.score, rtol=1e-6, atol=1e-7)
+
+
+def test_new_rows_are_read_in_chunks_of_bounded_size(run, rows, tmp_path):
+    """The reader yields chunks of at most ``chunksize`` rows (the file is never read whole), row ids continuing."""
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    _, preprocessor = stage_model(run / "finetune.ckpt")
+    chunks = list(feature_chunks("csv", tmp_path / "new.csv", preprocessor.schema, chunksize=128))
+    assert [len(frame) for frame, _ in chunks] == [128, 128, 44]
+    assert np.concatenate([ids for _, ids in chunks]).tolist() == list(range(300))
+    assert list(chunks[0][0].columns) == list(preprocessor.schema.names)  # only the kept fields, no label
 
 
 def test_id_column_names_the_rows(run, rows, tmp_path):
