@@ -48,6 +48,7 @@ PREDICT_FORMATS: tuple[str, ...] = ("csv", "parquet", "adult", "avazu", "criteo"
 DEFAULT_PREDICT_CHUNKSIZE = 100_000
 _AVAZU_DERIVED = ("hour_of_day", "weekday", "weekend")
 _NA_VALUES = ["", "NA", "NaN", "nan", "null"]
+_CHECK_BLOCK = 1 << 22  # bytes per block of the field-count check (its temporary arrays take about 10x that)
 
 __all__ = ["DEFAULT_PREDICT_CHUNKSIZE", "PREDICT_FORMATS", "feature_chunks"]
 
@@ -114,7 +115,9 @@ def feature_chunks(
                 f"{len(layout)} fields after the label, so expected {len(layout)} (no label) or {len(layout) + 1}"
             )
         _missing_columns(path, names, columns, "field")
-        check_field_counts(path, "\t", expected=n)  # a streamed pass: a line of another width would shift fields
+        check_field_counts(
+            path, "\t", expected=n, block_bytes=_CHECK_BLOCK
+        )  # a line of another width would shift fields
         chunks = read_chunks(
             path, chunksize, None, sep="\t", header=None, names=columns, usecols=names, dtype=str,
             keep_default_na=False, na_values=[""], quoting=3,
@@ -129,7 +132,8 @@ def feature_chunks(
     _missing_columns(path, raw, header, "field")
     if id_column is not None:
         _missing_columns(path, [id_column], header, "id")
-    check_field_counts(path, ",", expected=len(header), skip_lines=1, quote=None if format == "avazu" else '"')
+    quote = None if format == "avazu" else '"'
+    check_field_counts(path, ",", expected=len(header), skip_lines=1, quote=quote, block_bytes=_CHECK_BLOCK)
     usecols = list(dict.fromkeys(raw + ([id_column] if id_column else [])))
     options: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_values": _NA_VALUES}
     if format == "adult":
