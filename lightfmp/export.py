@@ -109,7 +109,7 @@ def export_module(module: LightFMPModule, example: Optional[tuple[torch.Tensor, 
     dynamic: tuple[Any, ...] = (
         {0: batch},
         {0: torch.export.Dim("nnz", min=1)} if spec.sparse else None,
-        {1: batch} if spec.sparse else None,
+        {1: batch},
     )
     with torch.no_grad():
         # non-strict: TorchRec's KeyedJaggedTensor is traced as Python code (TorchRec's recommended mode)

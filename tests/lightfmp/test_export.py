@@ -16,6 +16,7 @@ import torch
 from lightfmp.backbones import BACKBONES
 from lightfmp.cli import main
 from lightfmp.export import ExportableScorer, example_inputs, export_inputs, export_module, load
+from lightfmp.inputs import ModelInputs
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.predict import predict
 from tests.lightfmp.batches import SPEC, random_batch, restrict
@@ -42,6 +43,18 @@ def test_exported_program_equals_eager_for_every_backbone(backbone, tmp_path):
     with torch.no_grad():
         reloaded = torch.export.load(tmp_path / "model.pt2").module()(*export_inputs(batch))
     torch.testing.assert_close(reloaded, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields", ["dense only", "sparse only"])
+def test_models_without_dense_or_sparse_fields_export(fields):
+    spec = ModelInputs(dense=("a", "b")) if fields == "dense only" else SPEC.select(["s0", "genres"])
+    module = LightFMPModule(
+        backbone="dlrm", embedding_dim=4, hidden=(8,), field_mask=False, feature_spec=spec.to_dict()
+    )
+    program = export_module(module.eval())
+    batch = random_batch(spec, batch_size=9, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*export_inputs(batch)), torch.sigmoid(module(batch)))
 
 
 def test_a_gated_stage_one_model_exports_with_its_test_time_gates():
