@@ -22,9 +22,10 @@ description as ``extra_files["lightfmp.json"]`` (:func:`load` reads both). The g
 ``torch.export.load`` runs it without TorchRec installed.
 
 Export is checked before the file is written: the exported program's scores must equal the eager model's on an
-example batch. TorchScript and ONNX are not supported (see the README's "Predict and export": ``torch.jit.script``
-cannot compile TorchRec's ``KeyedJaggedTensor`` code path, ``torch.jit.trace`` bakes the example's id counts into
-the graph, and ``torch.onnx.export`` needs the ``onnxscript`` package, which this project does not install).
+example batch. TorchScript and ONNX are not supported (README "Predict and export", with the errors):
+``torch.jit.script`` stops at the backbones' Python (comprehension ifs) and is deprecated by torch itself,
+``torch.jit.trace`` bakes the example's id counts into the graph, and ``torch.onnx.export`` needs the
+``onnxscript`` package, which this project does not install.
 """
 
 from __future__ import annotations
