@@ -46,6 +46,6 @@ def stage_model(checkpoint: Path) -> tuple[LightFMPModule, Preprocessor]:
 def eager_scores(checkpoint: Path, frame: pd.DataFrame) -> torch.Tensor:
     """``sigmoid(module(batch))`` of all rows of ``frame`` (label included) in one batch: the reference scores."""
     module, preprocessor = stage_model(checkpoint)
-    encoded = preprocessor.transform(frame[[*preprocessor.schema.names, "label"]])
+    encoded = preprocessor.transform(frame[[*preprocessor.schema.names, preprocessor.schema.label]])
     with torch.no_grad():
         return torch.sigmoid(module(encoded.batch(torch.arange(len(frame)))))

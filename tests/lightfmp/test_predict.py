@@ -199,3 +199,44 @@ def test_predict_step_returns_probabilities():
         expected = torch.cat([torch.sigmoid(module(b)) for b in dm.test_dataloader()])
     torch.testing.assert_close(got, expected)
     assert ((got > 0) & (got < 1)).all()
+
+
+def test_a_csv_run_with_a_multi_valued_field_predicts_and_exports_alike(tmp_path):
+    """A run on a CSV file (its own format is the default) with a jagged field: predict equals eager, and the
+    exported program equals predict."""
+    from lightfmp.cli import run_cli
+    from lightfmp.export import export_inputs, load
+
+    rng = np.random.default_rng(0)
+    n = 400
+    tags = ["|".join(rng.choice(list("abcde"), rng.integers(0, 4), replace=False)) for _ in range(n)]
+    frame = pd.DataFrame({"x": rng.normal(size=n).round(2), "job": rng.choice(["p", "q", "r"], n), "tags": tags})
+    frame["y"] = (frame.x + frame.tags.str.contains("a") + rng.normal(size=n) > 0.5).astype(int)
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    schema = "label: y\nfields:\n  - {name: x, kind: dense}\n  - job\n  - {name: tags, kind: multi, pooling: mean}\n"
+    (tmp_path / "schema.yaml").write_text(schema)
+    run = tmp_path / "run"
+    run_cli(["pipeline", "--data.format", "csv", "--data.path", str(tmp_path / "train.csv"), "--data.schema",
+             str(tmp_path / "schema.yaml"), "--data.batch_size", "32", "--model.backbone", "deepfm",
+             "--model.hidden", "[8]", "--model.embedding_dim", "4", "--trainer.max_epochs", "1",
+             "--trainer.enable_progress_bar", "false", "--output_dir", str(run), "--top_k", "3"])  # fmt: skip
+    new = frame.drop(columns="y").iloc[:50].copy()
+    new.loc[0, "tags"] = "a|zzz"  # an unseen tag among known ones
+    new.to_csv(tmp_path / "new.csv", index=False)
+    result = main_predict(run, tmp_path / "new.csv", tmp_path / "scores.csv")
+    assert result.stage == "finetune" and "tags" in result.fields
+    got = scores_of(tmp_path / "scores.csv").score.to_numpy()
+    np.testing.assert_allclose(got, eager_scores(run / "finetune.ckpt", new.assign(y=0)).numpy(), atol=1e-6)
+
+    main(["export", "--output_dir", str(run), "--path", str(tmp_path / "model.pt2")])
+    program, _ = load(tmp_path / "model.pt2")
+    _, preprocessor = stage_model(run / "finetune.ckpt")
+    encoded = preprocessor.encode_features(new)
+    with torch.no_grad():
+        exported = program.module()(*export_inputs(encoded.batch(torch.arange(len(new)))))
+    np.testing.assert_allclose(exported.numpy(), got, atol=1e-6)
+
+
+def main_predict(run, data, out):
+    """``predict`` with the run's own data format (no ``data_format``)."""
+    return predict(run, data, out, chunksize=16, batch_size=8)
