@@ -115,9 +115,8 @@ def feature_chunks(
                 f"{len(layout)} fields after the label, so expected {len(layout)} (no label) or {len(layout) + 1}"
             )
         _missing_columns(path, names, columns, "field")
-        check_field_counts(
-            path, "\t", expected=n, block_bytes=_CHECK_BLOCK
-        )  # a line of another width would shift fields
+        # a line of another width would shift the fields: refused before anything is scored
+        check_field_counts(path, "\t", expected=n, block_bytes=_CHECK_BLOCK)
         chunks = read_chunks(
             path, chunksize, None, sep="\t", header=None, names=columns, usecols=names, dtype=str,
             keep_default_na=False, na_values=[""], quoting=3,
