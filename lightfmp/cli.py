@@ -8,6 +8,8 @@
     lightfmp prune    --config configs/adult.yaml --output_dir out/ --top_k 8
     lightfmp prune    --config configs/adult.yaml --output_dir out/ --top_k 6 --selection permutation
     lightfmp finetune --config configs/adult.yaml --output_dir out/
+    lightfmp predict  --output_dir out/ --data.path new.csv --predictions scores.csv   # lightfmp.predict
+    lightfmp export   --output_dir out/ --path model.pt2                               # lightfmp.export
 
 ``--model.*`` configures :class:`~lightfmp.lightning_module.LightFMPModule`, ``--data.*`` the
 :class:`~lightfmp.data.CTRDataModule`, ``--trainer.*`` Lightning's Trainer (one per fitting stage).
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -209,7 +212,14 @@ def run_cli(args: Optional[list[str]] = None) -> LightFMPCLI:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point ``lightfmp``."""
+    """Console entry point ``lightfmp``; ``predict`` and ``export`` have their own parsers (they read a finished
+    run and build no datamodule): :mod:`lightfmp.predict`, :mod:`lightfmp.export`."""
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] in ("predict", "export"):
+        from lightfmp import export, predict  # imported on use: the stage subcommands do not need them
+
+        {"predict": predict.main, "export": export.main}[args[0]](args[1:])
+        return
     run_cli(args)
 
 

@@ -260,6 +260,12 @@ class LightFMPModule(L.LightningModule):
         self.log("test_samples", float(len(batch)), reduce_fx="sum", batch_size=len(batch))
 
     @override
+    def predict_step(self, batch: CTRBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Scores ``(B,)``: the probability of label 1 (sigmoid of the logits; labels are not read). With a field
+        mask, the deterministic test-time gates apply (Lightning's predict loop runs in eval mode)."""
+        return torch.sigmoid(self(batch))
+
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups: list[dict[str, Any]] = [
             {"params": list(self._require_net().parameters()), "lr": self.lr, "weight_decay": self.weight_decay}

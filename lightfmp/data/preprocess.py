@@ -45,7 +45,8 @@ class EncodedFrame:
 
     ``dense``: (N, n_dense) float32; ``sparse``: (N, n_single) int64 ids of the single-valued sparse inputs
     (spec order, multi-valued ones skipped); ``multi[name] = (offsets (N + 1,), values (nnz,))`` int64 in CSR
-    layout (row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``); ``labels``: (N,) float32 in {0, 1}.
+    layout (row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``); ``labels``: (N,) float32 in {0, 1} (NaN when
+    unknown: rows encoded for scoring).
     """
 
     spec: ModelInputs
@@ -336,8 +337,17 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> EncodedFrame:
         """Encode ``frame`` (its fields and label) with the fitted state."""
-        self._require_fitted()
         self._check_columns(frame, with_label=True)
+        return self._encode(frame, torch.from_numpy(self.encode_labels(frame[self.schema.label])))
+
+    def encode_features(self, frame: pd.DataFrame) -> EncodedFrame:
+        """Encode the fields of ``frame`` for scoring: no label column needed (the labels are NaN). A value not in
+        a field's vocabulary gets the out-of-vocabulary id 0, as in training."""
+        self._check_columns(frame, with_label=False)
+        return self._encode(frame, torch.full((len(frame),), float("nan")))
+
+    def _encode(self, frame: pd.DataFrame, labels: torch.Tensor) -> EncodedFrame:
+        self._require_fitted()
         spec = self.feature_spec
         n = len(frame)
         dense = np.zeros((n, len(spec.dense)), dtype=np.float32)
@@ -357,7 +367,7 @@ class Preprocessor:
             dense=torch.from_numpy(dense),
             sparse=torch.from_numpy(sparse),
             multi=multi,
-            labels=torch.from_numpy(self.encode_labels(frame[self.schema.label])),
+            labels=labels,
         )
 
     # -- restriction and persistence
