@@ -12,13 +12,14 @@ import time
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 
 class TrainingThroughput(Callback):
     """Seconds of ``fit``'s training loop (wall clock, and CPU time of this process, which is less sensitive to
-    other jobs on a shared machine) and the number of training samples it consumed."""
+    other jobs on a shared machine) and the number of training samples it consumed (on every rank together)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -41,6 +42,9 @@ class TrainingThroughput(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # every rank's samples: the throughput of the whole data-parallel fit
+            total = trainer.strategy.reduce(torch.tensor(float(self.samples)), reduce_op="sum")
+            self.samples = int(total.item())
         if self._start is not None:
             self.seconds = time.perf_counter() - self._start
             self.cpu_seconds = time.process_time() - self._cpu_start

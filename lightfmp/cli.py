@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from lightfmp import stages
 from lightfmp.data.datamodule import CTRDataModule
+from lightfmp.distributed import is_rank_zero
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.logs import stage_loggers
 from lightfmp.outputs import check_output_dir, summary_table
@@ -112,10 +113,10 @@ class LightFMPTrainer(L.Trainer):
                 differs from the data stage 1 was trained on; refused by default.
         """
         check_selection(selection, top_k)
-        if self.is_global_zero:
-            _, report, entry = stages.prune(
-                output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs, allow_data_mismatch
-            )
+        _, report, entry = stages.prune(
+            output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs, allow_data_mismatch
+        )
+        if is_rank_zero():
             print(report.to_string(index=False))
             total = entry["fields"] + len(entry["dropped_fields"])
             print(
@@ -174,7 +175,7 @@ class LightFMPTrainer(L.Trainer):
         self.pretrain(model, datamodule, output_dir)
         self.prune(model, datamodule, output_dir, None, threshold, top_k, selection)  # reuses the stage-1 data
         self.finetune(model, datamodule, output_dir, finetune_epochs=finetune_epochs)
-        if self.is_global_zero:
+        if is_rank_zero():
             print(f"\nLight-FMP results in {Path(output_dir).resolve()}")
             print(summary_table(output_dir).to_string(index=False))
 

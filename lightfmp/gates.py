@@ -113,16 +113,25 @@ class HardConcreteGate(nn.Module):
         s = torch.sigmoid(self.clamped_log_alpha())
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    def sample(self, batch_size: int) -> torch.Tensor:
-        """Reparameterised training sample, shape ``(batch_size, F)``."""
+    def sample(self, batch_size: int, replicas: tuple[int, int] = (1, 0)) -> torch.Tensor:
+        """Reparameterised training sample, shape ``(batch_size, F)``.
+
+        ``replicas = (W, r)``: this is rank ``r``'s share of a global batch of ``W * batch_size`` rows dealt out
+        round-robin (as ``DistributedSampler`` deals them): the noise ``u`` is drawn for the global batch and rows
+        ``r, r + W, ...`` are kept, so ``W`` ranks sample the gates one process would at the global batch (every
+        rank draws the same ``u``: same seed, same calls).
+        """
         la = self.clamped_log_alpha()
-        u = torch.rand(batch_size, self.num_gates, device=la.device, dtype=la.dtype).clamp(_EPS, 1 - _EPS)
+        world, rank = replicas
+        u = torch.rand(batch_size * world, self.num_gates, device=la.device, dtype=la.dtype)[rank::world]
+        u = u.clamp(_EPS, 1 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / self.beta)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    def forward(self, batch_size: int) -> torch.Tensor:
+    def forward(self, batch_size: int, replicas: tuple[int, int] = (1, 0)) -> torch.Tensor:
+        """Gates ``(batch_size, F)``: :meth:`sample` in training (``replicas`` as there), else :meth:`test_gate`."""
         if self.training:
-            return self.sample(batch_size)
+            return self.sample(batch_size, replicas)
         return self.test_gate().unsqueeze(0).expand(batch_size, -1)
 
     def penalty(self, progress: float = 1.0) -> torch.Tensor:

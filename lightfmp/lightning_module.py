@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
 from lightfmp.backbones import BACKBONES, CTRBackbone, build_backbone
@@ -101,6 +102,7 @@ class LightFMPModule(L.LightningModule):
         self.gate: Optional[HardConcreteGate] = None
         self.val_auc, self.val_logloss = BinaryAUC(), BinaryLogLoss()  # AUC NaN when a split has one class
         self.test_auc, self.test_logloss = BinaryAUC(), BinaryLogLoss()
+        self.test_samples = SumMetric()
         self.checkpoint_extra: Optional[dict[str, Any]] = None  # stage information saved under "lightfmp"
         self.eval_gates: Optional[torch.Tensor] = None  # (F,) gates replacing the field mask's in eval (evaluate)
         if feature_spec is not None:
@@ -205,7 +207,9 @@ class LightFMPModule(L.LightningModule):
         if gates is None and self.eval_gates is not None and not self.training:
             gates = self.eval_gates.to(batch.dense.device).unsqueeze(0).expand(batch.dense.shape[0], -1)
         if gates is None and self.gate is not None:
-            gates = self.gate(batch.dense.shape[0])
+            trainer = self._trainer  # None outside a fit; under DDP the gate noise is that of the global batch
+            replicas = (trainer.world_size, trainer.global_rank) if trainer is not None and self.training else (1, 0)
+            gates = self.gate(batch.dense.shape[0], replicas)
         return net(batch.dense, batch.sparse, gates)
 
     @override
@@ -217,14 +221,6 @@ class LightFMPModule(L.LightningModule):
         if self.gate is not None:
             loss = loss + self.gate.penalty(self._l0_progress())
             self.log("expected_fields", self.gate.expected_l0().detach(), on_step=True, batch_size=bs)
-            keep = self.gate.keep_probability().detach()
-            # one curve per field: keep_probability/C1_step (on the Trainer's log_every_n_steps) and _epoch
-            self.log_dict(
-                {f"keep_probability/{name}": p for name, p in zip(self.gate.names, keep)},
-                on_step=True,
-                on_epoch=True,
-                batch_size=bs,
-            )
         self.log("train_bce", bce.detach(), on_step=True, prog_bar=True, batch_size=bs)
         return loss
 
@@ -232,6 +228,19 @@ class LightFMPModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.gate is not None:
             self.gate.dual_step(self.dual_lr, self._l0_progress())
+            last = batch_idx + 1 == self.trainer.num_training_batches
+            if self.global_step % self.trainer.log_every_n_steps == 0 or last:
+                self._log_keep_probabilities()
+
+    def _log_keep_probabilities(self) -> None:
+        """One curve per field, ``keep_probability/<field>``, on the Trainer's ``log_every_n_steps`` and at the end
+        of each epoch. Written to the loggers directly (rank 0 only; the gates are the same on every rank), not
+        through ``self.log``, which would synchronise every field across ranks at every step."""
+        assert self.gate is not None
+        keep = self.gate.keep_probability().detach().tolist()
+        metrics = {f"keep_probability/{name}": p for name, p in zip(self.gate.names, keep)}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     @override
     def on_train_start(self) -> None:
@@ -257,7 +266,8 @@ class LightFMPModule(L.LightningModule):
         self.test_auc.update(logits, batch.labels.long())
         self.test_logloss.update(logits, batch.labels)
         self.log_dict({"test_auc": self.test_auc, "test_logloss": self.test_logloss}, batch_size=len(batch))
-        self.log("test_samples", float(len(batch)), reduce_fx="sum", batch_size=len(batch))
+        self.test_samples.update(len(batch))
+        self.log("test_samples", self.test_samples, batch_size=len(batch))  # summed over ranks (a torchmetric)
 
     @override
     def predict_step(self, batch: CTRBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

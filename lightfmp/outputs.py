@@ -219,18 +219,16 @@ def save_checkpoint(
     With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included. Without one,
     ``preprocessor`` (a :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it.
     """
-    if trainer is not None:
+    if trainer is not None:  # every rank calls it under DDP (Lightning writes on rank 0, then a barrier)
+        module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
+        try:
+            trainer.save_checkpoint(path, weights_only=True)  # into a staging directory: no temporary name needed
+        finally:
+            module.checkpoint_extra = None
+        return
 
-        def write(tmp: Path) -> None:
-            module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
-            try:
-                trainer.save_checkpoint(tmp, weights_only=True)
-            finally:
-                module.checkpoint_extra = None
-    else:
-
-        def write(tmp: Path) -> None:
-            checkpoint = {
+    def write(tmp: Path) -> None:
+        checkpoint = {
                 "state_dict": module.state_dict(),
                 LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
                 "pytorch-lightning_version": L.__version__,

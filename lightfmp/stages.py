@@ -13,6 +13,10 @@ Each stage reads its input checkpoint once, writes its files (see :mod:`lightfmp
 train (``max_epochs`` or ``max_steps`` 0) and training rows of a single label class; prune and finetune refuse
 data other than stage 1's (:mod:`lightfmp.data.fingerprint`). The files are written through
 :func:`lightfmp.staging.staged_outputs`: a stage that fails or is killed leaves the previous outputs as they were.
+
+Under DDP (``--trainer.strategy ddp --trainer.devices N``) every rank runs every stage: the fits and the test
+scores are data-parallel (rows sharded, metrics synchronised), prune's selection is computed on every rank and
+rank 0's is used by all, and rank 0 alone writes (:mod:`lightfmp.distributed`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.data.fingerprint import CONTENT_OPTIONS, check_same_data, data_fingerprint
+from lightfmp.distributed import broadcast, rank, world_size
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule, evaluate
 from lightfmp.outputs import (
     KEEP_PROBABILITIES_FILE,
@@ -57,14 +62,6 @@ from lightfmp.selection import (
 from lightfmp.staging import staged_outputs
 
 __all__ = ["check_fit_length", "check_trainer_length", "finetune", "pretrain", "prune", "timed_fit"]
-
-
-def _single_process(trainer: L.Trainer) -> None:
-    if trainer.world_size > 1:
-        raise ValueError(
-            f"Light-FMP's stages run in one process (they write the output directory from it); got a trainer with "
-            f"world_size={trainer.world_size}. Use --trainer.devices 1 --trainer.num_nodes 1"
-        )
 
 
 def check_fit_length(option: str, value: Optional[int], stage: str) -> None:
@@ -111,7 +108,6 @@ def timed_fit(
 ) -> TrainingThroughput:
     """``trainer.fit`` in one process, measured by a :class:`TrainingThroughput` callback; an interrupted fit
     raises."""
-    _single_process(trainer)
     throughput = TrainingThroughput()
     callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__, unannotated
     callbacks.append(throughput)
@@ -137,7 +133,6 @@ def pretrain(
     full Lightning checkpoint (e.g. one written by a ``ModelCheckpoint`` callback); the default starts from
     scratch. The data is read (and its training labels checked) before the output directory is touched.
     """
-    _single_process(trainer)
     check_output_dir(output_dir)
     check_trainer_length(trainer, "pretrain")
     if not module.field_mask:
@@ -147,11 +142,12 @@ def pretrain(
     datamodule.setup("fit")  # reads the data; refuses training labels of one class
     warn_small_training(datamodule, "pretrain")
     fingerprint = data_fingerprint(_options(datamodule))
-    with staged_outputs(Path(output_dir), "pretrain") as staged:
-        throughput = timed_fit(trainer, module, datamodule, ckpt_path)
-        scores = evaluate(module, datamodule.test_dataloader(), trainer=trainer)
+    throughput = timed_fit(trainer, module, datamodule, ckpt_path)
+    scores = evaluate(module, datamodule.test_dataloader(), trainer=trainer)
+    with staged_outputs(Path(output_dir), "pretrain") as staged:  # after the fit: under DDP, every rank is up
         assert datamodule.preprocessor is not None  # fitted by the datamodule's setup
-        write_preprocessor(staged.directory, datamodule.preprocessor)
+        if staged.writer:
+            write_preprocessor(staged.directory, datamodule.preprocessor)
         save_checkpoint(trainer, module, staged.path("pretrain.ckpt"), {"stage": "pretrain", "data": fingerprint})
         entry = metrics_entry(module, scores, throughput)
         entry["expected_fields"] = float(module.gate.expected_l0().detach()) if module.gate is not None else None
@@ -236,6 +232,7 @@ def prune(
         keep_probability = dict(zip(masked.gate.names, masked.gate.keep_probability().detach().double().tolist()))
         report["keep_probability"] = report["field"].map(keep_probability)  # stage-1 gates, for reference
     selection_seconds = time.perf_counter() - start
+    report = broadcast(report)  # under DDP every rank computed it; rank 0's decision is the one used everywhere
     report["selection"] = selection
     constant = constant_fields(SelectionContext.from_datamodule(masked, datamodule))
     report["constant"] = report["field"].isin(constant)
@@ -256,7 +253,8 @@ def prune(
         )
     pruned_module = masked.pruned(kept)
     gates = torch.tensor([float(n in kept) for n in masked.feature_spec.names])
-    scores = evaluate(masked, datamodule.test_dataloader(), gates=gates)
+    test = datamodule.evaluation_loader("test", replicas=(world_size(), rank()))  # sharded under DDP, synced
+    scores = evaluate(masked, test, gates=gates)
     entry = metrics_entry(pruned_module, scores, None)
     entry["kept_fields"] = kept
     entry["dropped_fields"] = [n for n in masked.feature_spec.names if n not in kept]
@@ -268,15 +266,16 @@ def prune(
         extra["data"] = ckpt[LIGHTFMP_CHECKPOINT_KEY]["data"]
     line = threshold if selection == DEFAULT_SELECTION and top_k is None else None
     with staged_outputs(out, "prune") as staged:
-        write_feature_report(staged.directory, report)
-        plot_keep_probabilities(report, staged.path(KEEP_PROBABILITIES_FILE), line)
-        save_checkpoint(
-            None,
-            pruned_module,
-            staged.path("pruned.ckpt"),
-            extra,
-            preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
-        )
+        if staged.writer:
+            write_feature_report(staged.directory, report)
+            plot_keep_probabilities(report, staged.path(KEEP_PROBABILITIES_FILE), line)
+            save_checkpoint(
+                None,
+                pruned_module,
+                staged.path("pruned.ckpt"),
+                extra,
+                preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
+            )
         staged.commit(entry)
     return pruned_module, report, entry
 
@@ -295,7 +294,6 @@ def finetune(
     replace the checkpoint's. ``allow_data_mismatch``: go on (with a warning) when ``datamodule``'s data is not
     stage 1's.
     """
-    _single_process(trainer)
     out = check_output_dir(output_dir)
     check_trainer_length(trainer, "finetune")
     ckpt_path = stage_checkpoint(out, checkpoint, "pruned.ckpt", "prune")
@@ -309,9 +307,9 @@ def finetune(
     dm.setup("fit")  # reads the data; refuses training labels of one class
     warn_small_training(dm, "finetune")
     stage_extra = {k: v for k, v in extra.items() if k != "preprocessor"}  # older checkpoints kept it there
+    throughput = timed_fit(trainer, module, dm)
+    scores = evaluate(module, dm.test_dataloader(), trainer=trainer)
     with staged_outputs(out, "finetune") as staged:
-        throughput = timed_fit(trainer, module, dm)
-        scores = evaluate(module, dm.test_dataloader(), trainer=trainer)
         save_checkpoint(trainer, module, staged.path("finetune.ckpt"), {**stage_extra, "stage": "finetune"})
         entry = metrics_entry(module, scores, throughput)
         staged.commit(entry)

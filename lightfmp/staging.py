@@ -17,9 +17,13 @@ Every step can be repeated, so a run killed inside these steps is finished by th
 :func:`recover` (which also removes the staging directories of stages that never committed). At every
 moment, ``metrics.json`` lists only stages whose files are all in place.
 
-One run at a time per output directory: :func:`locked` holds an exclusive ``filelock`` on
-``.lightfmp.lock`` for the whole stage (released by the operating system if the process dies), and a second
-run gets an error naming the directory instead of racing the first one.
+Under DDP, rank 0 prepares the staging directory, writes and commits; the other ranks get the same directory
+and wait for the commit (:mod:`lightfmp.distributed`).
+
+One run at a time per output directory: :func:`locked` holds an exclusive ``filelock`` on ``.lightfmp.lock``
+while a stage writes and commits (released by the operating system if the process dies); a second run gets an
+error naming the directory instead of racing the first one. Stages enter :func:`staged_outputs` after their
+fit (under DDP the process group exists only from the first fit on).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import filelock
 
+from lightfmp.distributed import broadcast, is_rank_zero, on_rank_zero
 from lightfmp.outputs import STAGE_FILES, STAGES, atomic_write, output_directory, read_metrics, write_metrics
 
 __all__ = ["LOCK_FILE", "StagedOutputs", "apply_commit", "locked", "recover", "staged_outputs", "staging_directories"]
@@ -61,10 +66,13 @@ def locked(output_dir: Path) -> Iterator[None]:
 
 
 class StagedOutputs:
-    """The staging directory of one stage: write the stage's files to :meth:`path`, then :meth:`commit`."""
+    """The staging directory of one stage: write the stage's files to :meth:`path`, then :meth:`commit`.
 
-    def __init__(self, output_dir: Path, stage: str, directory: Path) -> None:
-        self.output_dir, self.stage, self.directory = output_dir, stage, directory
+    Under DDP every rank gets one (the same directory); only rank 0 (``writer``) writes and commits.
+    """
+
+    def __init__(self, output_dir: Path, stage: str, directory: Path, writer: bool = True) -> None:
+        self.output_dir, self.stage, self.directory, self.writer = output_dir, stage, directory, writer
 
     def path(self, name: str) -> Path:
         """Where to write the stage's file ``name`` (one of ``STAGE_FILES[stage]``)."""
@@ -73,7 +81,11 @@ class StagedOutputs:
         return self.directory / name
 
     def commit(self, entry: dict[str, Any]) -> None:
-        """Record the stage as done with its ``metrics.json`` ``entry`` and make its files visible."""
+        """Record the stage as done with its ``metrics.json`` ``entry`` and make its files visible (rank 0; every
+        rank returns once it is done, or raises if it failed)."""
+        on_rank_zero(lambda: self._commit(entry), f"committing stage {self.stage!r}")
+
+    def _commit(self, entry: dict[str, Any]) -> None:
         missing = [name for name in STAGE_FILES[self.stage] if not (self.directory / name).is_file()]
         if missing:
             raise RuntimeError(f"stage {self.stage!r} did not write {missing}; nothing was committed")
@@ -118,17 +130,25 @@ def recover(output_dir: Path) -> list[str]:
 @contextmanager
 def staged_outputs(output_dir: Path, stage: str) -> Iterator[StagedOutputs]:
     """Lock ``output_dir`` (created if needed), :func:`recover` it and yield a fresh staging directory for
-    ``stage``; on an exception the staging directory is removed and the output directory is as it was."""
+    ``stage``; on an exception the staging directory is removed and the output directory is as it was. Under DDP
+    rank 0 does this and every rank gets the same directory (:mod:`lightfmp.distributed`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-    out = output_directory(output_dir)
-    with locked(out):
-        recover(out)
-        directory = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{stage}-", dir=out))
+    out = Path(output_dir)
+    with ExitStack() as stack:
+
+        def prepare() -> str:
+            output_directory(out)
+            stack.enter_context(locked(out))
+            recover(out)
+            return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{stage}-", dir=out)
+
+        directory = Path(broadcast(on_rank_zero(prepare, f"preparing the output directory for stage {stage!r}")))
+        writer = is_rank_zero()
         try:
-            yield StagedOutputs(out, stage, directory)
+            yield StagedOutputs(out, stage, directory, writer)
         finally:
-            if directory.exists() and not (directory / COMMIT_FILE).exists():
+            if writer and directory.exists() and not (directory / COMMIT_FILE).exists():
                 shutil.rmtree(directory, ignore_errors=True)
 
 

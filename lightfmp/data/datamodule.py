@@ -25,7 +25,6 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
@@ -322,16 +321,23 @@ class CTRDataModule(L.LightningDataModule):
         return int(len(self.train_indices))
 
     # -- loaders
-    def _loader(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
-        """A DataLoader over ``indices`` with a sampler that shards them across the process group's ranks (one rank
-        when there is none): training, PyTorch's ``DistributedSampler`` (shuffled by ``(seed, epoch)``, Lightning
-        calls ``set_epoch``; padded by repetition so every rank runs the same number of steps); evaluation,
-        Lightning's ``UnrepeatedDistributedSampler`` (each row on exactly one rank, so synchronised metrics equal a
-        single process's). Rank ``r`` of ``W`` gets positions ``r, r + W, ...`` of the epoch's order, so with ``W``
-        ranks at batch ``B`` the union of the ranks' ``i``-th batches is a single process's ``i``-th batch at
-        ``W * B`` (when the rows divide evenly by ``W``)."""
+    def _replicas(self) -> tuple[int, int]:
+        """``(world size, rank)`` of the trainer this datamodule is attached to (Lightning attaches it in ``fit`` /
+        ``test``); ``(1, 0)`` when none is."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(
+        self, indices: np.ndarray, batch_size: int, shuffle: bool, replicas: Optional[tuple[int, int]] = None
+    ) -> DataLoader:
+        """A DataLoader over ``indices`` sharded across ``replicas = (W, r)`` (default: the attached trainer's
+        ranks). Training: PyTorch's ``DistributedSampler`` (shuffled by ``(seed, epoch)``, Lightning calls
+        ``set_epoch``; padded by repetition so every rank runs the same number of steps). Evaluation: Lightning's
+        ``UnrepeatedDistributedSampler`` (each row on exactly one rank, so synchronised metrics equal a single
+        process's). Rank ``r`` gets positions ``r, r + W, ...`` of the epoch's order, so the union of the ranks'
+        ``i``-th batches at batch ``B`` is a single process's ``i``-th batch at ``W * B`` (rows divisible by ``W``)."""
         dataset = EncodedRows(self._require_setup(), indices)
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        world, rank = replicas if replicas is not None else self._replicas()
         sampler: DistributedSampler
         if shuffle:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
@@ -347,6 +353,14 @@ class CTRDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def evaluation_loader(self, split: Literal["validation", "test"], replicas: tuple[int, int] = (1, 0)) -> DataLoader:
+        """The validation or test loader, by default every row in one process (e.g. for prune's scores, computed
+        on rank 0 alone while the datamodule is still attached to a multi-process trainer)."""
+        self._require_setup()
+        assert self.splits is not None
+        indices = self.splits.val if split == "validation" else self.splits.test
+        return self._loader(indices, self._eval_batch_size, shuffle=False, replicas=replicas)
+
     @property
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
@@ -357,15 +371,11 @@ class CTRDataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        self._require_setup()
-        assert self.splits is not None
-        return self._loader(self.splits.val, self._eval_batch_size, shuffle=False)
+        return self.evaluation_loader("validation", self._replicas())
 
     @override
     def test_dataloader(self) -> DataLoader:
-        self._require_setup()
-        assert self.splits is not None
-        return self._loader(self.splits.test, self._eval_batch_size, shuffle=False)
+        return self.evaluation_loader("test", self._replicas())
 
     @override
     def predict_dataloader(self) -> DataLoader:

@@ -28,7 +28,7 @@ def permutation_importance(context: SelectionContext, model: torch.nn.Module) ->
     perm = val[torch.randperm(len(val), generator=context.generator(11)).numpy()]
 
     def auc(field: Optional[str]) -> float:
-        metric = BinaryAUROC()
+        metric = BinaryAUROC(sync_on_compute=False)  # a local score: never synchronised across DDP ranks
         for start in range(0, len(val), context.eval_batch_size):
             batch = context.data.batch(val[start : start + context.eval_batch_size])
             if field is not None:

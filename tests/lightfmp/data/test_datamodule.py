@@ -208,19 +208,19 @@ def test_datamodule_arguments_parse_from_command_line():
         parser.parse_args(["--data.stage", "warmup"])
 
 
-def test_loaders_shard_rows_across_ranks_like_one_process_at_the_global_batch(monkeypatch):
-    """Training: a plain DistributedSampler (one rank without a process group), epochs set by Lightning; the ranks'
-    i-th batches together are one process's i-th batch at the global batch size. Evaluation: every row once."""
+def test_loaders_shard_rows_across_ranks_like_one_process_at_the_global_batch():
+    """Training: a plain DistributedSampler over the attached trainer's ranks (one rank without a trainer), epochs
+    set by Lightning; the ranks' i-th batches together are one process's i-th batch at the global batch size.
+    Evaluation: every row once."""
+    from types import SimpleNamespace
+
     from torch.utils.data import DistributedSampler
 
-    from lightfmp.data import datamodule as module
-
     def setup(world: int, rank: int, batch_size: int) -> CTRDataModule:
-        monkeypatch.setattr(module.dist, "is_initialized", lambda: world > 1)
-        monkeypatch.setattr(module.dist, "get_world_size", lambda: world)
-        monkeypatch.setattr(module.dist, "get_rank", lambda: rank)
         dm = CTRDataModule(format="synthetic", synthetic_rows=500, subset="full", batch_size=batch_size, seed=4)
         dm.setup("fit")
+        if world > 1:
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)  # what Lightning attaches in fit
         return dm
 
     one = setup(1, 0, 20).train_dataloader()
@@ -242,6 +242,9 @@ def test_loaders_shard_rows_across_ranks_like_one_process_at_the_global_batch(mo
     evals = [setup(3, r, 7).test_dataloader() for r in range(3)]
     rows = torch.cat([torch.cat([b.labels for b in loader]) for loader in evals])
     assert len(rows) == len(full.splits.test)  # every test row once, no padding
+    attached = setup(3, 1, 7)
+    assert len(attached.evaluation_loader("test").dataset) == len(full.splits.test)  # unsharded on request
+    assert sum(len(b) for b in attached.evaluation_loader("test")) == len(full.splits.test)
 
 
 def test_datamodule_parquet_list_valued_field_matches_csv_strings(tmp_path):
