@@ -229,7 +229,8 @@ class LightFMPModule(L.LightningModule):
         if self.gate is not None:
             self.gate.dual_step(self.dual_lr, self._l0_progress())
             last = batch_idx + 1 == self.trainer.num_training_batches
-            if self.global_step % self.trainer.log_every_n_steps == 0 or last:
+            every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set in Trainer.__init__, unannotated
+            if self.global_step % max(every, 1) == 0 or last:
                 self._log_keep_probabilities()
 
     def _log_keep_probabilities(self) -> None:

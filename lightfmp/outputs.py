@@ -229,14 +229,14 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         checkpoint = {
-                "state_dict": module.state_dict(),
-                LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
-                "pytorch-lightning_version": L.__version__,
-                LIGHTFMP_CHECKPOINT_KEY: extra,
-            }
-            if preprocessor is not None:
-                checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
-            torch.save(checkpoint, tmp)
+            "state_dict": module.state_dict(),
+            LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+            LIGHTFMP_CHECKPOINT_KEY: extra,
+        }
+        if preprocessor is not None:
+            checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
+        torch.save(checkpoint, tmp)
 
     atomic_write(path, write)
 

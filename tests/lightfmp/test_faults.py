@@ -218,18 +218,16 @@ def _run_killed(argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_sigkill_mid_stage_leaves_the_previous_run_complete(finished_run, stage):
-    """SIGKILL in the middle of a fit: no clean-up runs, and still the previous outputs are complete and usable; the
-    next run removes what the killed one left."""
+    """SIGKILL in the middle of a fit: no clean-up runs, and still the previous outputs are complete and usable."""
     data, out, before = finished_run
     done = _run_killed([stage, *args(data, out), "--trainer.callbacks+=tests.lightfmp.killer.SigkillAtBatch"])
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert snapshot(out) == before
-    assert len(staging_directories(out)) == 1  # the killed stage's partial files, never in the output directory
+    assert staging_directories(out) == []  # a stage stages its files only after its fit
     from lightfmp.lightning_module import LightFMPModule
 
     LightFMPModule.load_from_checkpoint(out / "finetune.ckpt")  # usable
-    run_cli(["prune", *args(data, out), "--top_k", "2"])  # the next run recovers the directory
-    assert staging_directories(out) == []
+    run_cli(["prune", *args(data, out), "--top_k", "2"])  # the next run works as usual
     assert list(strict_json((out / "metrics.json").read_text())) == ["pretrain", "prune"]
 
 
@@ -311,3 +309,25 @@ def test_too_few_training_steps_warn_naming_the_numbers(tmp_path):
         warnings.simplefilter("always")
         run_cli(["finetune", *args(data, out), "--data.batch_size", "4"])
     assert not [w for w in seen if "optimizer steps per epoch" in str(w.message)]
+
+
+def test_sigkill_while_staging_leaves_the_previous_run_complete(finished_run, monkeypatch):
+    """Killed after the staging directory is made and while the stage's files are being written: the output
+    directory is unchanged, and the next run removes the orphaned staging directory."""
+    data, out, before = finished_run
+    code = (
+        "import os, signal\n"
+        "from lightfmp import outputs, stages\n"
+        "def killed(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "stages.write_preprocessor = killed\n"
+        f"from lightfmp.cli import main; main({['pretrain', *args(data, out)]!r})\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert snapshot(out) == before
+    assert len(staging_directories(out)) == 1  # left by the killed run, never visible as outputs
+    run_cli(["prune", *args(data, out), "--top_k", "2"])  # the next run recovers the directory
+    assert staging_directories(out) == []
+    assert list(strict_json((out / "metrics.json").read_text())) == ["pretrain", "prune"]

@@ -3,12 +3,11 @@
 import json
 from pathlib import Path
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
 
-from lightfmp import outputs, stages
+from lightfmp import outputs
 from lightfmp.cli import run_cli as main
 from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.data.synthetic import SyntheticCTR
@@ -64,8 +63,8 @@ def test_stage_subcommands_write_consistent_outputs(tmp_path):
     assert visible == {"pretrain.ckpt", "preprocessor.json", "metrics.json", "summary.csv", "summary.md", "logs"}
     # the default logger: a CSV version named by the stage, with one keep-probability curve per field
     logged = pd.read_csv(out / "logs" / "pretrain" / "metrics.csv")
-    curves = [c for c in logged.columns if c.startswith("keep_probability/") and c.endswith("_epoch")]
-    assert len(curves) == 10 and logged[curves].notna().all(axis=1).sum() == 2  # 2 epochs
+    curves = [c for c in logged.columns if c.startswith("keep_probability/")]
+    assert len(curves) == 10 and logged[curves].notna().all(axis=1).sum() >= 2  # step 0 and each epoch's end
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lightfmp.lock"]  # no staging left
     cli("prune", *TINY, "--output_dir", str(out), "--top_k", "3")
     assert (out / "keep_probabilities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,14 +176,6 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
         cli("pipeline", "--config", str(bad))
     assert exit_info.value.code != 0
     assert "batchsize" in capsys.readouterr().err
-
-
-def test_multi_process_trainer_is_rejected_before_anything_is_written(tmp_path):
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    dm = CTRDataModule(format="synthetic", synthetic_rows=500, synthetic_dense=2, synthetic_sparse=2)
-    with pytest.raises(ValueError, match="world_size=2"):
-        stages.pretrain(trainer, LightFMPModule(backbone="mlp"), dm, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_stage_loggers_name_versions_by_stage_and_never_reuse_one(tmp_path):
