@@ -32,7 +32,7 @@ from lightfmp.data.datamodule import CTRDataModule
 from lightfmp.distributed import is_rank_zero
 from lightfmp.lightning_module import LightFMPModule
 from lightfmp.logs import stage_loggers
-from lightfmp.outputs import check_output_dir, summary_table
+from lightfmp.outputs import PRUNE_ROW_NOTE, check_output_dir, summary_table
 from lightfmp.selection import DEFAULT_SELECTION, check_selection
 
 DEFAULT_OUTPUT_DIR = "lightfmp_out"
@@ -178,6 +178,7 @@ class LightFMPTrainer(L.Trainer):
         if is_rank_zero():
             print(f"\nLight-FMP results in {Path(output_dir).resolve()}")
             print(summary_table(output_dir).to_string(index=False))
+            print(f"\n{PRUNE_ROW_NOTE}\n(summary.md and summary.csv in the output directory)")
 
 
 class LightFMPCLI(LightningCLI):

@@ -132,6 +132,8 @@ def test_pipeline_on_a_criteo_file_with_defaults(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "kept" in printed and "finetune" in printed
+    assert "The prune row scores the stage-1 model with its gates fixed to 0/1" in printed  # why it may differ
+    assert outputs.PRUNE_ROW_NOTE in (out / "summary.md").read_text()
     metrics = outputs.read_metrics(out)
     assert set(metrics) == {"pretrain", "prune", "finetune"} and metrics["pretrain"]["fields"] == 39
     assert (out / "finetune.ckpt").exists()
