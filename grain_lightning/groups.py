@@ -56,12 +56,23 @@ class GroupAssignment:
 
     @staticmethod
     def from_index(index: torch.Tensor) -> GroupAssignment:
-        """Assignment from arbitrary integer group ids per sample (ids need not be contiguous)."""
+        """Assignment from arbitrary integer group ids per sample (ids need not be contiguous). Floating-point ids
+        are accepted when every one is a whole number (e.g. the 1-5 ratings of a regression target) and refused,
+        naming one, otherwise: casting 0.5 and 0.0 to the same group would be silent."""
         index = torch.as_tensor(index)
         if index.ndim != 1 or index.numel() == 0:
             raise ValueError(f"group ids must be a non-empty 1-D tensor, got shape {tuple(index.shape)}")
-        if index.is_floating_point() or index.is_complex():
+        if index.is_complex():
             raise ValueError(f"group ids must be integers (or bool), got dtype {index.dtype}")
+        if index.is_floating_point():
+            whole = torch.isfinite(index) & (index == index.round())
+            if not bool(whole.all()):
+                bad = index[~whole][0].item()
+                raise ValueError(
+                    f"group ids must be integers (or bool, or whole-valued floats), got {bad!r} in a {index.dtype} "
+                    "tensor; group a continuous target by binning it into integer ids first"
+                )
+            index = index.long()
         keys, inverse, counts = torch.unique(index, sorted=True, return_inverse=True, return_counts=True)
         return GroupAssignment(index=inverse.long(), keys=keys, counts=counts.double())
 

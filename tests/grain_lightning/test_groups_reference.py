@@ -44,8 +44,12 @@ def test_by_key_drops_absent_groups_and_reads_batches():
         ByKey("label").assign(6, {"y": labels})
     with pytest.raises(ValueError, match=r"expected a \(5,\) key tensor"):
         ByKey("y").assign(5, {"y": labels})
-    with pytest.raises(ValueError, match="integers"):
-        GroupAssignment.from_index(torch.rand(4))
+    with pytest.raises(ValueError, match=r"integers .*whole-valued floats\), got 0\.5 in a torch.float"):
+        GroupAssignment.from_index(torch.tensor([1.0, 0.5, 2.0]))
+    with pytest.raises(ValueError, match="got nan"):
+        GroupAssignment.from_index(torch.tensor([1.0, float("nan")]))
+    ratings = GroupAssignment.from_index(torch.tensor([5.0, 3.0, 5.0, 1.0]))  # a regression target's 1-5 ratings
+    assert ratings.keys.tolist() == [1, 3, 5] and ratings.index.tolist() == [2, 1, 2, 0]
 
 
 def test_as_grouping_specs():
