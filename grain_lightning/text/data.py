@@ -11,12 +11,18 @@ Labels. Classification: the distinct values of ``label_column`` over every file,
 ``0 .. C-1`` (``num_labels = C``; a single class is refused). Regression: floats, standardised with the
 training subset's mean and std (``target_mean`` / ``target_std``; the model reports RMSE in the original unit).
 
+Groups. ``group_column`` (optional) names a column whose distinct values over every labelled file (as strings,
+sorted; a missing value is its own group, ``"<missing>"``) become ids ``0 .. G-1``, served as ``"groups"``: GRAIN
+groups a batch by it with ``--model.grain.grouping key:groups`` (e.g. the product division of a review, or the
+rating of a regression target, whose ``"labels"`` are standardised floats).
+
 Tokens. The tokenizer of the model directory (``tokenizer``; ``"minilm"`` for the packaged all-MiniLM-L6-v2)
 encodes each file's text column once, truncated to ``max_length``; the ids are cached on disk
 (``<cache>/tokens/<key>.npz``, the key hashing the file's path, size and mtime, the column, the tokenizer
 files and ``max_length``) and reused by later runs. A batch is padded to its longest sequence, rounded up to a
 multiple of ``pad_to_multiple_of``:
-``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}``.
+``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}`` (plus
+``"groups": (n,) int64`` with a ``group_column``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from grain_lightning.text.pretrained import cache_dir, resolve_pretrained
 __all__ = ["BUILTIN_DATA", "TASKS", "TextDataModule", "data_file", "read_table"]
 
 TASKS = ("classification", "regression")
+MISSING_GROUP = "<missing>"  # the group of a row whose group_column value is missing
 _TOKEN_CACHE_VERSION = 1
 _RESOURCES = Path(__file__).resolve().parent / "resources"
 
@@ -82,27 +89,33 @@ class _Table:
 
 
 class _Rows(Dataset):
-    def __init__(self, table: _Table, rows: np.ndarray, targets: Optional[np.ndarray]) -> None:
-        self.table, self.rows, self.targets = table, rows, targets
+    def __init__(
+        self, table: _Table, rows: np.ndarray, targets: Optional[np.ndarray], groups: Optional[np.ndarray] = None
+    ) -> None:
+        self.table, self.rows, self.targets, self.groups = table, rows, targets, groups
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, Any]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, Any, Optional[int]]:
         r = self.rows[i]
         target = self.targets[i] if self.targets is not None else 0
-        return self.table.ids[r], int(self.table.lengths[r]), target
+        group = int(self.groups[i]) if self.groups is not None else None
+        return self.table.ids[r], int(self.table.lengths[r]), target, group
 
 
-def _collate(items: list[tuple[np.ndarray, int, Any]], multiple: int) -> dict[str, torch.Tensor]:
-    longest = max(1, max(length for _, length, _ in items))
+def _collate(items: list[tuple[np.ndarray, int, Any, Optional[int]]], multiple: int) -> dict[str, torch.Tensor]:
+    longest = max(1, max(item[1] for item in items))
     width = min(-(-longest // multiple) * multiple, len(items[0][0]))
-    ids = torch.from_numpy(np.stack([row[:width] for row, _, _ in items]).astype(np.int64))
-    lengths = torch.tensor([length for _, length, _ in items])
+    ids = torch.from_numpy(np.stack([item[0][:width] for item in items]).astype(np.int64))
+    lengths = torch.tensor([item[1] for item in items])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    targets = np.asarray([t for _, _, t in items])
+    targets = np.asarray([item[2] for item in items])
     labels = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if items[0][3] is not None:
+        batch["groups"] = torch.tensor([item[3] for item in items], dtype=torch.int64)
+    return batch
 
 
 class TextDataModule(L.LightningDataModule):
@@ -112,6 +125,7 @@ class TextDataModule(L.LightningDataModule):
         path: one file, split into train/validation/test (or ``"clothing_reviews"``, the sample shipped with
             the package, :data:`BUILTIN_DATA`). Or give ``train_path`` (and optionally ``val_path``, ``test_path``).
         text_column, label_column: column names.
+        group_column: a column whose values become the batch's ``"groups"`` ids (see the module docstring).
         task: ``"classification"`` or ``"regression"``.
         tokenizer: a local model directory with tokenizer files, or ``"minilm"`` (linked to
             ``--model.pretrained`` by the ``grain`` command).
@@ -137,6 +151,7 @@ class TextDataModule(L.LightningDataModule):
         test_path: Optional[str] = None,
         text_column: str = "text",
         label_column: str = "label",
+        group_column: Optional[str] = None,
         task: Literal["classification", "regression"] = "classification",
         tokenizer: str = "minilm",
         max_length: int = 128,
@@ -184,6 +199,7 @@ class TextDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.text_column, self.label_column, self.task = text_column, label_column, task
+        self.group_column = group_column
         self.tokenizer_spec, self.max_length = tokenizer, max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.drop_missing_text, self.pad_to_multiple_of = drop_missing_text, pad_to_multiple_of
@@ -191,6 +207,7 @@ class TextDataModule(L.LightningDataModule):
         self._files = {k: str(data_file(v)) for k, v in files.items() if v is not None}
         self._frames = {k: self._read(k, f) for k, f in self._files.items()}
         self.label_values: list[Any] = self._label_values()
+        self.group_values: list[str] = self._group_values()
         self._rows = self._split(train_size, val_size, test_size, val_fraction, test_fraction, split_seed, subset_seed)
         self.target_mean, self.target_std = self._target_stats()
         self._tables: dict[str, _Table] = {}
@@ -198,7 +215,8 @@ class TextDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reading and splitting
     def _read(self, split: str, file: str) -> pd.DataFrame:
         frame = read_table(file)
-        need = [self.text_column] + ([self.label_column] if split != "predict" else [])
+        labelled = [self.label_column] + ([self.group_column] if self.group_column else [])
+        need = [self.text_column] + (labelled if split != "predict" else [])
         missing = [c for c in need if c not in frame.columns]
         if missing:
             raise ValueError(f"{file}: no column {missing[0]!r}; its columns are {list(frame.columns)}")
@@ -248,6 +266,16 @@ class TextDataModule(L.LightningDataModule):
                 f"label column {self.label_column!r} has a single value {values}: classification needs two or more"
             )
         return values
+
+    def _group_keys(self, column: pd.Series) -> pd.Series:
+        return column.astype(object).where(column.notna(), MISSING_GROUP).astype(str)
+
+    def _group_values(self) -> list[str]:
+        """The sorted group names of ``group_column`` over every labelled file (empty without one)."""
+        if self.group_column is None:
+            return []
+        frames = [f[self.group_column] for k, f in self._frames.items() if k != "predict"]
+        return sorted(self._group_keys(pd.concat(frames)).unique().tolist())
 
     def _split(
         self,
@@ -361,7 +389,12 @@ class TextDataModule(L.LightningDataModule):
             targets = np.asarray([index[v] for v in raw], dtype=np.int64)
         else:
             targets = ((raw.astype(np.float64) - self.target_mean) / self.target_std).astype(np.float32)
-        return _Rows(table, rows, targets)
+        groups = None
+        if self.group_column is not None:
+            ids = {v: i for i, v in enumerate(self.group_values)}
+            names = self._group_keys(self._frames[key][self.group_column]).to_numpy()[rows]
+            groups = np.asarray([ids[v] for v in names], dtype=np.int64)
+        return _Rows(table, rows, targets, groups)
 
     # ------------------------------------------------------------------ Lightning
     @override

@@ -127,6 +127,38 @@ def test_single_class_and_missing_file_are_refused(setting, tmp_path):
 
 
 # ---------------------------------------------------------------------- model under GRAIN
+def test_group_column_serves_group_ids_that_grain_groups_by(setting, tmp_path):
+    """``group_column``: the column's values (strings, missing as its own group) become ``"groups"`` ids; with
+    ``grouping key:groups`` a regression run (standardised float labels) groups by them."""
+    import lightning as L
+
+    from grain_lightning import GrainConfig
+
+    model_dir, csv = setting
+    frame = pd.read_csv(csv)
+    frame.loc[[0, 1], "size"] = np.nan
+    frame.to_csv(tmp_path / "grouped.csv", index=False)
+    dm = _data(model_dir, tmp_path / "grouped.csv", task="regression", label_column="rating", group_column="size",
+               train_size=32, batch_size=8)  # fmt: skip
+    assert dm.group_values == ["<missing>", "large", "small"]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["groups"].dtype == torch.int64 and set(batch["groups"].tolist()) <= {0, 1, 2}
+    assert batch["labels"].dtype == torch.float32
+    key, rows = dm._rows["train"]
+    names = dm._frames[key]["size"].fillna("<missing>").to_numpy()[rows]
+    assert [dm.group_values[g] for g in dm._dataset("train").groups] == list(names)
+    assert "groups" not in next(iter(_data(model_dir, csv).val_dataloader()))  # only with a group_column
+    torch.manual_seed(0)
+    model = TextModel(str(model_dir), num_labels=1, lr=1e-3, grain=GrainConfig(grouping="key:groups", self_check=1))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.grain_self_check_passed == 4
+    with pytest.raises(ValueError, match="no column 'colour'"):
+        _data(model_dir, csv, group_column="colour")
+
+
 @pytest.mark.parametrize("lora_r", [None, 4])
 def test_grain_on_text_model_is_exact_and_uses_the_one_backward_engine(setting, lora_r):
     import lightning as L
