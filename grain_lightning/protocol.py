@@ -15,6 +15,13 @@ cycle is invalid, so that all ranks enter the same collectives):
   when invalid), and the module's step policy (its solver and collapse options) decides over every group of
   every rank.
 
+A strategy whose ranks' gradients are combined *inside* a backward pass (``grain_fsdp``: FSDP reduces each
+parameter group's gradient to shards as its backward finishes, so no full ``.grad`` is ever written) sets
+``combines_in_backward``: the mixin then writes no ``.grad`` itself but hands over ``cycle.loss``, the loss whose
+backward gives this rank's direction (``sum_j w_j L_j`` for its GRAIN weights), and the strategy runs that
+backward and the combination. Every rank hands one over, even an invalid or skipping one, so that every rank
+runs the same collectives.
+
 A module that runs GRAIN itself is a :class:`GrainModule`; a GRAIN strategy must not synchronise that module's
 backward passes (its cycle is combined once, at the end).
 """
@@ -44,6 +51,7 @@ class MixinCycle:
         group_gradients: global: this rank's ``k_r`` group gradients (``None`` when ``invalid``).
         mean_weights: global: ``(k_r,)`` plain-mean weights of those groups (summing to 1 on this rank).
         policy: global: the module's step policy (its collapse options decide for every group).
+        loss: ``combines_in_backward`` strategies: the loss whose backward gives this rank's direction.
     """
 
     params: list[Tensor]
@@ -52,6 +60,7 @@ class MixinCycle:
     group_gradients: Optional[GroupGradients] = None
     mean_weights: Optional[Tensor] = None
     policy: Optional[StepPolicy] = None
+    loss: Optional[Tensor] = None
 
 
 @runtime_checkable
@@ -72,6 +81,11 @@ class GrainStrategy(Protocol):
     @property
     def needs_group_gradients(self) -> bool:
         """Whether :meth:`combine_mixin_cycle` needs the group gradients (global groups)."""
+        ...
+
+    @property
+    def combines_in_backward(self) -> bool:
+        """Whether the ranks are combined inside the backward of ``cycle.loss`` (``.grad`` is not written first)."""
         ...
 
     def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:

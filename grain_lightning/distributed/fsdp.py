@@ -45,7 +45,7 @@ from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
 from grain_lightning.distributed.fsdp_exchange import AllToAllComm, Piece, install
 from grain_lightning.policy import Decision, StepPolicy
-from grain_lightning.protocol import GrainModule
+from grain_lightning.protocol import MixinCycle
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -78,9 +78,21 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             loadable at another world size; ``False``: one full file written by rank 0 (ModelParallelStrategy's).
         process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
 
-    :class:`~grain_lightning.GrainMixin` modules are refused (use ``grain_ddp``). Attributes ``comm`` (bytes
-    this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count what happened.
+        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (the only one): each rank's
+            vector is its own GRAIN direction ``d_r = sum_j w*_j g_j`` (within-rank groups, the module's step policy),
+            formed by one weighted backward that FSDP reduces to shards; then the min-norm over the ``d_r`` as for
+            plain gradients. ``"global"`` (grain_ddp's: every group of every rank in one problem) needs every
+            group's full gradient and is refused.
+
+    :class:`~grain_lightning.GrainMixin` modules (hierarchical, ``accumulate_grad_batches=1``, the one-backward
+    engine for every parameter, ``self_check=False``; other settings are refused naming the alternative).
+    Attributes ``comm`` (bytes this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count
+    what happened.
     """
+
+    supports_grain_mixin = True
+    #: the mixin hands over the loss of each rank's direction; its backward reduces to shards (see protocol.py)
+    combines_in_backward = True
 
     def __init__(
         self,
@@ -96,6 +108,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         warm_start: bool = True,
         step_norm: str = "grain",
         log_every_n_steps: int = 1,
+        mixin_groups: str = "hierarchical",
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
@@ -114,6 +127,14 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                 "mode='sharded' or 'blockwise' (or grain_ddp's mode='allgather' as a reference)"
             )
         check_choices(owner, {"mode": mode}, {"mode": FSDP_MODES})
+        if mixin_groups == "global":
+            raise ValueError(
+                f"{owner}: mixin_groups='global' solves over every group of every rank, which needs each group's full "
+                "gradient on its rank (FSDP only ever holds shards of one combination); use "
+                "mixin_groups='hierarchical', or grain_ddp's mixin_groups='global'"
+            )
+        check_choices(owner, {"mixin_groups": mixin_groups}, {"mixin_groups": ("hierarchical",)})
+        self.mixin_groups = mixin_groups
         options = PolicyOptions.from_values(
             owner,
             dict(
@@ -140,12 +161,19 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self._aggregator: Optional[CrossRankMinNorm] = None
         self._comms: list[AllToAllComm] = []
         self._pieces: list[Piece] = []
+        self._cycle_flags: tuple[bool, bool] = (False, False)  # (invalid, vote_skip) of this rank's mixin cycle
+        self._combined = True
 
     # ------------------------------------------------------------------ counters
     @property
     def skipped_steps(self) -> int:
         """Steps skipped on every rank (non-finite gradients, or a collapse with ``on_collapse="skip"``)."""
         return self.policy.skipped
+
+    @property
+    def needs_group_gradients(self) -> bool:
+        """Always ``False``: the mixin's cycle is combined hierarchically (``mixin_groups="global"`` is refused)."""
+        return False
 
     @property
     def bytes_sent(self) -> int:
@@ -182,11 +210,6 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         assert module is not None
-        if isinstance(module, GrainModule):
-            raise TypeError(
-                "grain_fsdp does not support GrainMixin modules yet (within-rank groups under FSDP); use "
-                "strategy='grain_ddp', or a plain LightningModule under grain_fsdp"
-            )
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise RuntimeError(
                 "grain_fsdp does not support fp16 loss scaling (precision='16-mixed' on GPU): a skipped step would "
@@ -304,7 +327,8 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         try:
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
             if sync:
-                self.combine_gradients()
+                invalid, skip = self._cycle_flags
+                self._combined = self.combine_gradients(invalid=invalid, skip=skip)
         finally:
             self._pieces.clear()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -312,8 +336,11 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         return closure_loss
 
     # ------------------------------------------------------------------ the combination
-    def combine_gradients(self) -> bool:
+    def combine_gradients(self, *, invalid: bool = False, skip: bool = False) -> bool:
         """Replace each rank's sharded ``.grad`` by its shard of ``d`` (after a syncing backward).
+
+        ``invalid``: this rank's gradient is not valid (a GrainMixin cycle with a non-finite loss): every rank takes
+        ``on_nonfinite``. ``skip``: this rank votes to skip the step (its own policy skipped): every rank skips.
 
         Returns ``True`` when ``.grad`` holds ``d``; ``False`` when every rank skips the step (``.grad`` set to
         ``None``). Raises ``FloatingPointError`` on every rank for non-finite gradients with
@@ -333,14 +360,22 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
         ranks = torch.arange(world)
 
+        flags = torch.zeros(world + 1, dtype=torch.float64)  # [invalid, one-hot by rank | skip votes]
+        flags[self.global_rank], flags[world] = float(invalid), float(skip)
+
         def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
+            if (ext > 0).any():
+                return None
             return self.policy.decide(gram, pi, keys=ranks)
 
-        res = self._aggregator.solve_shards(shards, total if blockwise else 1, None, decide)
+        res = self._aggregator.solve_shards(shards, total if blockwise else 1, flags, decide)
         self.num_combines += 1
-        if res.bad_ranks:
+        invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
+        if invalid_ranks:
+            self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
+        elif res.bad_ranks:
             self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
-        if res.bad_ranks or res.weights is None:
+        if invalid_ranks or res.bad_ranks or res.weights is None:
             for p in self._trainable():
                 p.grad = None
             self.policy.record_skip()
@@ -351,6 +386,29 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             self._log(res, res.decision, pi)
         self.policy.record_step()
         return True
+
+    # ------------------------------------------------------------------ GrainMixin (grain_lightning.protocol)
+    def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:
+        """End of a GrainMixin cycle: the backward of ``cycle.loss`` (this rank's direction ``d_r``, reduced by FSDP
+        into the all-to-all), then the min-norm over the ranks' ``d_r`` into the sharded ``.grad``. ``False``: every
+        rank skips the step (``.grad`` set to ``None``)."""
+        if cycle.policy is not None:
+            raise ValueError(
+                "grain_fsdp combines GrainMixin cycles hierarchically only (mixin_groups='global' is refused)"
+            )
+        if cycle.loss is None:
+            raise RuntimeError("grain_fsdp needs the loss of this rank's direction (MixinCycle.loss) from the mixin")
+        if self.world_size == 1:
+            if cycle.invalid or cycle.vote_skip:
+                return False
+            self.backward(cycle.loss, None)
+            return True
+        self._cycle_flags, self._combined = (cycle.invalid, cycle.vote_skip), False
+        try:
+            self.backward(cycle.loss, None)
+        finally:
+            self._cycle_flags = (False, False)
+        return self._combined
 
     def _trainable(self) -> list[Tensor]:
         module = self.lightning_module
