@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -43,6 +42,14 @@ from grain_lightning.config import PolicyOptions, check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.faults import (
+    DEFAULT_FAULT_TIMEOUT,
+    FaultMonitor,
+    check_batch_counts,
+    check_fault_timeout,
+    on_every_rank,
+    raised_on_every_rank,
+)
 from grain_lightning.distributed.fsdp_exchange import AllToAllComm, Piece, install
 from grain_lightning.policy import Decision, StepPolicy
 from grain_lightning.protocol import MixinCycle
@@ -76,7 +83,12 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             ``log_every_n_steps`` combinations.
         save_distributed_checkpoint: ``True`` (default): a sharded ``torch.distributed.checkpoint`` folder,
             loadable at another world size; ``False``: one full file written by rank 0 (ModelParallelStrategy's).
-        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
+        fault_timeout: seconds a rank waits in a collective for the other ranks (the process-group timeout;
+            default 300). As for ``grain_ddp`` (:mod:`~grain_lightning.distributed.faults`): an exception on one
+            rank is posted to the others, which stop with ``RankFailedError`` quoting it; unequal batch counts
+            raise ``UnequalBatchesError`` on every rank when training starts.
+        timeout: Lightning's name for the same, as a ``timedelta`` (give one of the two).
+        process_group_backend: as for Lightning's ``ModelParallelStrategy``.
 
         mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (the only one): each rank's
             vector is its own GRAIN direction ``d_r = sum_j w*_j g_j`` (within-rank groups, the module's step policy),
@@ -111,16 +123,21 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         mixin_groups: str = "hierarchical",
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        fault_timeout: Optional[float] = None,
+        timeout: Optional[timedelta] = None,
     ) -> None:
+        owner = "GrainFSDPStrategy"
+        if fault_timeout is not None and timeout is not None:
+            raise ValueError(f"{owner}: give fault_timeout (seconds) or timeout (a timedelta), not both")
+        given = timeout if timeout is not None else fault_timeout
+        seconds = check_fault_timeout(owner, DEFAULT_FAULT_TIMEOUT if given is None else given)
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=timedelta(seconds=seconds),
         )
-        owner = "GrainFSDPStrategy"
         if mode == "allgather":
             raise ValueError(
                 f"{owner}: mode='allgather' gathers every rank's full gradient, which FSDP exists to avoid; use "
@@ -156,6 +173,8 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         )
         self.mode, self.wrap, self.reshard_after_forward = mode, _wrap_names(wrap), reshard_after_forward
         self.comm = CommCounter()
+        self.faults = FaultMonitor(seconds, owner="grain_fsdp")  # grain_lightning.distributed.faults
+        self._counts_checked_epoch = -1
         self.num_combines = 0
         self._sync_blocked = False
         self._aggregator: Optional[CrossRankMinNorm] = None
@@ -174,6 +193,11 @@ class GrainFSDPStrategy(ModelParallelStrategy):
     def needs_group_gradients(self) -> bool:
         """Always ``False``: the mixin's cycle is combined hierarchically (``mixin_groups="global"`` is refused)."""
         return False
+
+    @property
+    def fault_timeout(self) -> float:
+        """Seconds a rank waits in a collective for the others (the process-group timeout)."""
+        return self.faults.timeout_s
 
     @property
     def bytes_sent(self) -> int:
@@ -202,6 +226,59 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         )
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
+        self.faults.start()  # a watchdog that reads the errors other ranks post
+
+    # ------------------------------------------------------------------ faults (distributed/faults.py)
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Post this rank's error for the other ranks (or name the other rank's error that caused this one)."""
+        super().on_exception(exception)
+        self.faults.on_exception(exception)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self.faults.collective():
+            super().barrier(*args, **kwargs)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._check_batch_counts()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The step: FSDP's forward all-gathers (and GrainMixin's backward passes) quote another rank's error."""
+        with self.faults.collective():
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        module = self.lightning_module
+        trainer: Any = module.trainer if module is not None and module._trainer is not None else None
+        if (
+            trainer is not None
+            and trainer.reload_dataloaders_every_n_epochs > 0
+            and trainer.current_epoch != self._counts_checked_epoch
+        ):
+            self._check_batch_counts()  # the loaders may have changed with the epoch
+
+    def _check_batch_counts(self) -> None:
+        """Every rank must run the same number of batches per epoch (every step combines every rank)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        trainer = module.trainer
+        self._counts_checked_epoch = trainer.current_epoch
+        if self.world_size > 1:
+            with self.faults.collective():
+                check_batch_counts(
+                    trainer.num_training_batches,
+                    self.global_rank,
+                    self.world_size,
+                    owner="grain_fsdp",
+                    device=self.root_device,
+                )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -233,9 +310,10 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                 f"grain_fsdp shards submodules; move the LightningModule's own parameters {own} into a submodule"
             )
         if not any(isinstance(m, FSDPModule) for m in module.modules()):
-            self._check_same_parameters(module)
-            if self.world_size > 1:
-                _sync_module_states(module)  # every rank starts from rank 0's weights, as under DDP
+            with self.faults.collective():
+                self._check_same_parameters(module)
+                if self.world_size > 1:
+                    _sync_module_states(module)  # every rank starts from rank 0's weights, as under DDP
         mesh, classes = self.device_mesh, self._wrap_classes(module)
         for m in reversed(list(module.modules())):  # descendants before their ancestors
             if m is not module and type(m).__name__ in classes and not isinstance(m, FSDPModule):
@@ -267,7 +345,9 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                     ),
                     f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
                 )
-                raise ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
+                raise on_every_rank(  # every rank sees the same table and raises here: nothing to post
+                    ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
+                )
 
     # ------------------------------------------------------------------ checkpoint
     @override
@@ -286,6 +366,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        self.faults.stop()
         self._aggregator, self._comms, self._pieces = None, [], []
         super().teardown()
 
@@ -325,10 +406,11 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         try:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-            if sync:
-                invalid, skip = self._cycle_flags
-                self._combined = self.combine_gradients(invalid=invalid, skip=skip)
+            with self.faults.collective():  # FSDP's all-gathers and the exchange: another rank's error, quoted
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                if sync:
+                    invalid, skip = self._cycle_flags
+                    self._combined = self.combine_gradients(invalid=invalid, skip=skip)
         finally:
             self._pieces.clear()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -371,10 +453,11 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         res = self._aggregator.solve_shards(shards, total if blockwise else 1, flags, decide)
         self.num_combines += 1
         invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
-        if invalid_ranks:
-            self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
-        elif res.bad_ranks:
-            self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
+        with raised_on_every_rank():  # every rank raises here alike: nothing to post
+            if invalid_ranks:
+                self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
+            elif res.bad_ranks:
+                self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
         if invalid_ranks or res.bad_ranks or res.weights is None:
             for p in self._trainable():
                 p.grad = None
