@@ -31,7 +31,7 @@ from grain_lightning.ghost.rules.base import UnsupportedModuleError
 from grain_lightning.ghost.self_check import SelfCheckSchedule
 from grain_lightning.groups import GroupAssignment, as_grouping
 from grain_lightning.policy import StepPolicy
-from grain_lightning.protocol import GrainStrategy, MixinCycle
+from grain_lightning.protocol import GrainStrategy, MixinCycle, raised_on_every_rank
 from grain_lightning.reference import GroupGradients, group_gradients, trainable_parameters
 
 __all__ = ["GrainConfig", "GrainMixin"]
@@ -275,30 +275,38 @@ class GrainMixin(_MixinBase):
         cfg = self.grain_config
         name = type(self.trainer.strategy).__name__
         if cfg.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"GrainMixin under {name}: GrainConfig(accumulate_grad_batches={cfg.accumulate_grad_batches}) needs "
-                "every micro-batch's group gradients at once, which FSDP never materialises; use "
-                "accumulate_grad_batches=1 (a larger batch per rank), or strategy='grain_ddp'"
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(accumulate_grad_batches={cfg.accumulate_grad_batches}) "
+                    "needs every micro-batch's group gradients at once, which FSDP never materialises; use "
+                    "accumulate_grad_batches=1 (a larger batch per rank), or strategy='grain_ddp'"
+                )
             )
         if cfg.aggregation != "grain":
             return
         if cfg.engine == "reference":
-            raise ValueError(
-                f"GrainMixin under {name}: GrainConfig(engine='reference') takes one backward per group with "
-                "torch.autograd.grad on the parameters, which bypasses FSDP's gradient reduction; use engine='auto' "
-                "or 'ghost' (the one-backward engine), or strategy='grain_ddp'"
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(engine='reference') takes one backward per group with "
+                    "torch.autograd.grad on the parameters, which bypasses FSDP's gradient reduction; use "
+                    "engine='auto' or 'ghost' (the one-backward engine), or strategy='grain_ddp'"
+                )
             )
         if cfg.blockwise:
-            raise ValueError(
-                f"GrainMixin under {name}: GrainConfig(blockwise=True) writes every layer's full gradient itself; use "
-                "blockwise=False (the strategy's mode='blockwise' solves per parameter across ranks), or "
-                "strategy='grain_ddp'"
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(blockwise=True) writes every layer's full gradient itself; "
+                    "use blockwise=False (the strategy's mode='blockwise' solves per parameter across ranks), or "
+                    "strategy='grain_ddp'"
+                )
             )
         if SelfCheckSchedule(cfg.self_check).when != 0:
-            raise ValueError(
-                f"GrainMixin under {name}: GrainConfig(self_check={cfg.self_check!r}) compares the engine with "
-                "autograd's full per-parameter gradients, which FSDP does not materialise; set self_check=False "
-                "(and check the model once under grain_ddp or in one process, where the self-check runs)"
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(self_check={cfg.self_check!r}) compares the engine with "
+                    "autograd's full per-parameter gradients, which FSDP does not materialise; set self_check=False "
+                    "(and check the model once under grain_ddp or in one process, where the self-check runs)"
+                )
             )
 
     def _grain_engine_in_backward(self, params: list[torch.Tensor]) -> GhostEngine:
@@ -316,8 +324,10 @@ class GrainMixin(_MixinBase):
         try:
             engine = GhostEngine(self, params=params, unsupported="raise", combine="backward")
         except UnsupportedModuleError as err:
-            raise UnsupportedModuleError(
-                f"GrainMixin under {name} needs the one-backward engine for every parameter: {err}"
+            raise raised_on_every_rank(  # the same model on every rank
+                UnsupportedModuleError(
+                    f"GrainMixin under {name} needs the one-backward engine for every parameter: {err}"
+                )
             ) from None
         self._grain_engine = engine
         return engine

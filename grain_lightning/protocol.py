@@ -37,7 +37,18 @@ if TYPE_CHECKING:
     from grain_lightning.policy import StepPolicy
     from grain_lightning.reference import GroupGradients
 
-__all__ = ["GrainModule", "GrainStrategy", "MixinCycle"]
+__all__ = ["RAISED_ON_EVERY_RANK", "GrainModule", "GrainStrategy", "MixinCycle", "raised_on_every_rank"]
+
+#: Attribute set (to ``True``) on an exception that every rank raises alike at the same point (a refused
+#: configuration): a strategy's fault handling (:mod:`grain_lightning.distributed.faults`, which reads the same
+#: name) then does not post it to the other ranks as one rank's failure.
+RAISED_ON_EVERY_RANK = "_grain_raised_on_every_rank"
+
+
+def raised_on_every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank alike (see :data:`RAISED_ON_EVERY_RANK`); returns it."""
+    setattr(exc, RAISED_ON_EVERY_RANK, True)
+    return exc
 
 
 @dataclass

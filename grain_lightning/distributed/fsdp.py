@@ -180,7 +180,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self._aggregator: Optional[CrossRankMinNorm] = None
         self._comms: list[AllToAllComm] = []
         self._pieces: list[Piece] = []
-        self._cycle_flags: tuple[bool, bool] = (False, False)  # (invalid, vote_skip) of this rank's mixin cycle
+        self._cycle_flags: Optional[tuple[bool, bool]] = None  # (invalid, vote_skip) of this rank's mixin cycle
         self._combined = True
 
     # ------------------------------------------------------------------ counters
@@ -409,8 +409,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             with self.faults.collective():  # FSDP's all-gathers and the exchange: another rank's error, quoted
                 self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
                 if sync:
-                    invalid, skip = self._cycle_flags
-                    self._combined = self.combine_gradients(invalid=invalid, skip=skip)
+                    self._combined = self.combine_gradients(cycle=self._cycle_flags)
         finally:
             self._pieces.clear()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -418,11 +417,12 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         return closure_loss
 
     # ------------------------------------------------------------------ the combination
-    def combine_gradients(self, *, invalid: bool = False, skip: bool = False) -> bool:
+    def combine_gradients(self, *, cycle: Optional[tuple[bool, bool]] = None) -> bool:
         """Replace each rank's sharded ``.grad`` by its shard of ``d`` (after a syncing backward).
 
-        ``invalid``: this rank's gradient is not valid (a GrainMixin cycle with a non-finite loss): every rank takes
-        ``on_nonfinite``. ``skip``: this rank votes to skip the step (its own policy skipped): every rank skips.
+        ``cycle``: a GrainMixin cycle's ``(invalid, vote_skip)`` on this rank, given on every rank alike (they
+        travel in the Gram all-reduce): an invalid rank (non-finite loss) makes every rank take ``on_nonfinite``,
+        a skip vote (the rank's own policy skipped) makes every rank skip.
 
         Returns ``True`` when ``.grad`` holds ``d``; ``False`` when every rank skips the step (``.grad`` set to
         ``None``). Raises ``FloatingPointError`` on every rank for non-finite gradients with
@@ -442,8 +442,10 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
         ranks = torch.arange(world)
 
-        flags = torch.zeros(world + 1, dtype=torch.float64)  # [invalid, one-hot by rank | skip votes]
-        flags[self.global_rank], flags[world] = float(invalid), float(skip)
+        flags = None
+        if cycle is not None:
+            flags = torch.zeros(world + 1, dtype=torch.float64)  # [invalid, one-hot by rank | skip votes]
+            flags[self.global_rank], flags[world] = float(cycle[0]), float(cycle[1])
 
         def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
             if (ext > 0).any():
@@ -452,7 +454,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
 
         res = self._aggregator.solve_shards(shards, total if blockwise else 1, flags, decide)
         self.num_combines += 1
-        invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
+        invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist() if cycle is not None else []
         with raised_on_every_rank():  # every rank raises here alike: nothing to post
             if invalid_ranks:
                 self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
@@ -490,7 +492,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         try:
             self.backward(cycle.loss, None)
         finally:
-            self._cycle_flags = (False, False)
+            self._cycle_flags = None
         return self._combined
 
     def _trainable(self) -> list[Tensor]:

@@ -144,6 +144,7 @@ SCENARIOS = {
     "nonfinite_raise": dict(strategy=dict(**LINEAR), module=dict(nan_at=(1, 1))),
     "mixin": dict(strategy=dict(**LINEAR), mixin=True),  # each Linear an FSDP unit (FSDPLinear)
     "mixin_root": dict(strategy=dict(), mixin=True),  # the net one unit: its Linears run unsharded in backward
+    "mixin_blockwise": dict(strategy=dict(mode="blockwise", reshard_after_forward=False, **LINEAR), mixin=True),
     "mixin_ddp": dict(ddp=True, mixin=True),
     "mixin_mean": dict(strategy=dict(**LINEAR), mixin=True, module=dict(aggregation="mean")),
     "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip", **LINEAR), mixin=True, module=dict(nan_at=(1, 1))),

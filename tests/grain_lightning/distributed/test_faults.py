@@ -102,6 +102,15 @@ def test_exception_on_one_rank_stops_every_rank_with_the_original_error(tmp_path
     assert f"rank {bad_rank} failed: {original}" in proc.stderr  # the watchdog's log line, as soon as seen
 
 
+def test_the_mixin_marks_refusals_raised_on_every_rank_with_the_name_faults_reads():
+    """``protocol.py`` (below ``distributed/``) and ``faults.py`` (which imports no grain module) share the name."""
+    from grain_lightning.distributed import faults
+    from grain_lightning.protocol import RAISED_ON_EVERY_RANK, raised_on_every_rank
+
+    assert RAISED_ON_EVERY_RANK == faults._EVERY_RANK
+    assert faults._is_every_rank(raised_on_every_rank(ValueError("refused")))
+
+
 @pytest.mark.slow
 def test_grain_fsdp_exception_on_one_rank_stops_every_rank_with_the_original_error(tmp_path):
     """The same under ``grain_fsdp``: rank 1 raises in ``training_step``; rank 0, in FSDP's backward or the

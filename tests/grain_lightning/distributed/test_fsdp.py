@@ -149,6 +149,16 @@ def test_grain_mixin_is_min_norm_of_the_ranks_grain_directions_and_equals_grain_
 
 
 @pytest.mark.slow
+def test_grain_mixin_blockwise_across_ranks_without_resharding_after_forward(records):
+    """``mode="blockwise"`` over the ranks' GRAIN directions, FSDP's parameters kept unsharded after the forward."""
+    params = records["mixin_blockwise"][0]["params"]
+    for step in range(3):
+        local = torch.stack([min_norm_point(chunk_grads(params[step], r, step)) for r in range(2)])
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, blockwise_min_norm_point(local), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
 def test_grain_mixin_mean_aggregation_and_nonfinite_loss_on_one_rank(records):
     params = records["mixin_mean"][0]["params"]
     for step in range(3):
