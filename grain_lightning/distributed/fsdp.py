@@ -13,6 +13,12 @@ and no full gradient is gathered anywhere:
    numbers (``B R^2`` blockwise); every rank's step policy (:mod:`grain_lightning.policy`) decides alike;
 4. each rank writes its shard of ``d`` into the sharded parameters' ``.grad`` (DTensors).
 
+With :class:`~grain_lightning.GrainMixin` (hierarchical): the mixin's one-backward engine computes its
+within-rank Gram with FSDP's gradient sync off (layer inputs and output gradients only), decides its weights
+``w*`` and hands over ``sum_j w*_j L_j`` (:meth:`combine_mixin_cycle`); that loss's backward is reduced by FSDP,
+unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Faults as
+``grain_ddp``'s (:mod:`grain_lightning.distributed.faults`).
+
 Cost per step over FSDP: ``R^2`` float64 all-reduced; ``(R - 1)`` gradient shards of memory until the end of
 the backward; the Gram (``R^2 P / R`` multiply-adds per rank). Clipping (``gradient_clip_val``) of the
 DTensor ``.grad`` computes ``||d||`` from the shards (an all-reduce of the squared shard norms).
