@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
@@ -26,10 +27,11 @@ from grain_lightning.config import POLICY_FIELDS, GrainConfig
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.ghost import BlockwiseResult, GhostEngine
 from grain_lightning.ghost.engine import check_losses
+from grain_lightning.ghost.rules.base import UnsupportedModuleError
 from grain_lightning.ghost.self_check import SelfCheckSchedule
 from grain_lightning.groups import GroupAssignment, as_grouping
 from grain_lightning.policy import StepPolicy
-from grain_lightning.protocol import GrainStrategy, MixinCycle
+from grain_lightning.protocol import GrainStrategy, MixinCycle, raised_on_every_rank
 from grain_lightning.reference import GroupGradients, group_gradients, trainable_parameters
 
 __all__ = ["GrainConfig", "GrainMixin"]
@@ -49,6 +51,7 @@ class _Cycle:
     fractions: list[torch.Tensor] = field(default_factory=list)  # mean weights of buffered groups
     keys: list[torch.Tensor] = field(default_factory=list)  # (k_i, 2) [micro-batch, group key]
     invalid: bool = False  # a non-finite micro-batch was seen: the whole cycle is skipped
+    loss: Optional[torch.Tensor] = None  # combines_in_backward, aggregation="mean": the loss to backward
 
     def release(self) -> None:
         if hasattr(self.buffer, "release"):  # the one-backward engine's stored activations or graph
@@ -149,7 +152,13 @@ class GrainMixin(_MixinBase):
             return None
         params = self._grain_params()
         engine = self._grain_engine
-        if engine is None or [id(p) for p in engine.params] != [id(p) for p in params]:
+        if self._grain_backward_strategy() is not None:
+            return self._grain_engine_in_backward(params)
+        if (
+            engine is None
+            or engine.combine != cfg.ghost_combine
+            or [id(p) for p in engine.params] != [id(p) for p in params]
+        ):
             unsupported = "fallback" if cfg.engine == "auto" else cfg.unsupported
             engine = GhostEngine(self, params=params, unsupported=unsupported, combine=cfg.ghost_combine)
             self._grain_engine = engine
@@ -194,10 +203,18 @@ class GrainMixin(_MixinBase):
         if cycle.micro == 0:
             for opt in opts:
                 opt.zero_grad()
-        if not torch.isfinite(losses.detach()).all():
+        in_backward = self._grain_backward_strategy() is not None
+        finite = bool(torch.isfinite(losses.detach()).all())
+        if not finite:
             bad = int(torch.nonzero(~torch.isfinite(losses.detach()))[0, 0])
             self._grain_nonfinite(f"per-sample loss {bad} is {float(losses.detach()[bad])}")
             cycle.invalid = True
+            if in_backward:  # every rank runs the same backward passes (FSDP's collectives): finite stand-ins
+                losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
+        if not finite and not in_backward:
+            pass  # nothing to compute: the cycle is skipped (or combined as invalid by the strategy)
+        elif cfg.aggregation == "mean" and in_backward:
+            cycle.loss = losses.mean()  # the strategy runs its backward (accumulation is refused there)
         elif cfg.aggregation == "mean":
             self.manual_backward(losses.mean() / n_acc)  # a GRAIN strategy does not synchronise a GrainModule
         else:
@@ -230,6 +247,8 @@ class GrainMixin(_MixinBase):
                 "GrainMixin writes gradients itself and does not support fp16 loss scaling "
                 "(precision='16-mixed' on GPU): use precision='bf16-mixed' or '32-true'"
             )
+        if self._grain_backward_strategy() is not None:
+            self._grain_check_in_backward()
         cfg, options = self.grain_config, self.grain_policy.options
         if any(getattr(cfg, name) != getattr(options, name) for name in POLICY_FIELDS):  # changed since last step
             self.grain_policy.options = cfg.policy_options
@@ -241,6 +260,77 @@ class GrainMixin(_MixinBase):
         if trainer is None or trainer.world_size <= 1 or not isinstance(trainer.strategy, GrainStrategy):
             return None
         return trainer.strategy
+
+    def _grain_backward_strategy(self) -> Optional[GrainStrategy]:
+        """A strategy that combines the ranks inside the backward of the cycle's loss (``grain_fsdp``), at any
+        world size: the mixin then never writes ``.grad`` itself (:mod:`grain_lightning.protocol`)."""
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        if isinstance(strategy, GrainStrategy) and strategy.combines_in_backward:
+            return strategy
+        return None
+
+    def _grain_check_in_backward(self) -> None:
+        """Refuse what a ``combines_in_backward`` strategy (FSDP) cannot run exactly, naming the alternative."""
+        cfg = self.grain_config
+        name = type(self.trainer.strategy).__name__
+        if cfg.accumulate_grad_batches > 1:
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(accumulate_grad_batches={cfg.accumulate_grad_batches}) "
+                    "needs every micro-batch's group gradients at once, which FSDP never materialises; use "
+                    "accumulate_grad_batches=1 (a larger batch per rank), or strategy='grain_ddp'"
+                )
+            )
+        if cfg.aggregation != "grain":
+            return
+        if cfg.engine == "reference":
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(engine='reference') takes one backward per group with "
+                    "torch.autograd.grad on the parameters, which bypasses FSDP's gradient reduction; use "
+                    "engine='auto' or 'ghost' (the one-backward engine), or strategy='grain_ddp'"
+                )
+            )
+        if cfg.blockwise:
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(blockwise=True) writes every layer's full gradient itself; "
+                    "use blockwise=False (the strategy's mode='blockwise' solves per parameter across ranks), or "
+                    "strategy='grain_ddp'"
+                )
+            )
+        if SelfCheckSchedule(cfg.self_check).when != 0:
+            raise raised_on_every_rank(  # the same settings on every rank
+                ValueError(
+                    f"GrainMixin under {name}: GrainConfig(self_check={cfg.self_check!r}) compares the engine with "
+                    "autograd's full per-parameter gradients, which FSDP does not materialise; set self_check=False "
+                    "(and check the model once under grain_ddp or in one process, where the self-check runs)"
+                )
+            )
+
+    def _grain_engine_in_backward(self, params: list[torch.Tensor]) -> GhostEngine:
+        """The one-backward engine under a ``combines_in_backward`` strategy: every parameter handled by a rule
+        (the reference engine's per-group backward would bypass FSDP's reduction), and the combined gradient from
+        one weighted backward (``combine="backward"``) that FSDP reduces to shards."""
+        engine = self._grain_engine
+        if (
+            engine is not None
+            and engine.combine == "backward"
+            and [id(p) for p in engine.params] == [id(p) for p in params]
+        ):
+            return engine
+        name = type(self.trainer.strategy).__name__
+        try:
+            engine = GhostEngine(self, params=params, unsupported="raise", combine="backward")
+        except UnsupportedModuleError as err:
+            raise raised_on_every_rank(  # the same model on every rank
+                UnsupportedModuleError(
+                    f"GrainMixin under {name} needs the one-backward engine for every parameter: {err}"
+                )
+            ) from None
+        self._grain_engine = engine
+        return engine
 
     def _grain_optimizers(self) -> list:
         opts = self.optimizers()
@@ -254,6 +344,25 @@ class GrainMixin(_MixinBase):
         """Group gradients (reference), a GhostGradients (one backward) or a BlockwiseResult."""
         cfg = self.grain_config
         engine = self.grain_engine
+        in_backward = self._grain_backward_strategy()
+        if in_backward is not None and engine is not None:
+            if not engine.captured:
+                raise RuntimeError(
+                    f"GrainMixin under {type(in_backward).__name__} needs the forward recorded: compute the losses "
+                    "inside `with self.grain_capture():` when you override training_step"
+                )
+            lightning_strategy = self.trainer.strategy
+            sync_blocked = (
+                lightning_strategy.block_backward_sync() if isinstance(lightning_strategy, ParallelStrategy) else None
+            )
+            try:
+                with sync_blocked or contextlib.nullcontext():  # the engine's own backward: nothing exchanged
+                    return engine.backward(losses, assignment)
+            except UnsupportedModuleError as err:
+                raise UnsupportedModuleError(
+                    f"GrainMixin under {type(in_backward).__name__} needs the one-backward engine for every "
+                    f"parameter: {err}"
+                ) from None
         if engine is not None and not engine.captured:
             if cfg.engine == "ghost" or cfg.blockwise:
                 raise RuntimeError(
@@ -305,6 +414,12 @@ class GrainMixin(_MixinBase):
     def _grain_cycle_step(self, opts: list) -> bool:
         """End of a cycle: ``.grad`` set to the step's gradient (``True``) or the step is skipped (``False``)."""
         cfg, cycle = self.grain_config, self._grain_cycle
+        in_backward = self._grain_backward_strategy()
+        if in_backward is not None:  # grain_fsdp: every rank hands over the loss of its direction
+            loss, vote_skip = self._grain_cycle_loss()
+            return in_backward.combine_mixin_cycle(
+                MixinCycle(self._grain_params(), invalid=cycle.invalid, vote_skip=vote_skip, loss=loss)
+            )
         strategy = self._grain_strategy()
         if strategy is None:
             return not cycle.invalid and (cfg.aggregation == "mean" or self._grain_set_direction())
@@ -326,6 +441,33 @@ class GrainMixin(_MixinBase):
         return strategy.combine_mixin_cycle(
             MixinCycle(self._grain_params(), invalid=cycle.invalid, vote_skip=vote_skip)
         )
+
+    def _grain_cycle_loss(self) -> tuple[Optional[torch.Tensor], bool]:
+        """``combines_in_backward``: (the loss whose backward gives this rank's direction, whether this rank's
+        policy votes to skip). An invalid or skipping rank still gets a loss (its mean weights), so that every
+        rank runs the same backward; the strategy then skips on every rank."""
+        cfg, cycle, policy = self.grain_config, self._grain_cycle, self.grain_policy
+        if cfg.aggregation == "mean":
+            return cycle.loss, False
+        grads = cycle.buffer
+        if grads is None:
+            return None, False
+        pi = torch.cat(cycle.fractions)
+        pi = pi / pi.sum()
+        weights: Optional[torch.Tensor] = None
+        if not cycle.invalid:
+            gram = grads.gram()
+            if not torch.isfinite(gram).all():
+                self._grain_nonfinite(self._grain_nonfinite_where(grads))
+                cycle.invalid = True
+            else:
+                decision = policy.decide(gram, pi, keys=torch.cat(cycle.keys))
+                if policy.log_now:
+                    log_diagnostics(self, policy.diagnostics(gram, decision, pi))
+                weights = decision.weights
+                if weights is None:
+                    return grads.weighted_loss(pi), True
+        return grads.weighted_loss(weights if weights is not None else pi), False
 
     def _grain_set_direction(self) -> bool:
         """Decide over the buffered groups and write ``d`` into ``.grad``; ``False``: skip this step."""

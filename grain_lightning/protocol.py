@@ -15,6 +15,13 @@ cycle is invalid, so that all ranks enter the same collectives):
   when invalid), and the module's step policy (its solver and collapse options) decides over every group of
   every rank.
 
+A strategy whose ranks' gradients are combined *inside* a backward pass (``grain_fsdp``: FSDP reduces each
+parameter group's gradient to shards as its backward finishes, so no full ``.grad`` is ever written) sets
+``combines_in_backward``: the mixin then writes no ``.grad`` itself but hands over ``cycle.loss``, the loss whose
+backward gives this rank's direction (``sum_j w_j L_j`` for its GRAIN weights), and the strategy runs that
+backward and the combination. Every rank hands one over, even an invalid or skipping one, so that every rank
+runs the same collectives.
+
 A module that runs GRAIN itself is a :class:`GrainModule`; a GRAIN strategy must not synchronise that module's
 backward passes (its cycle is combined once, at the end).
 """
@@ -30,7 +37,18 @@ if TYPE_CHECKING:
     from grain_lightning.policy import StepPolicy
     from grain_lightning.reference import GroupGradients
 
-__all__ = ["GrainModule", "GrainStrategy", "MixinCycle"]
+__all__ = ["RAISED_ON_EVERY_RANK", "GrainModule", "GrainStrategy", "MixinCycle", "raised_on_every_rank"]
+
+#: Attribute set (to ``True``) on an exception that every rank raises alike at the same point (a refused
+#: configuration): a strategy's fault handling (:mod:`grain_lightning.distributed.faults`, which reads the same
+#: name) then does not post it to the other ranks as one rank's failure.
+RAISED_ON_EVERY_RANK = "_grain_raised_on_every_rank"
+
+
+def raised_on_every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank alike (see :data:`RAISED_ON_EVERY_RANK`); returns it."""
+    setattr(exc, RAISED_ON_EVERY_RANK, True)
+    return exc
 
 
 @dataclass
@@ -44,6 +62,7 @@ class MixinCycle:
         group_gradients: global: this rank's ``k_r`` group gradients (``None`` when ``invalid``).
         mean_weights: global: ``(k_r,)`` plain-mean weights of those groups (summing to 1 on this rank).
         policy: global: the module's step policy (its collapse options decide for every group).
+        loss: ``combines_in_backward`` strategies: the loss whose backward gives this rank's direction.
     """
 
     params: list[Tensor]
@@ -52,6 +71,7 @@ class MixinCycle:
     group_gradients: Optional[GroupGradients] = None
     mean_weights: Optional[Tensor] = None
     policy: Optional[StepPolicy] = None
+    loss: Optional[Tensor] = None
 
 
 @runtime_checkable
@@ -72,6 +92,11 @@ class GrainStrategy(Protocol):
     @property
     def needs_group_gradients(self) -> bool:
         """Whether :meth:`combine_mixin_cycle` needs the group gradients (global groups)."""
+        ...
+
+    @property
+    def combines_in_backward(self) -> bool:
+        """Whether the ranks are combined inside the backward of ``cycle.loss`` (``.grad`` is not written first)."""
         ...
 
     def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:

@@ -57,6 +57,7 @@ DEFAULT_FAULT_TIMEOUT = 300.0
 POLL_S = 0.1  # watchdog period
 ACK_WAIT_MAX_S = 30.0  # the failing rank waits at most this long (and at most fault_timeout) for the others
 _MAX_MESSAGE = 2000
+# = protocol.RAISED_ON_EVERY_RANK (set by the mixin's refusals; this module imports no grain module)
 _EVERY_RANK = "_grain_raised_on_every_rank"
 _generations = itertools.count()  # one key prefix per monitored run; every rank starts runs in the same order
 

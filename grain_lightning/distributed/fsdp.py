@@ -13,6 +13,12 @@ and no full gradient is gathered anywhere:
    numbers (``B R^2`` blockwise); every rank's step policy (:mod:`grain_lightning.policy`) decides alike;
 4. each rank writes its shard of ``d`` into the sharded parameters' ``.grad`` (DTensors).
 
+With :class:`~grain_lightning.GrainMixin` (hierarchical): the mixin's one-backward engine computes its
+within-rank Gram with FSDP's gradient sync off (layer inputs and output gradients only), decides its weights
+``w*`` and hands over ``sum_j w*_j L_j`` (:meth:`combine_mixin_cycle`); that loss's backward is reduced by FSDP,
+unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Faults as
+``grain_ddp``'s (:mod:`grain_lightning.distributed.faults`).
+
 Cost per step over FSDP: ``R^2`` float64 all-reduced; ``(R - 1)`` gradient shards of memory until the end of
 the backward; the Gram (``R^2 P / R`` multiply-adds per rank). Clipping (``gradient_clip_val``) of the
 DTensor ``.grad`` computes ``||d||`` from the shards (an all-reduce of the squared shard norms).
@@ -27,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -43,9 +48,17 @@ from grain_lightning.config import PolicyOptions, check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.faults import (
+    DEFAULT_FAULT_TIMEOUT,
+    FaultMonitor,
+    check_batch_counts,
+    check_fault_timeout,
+    on_every_rank,
+    raised_on_every_rank,
+)
 from grain_lightning.distributed.fsdp_exchange import AllToAllComm, Piece, install
 from grain_lightning.policy import Decision, StepPolicy
-from grain_lightning.protocol import GrainModule
+from grain_lightning.protocol import MixinCycle
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -76,11 +89,28 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             ``log_every_n_steps`` combinations.
         save_distributed_checkpoint: ``True`` (default): a sharded ``torch.distributed.checkpoint`` folder,
             loadable at another world size; ``False``: one full file written by rank 0 (ModelParallelStrategy's).
-        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
+        fault_timeout: seconds a rank waits in a collective for the other ranks (the process-group timeout;
+            default 300). As for ``grain_ddp`` (:mod:`~grain_lightning.distributed.faults`): an exception on one
+            rank is posted to the others, which stop with ``RankFailedError`` quoting it; unequal batch counts
+            raise ``UnequalBatchesError`` on every rank when training starts.
+        timeout: Lightning's name for the same, as a ``timedelta`` (give one of the two).
+        process_group_backend: as for Lightning's ``ModelParallelStrategy``.
 
-    :class:`~grain_lightning.GrainMixin` modules are refused (use ``grain_ddp``). Attributes ``comm`` (bytes
-    this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count what happened.
+        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (the only one): each rank's
+            vector is its own GRAIN direction ``d_r = sum_j w*_j g_j`` (within-rank groups, the module's step policy),
+            formed by one weighted backward that FSDP reduces to shards; then the min-norm over the ``d_r`` as for
+            plain gradients. ``"global"`` (grain_ddp's: every group of every rank in one problem) needs every
+            group's full gradient and is refused.
+
+    :class:`~grain_lightning.GrainMixin` modules (hierarchical, ``accumulate_grad_batches=1``, the one-backward
+    engine for every parameter, ``self_check=False``; other settings are refused naming the alternative).
+    Attributes ``comm`` (bytes this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count
+    what happened.
     """
+
+    supports_grain_mixin = True
+    #: the mixin hands over the loss of each rank's direction; its backward reduces to shards (see protocol.py)
+    combines_in_backward = True
 
     def __init__(
         self,
@@ -96,24 +126,38 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         warm_start: bool = True,
         step_norm: str = "grain",
         log_every_n_steps: int = 1,
+        mixin_groups: str = "hierarchical",
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        fault_timeout: Optional[float] = None,
+        timeout: Optional[timedelta] = None,
     ) -> None:
+        owner = "GrainFSDPStrategy"
+        if fault_timeout is not None and timeout is not None:
+            raise ValueError(f"{owner}: give fault_timeout (seconds) or timeout (a timedelta), not both")
+        given = timeout if timeout is not None else fault_timeout
+        seconds = check_fault_timeout(owner, DEFAULT_FAULT_TIMEOUT if given is None else given)
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=timedelta(seconds=seconds),
         )
-        owner = "GrainFSDPStrategy"
         if mode == "allgather":
             raise ValueError(
                 f"{owner}: mode='allgather' gathers every rank's full gradient, which FSDP exists to avoid; use "
                 "mode='sharded' or 'blockwise' (or grain_ddp's mode='allgather' as a reference)"
             )
         check_choices(owner, {"mode": mode}, {"mode": FSDP_MODES})
+        if mixin_groups == "global":
+            raise ValueError(
+                f"{owner}: mixin_groups='global' solves over every group of every rank, which needs each group's full "
+                "gradient on its rank (FSDP only ever holds shards of one combination); use "
+                "mixin_groups='hierarchical', or grain_ddp's mixin_groups='global'"
+            )
+        check_choices(owner, {"mixin_groups": mixin_groups}, {"mixin_groups": ("hierarchical",)})
+        self.mixin_groups = mixin_groups
         options = PolicyOptions.from_values(
             owner,
             dict(
@@ -135,17 +179,31 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         )
         self.mode, self.wrap, self.reshard_after_forward = mode, _wrap_names(wrap), reshard_after_forward
         self.comm = CommCounter()
+        self.faults = FaultMonitor(seconds, owner="grain_fsdp")  # grain_lightning.distributed.faults
+        self._counts_checked_epoch = -1
         self.num_combines = 0
         self._sync_blocked = False
         self._aggregator: Optional[CrossRankMinNorm] = None
         self._comms: list[AllToAllComm] = []
         self._pieces: list[Piece] = []
+        self._cycle_flags: Optional[tuple[bool, bool]] = None  # (invalid, vote_skip) of this rank's mixin cycle
+        self._combined = True
 
     # ------------------------------------------------------------------ counters
     @property
     def skipped_steps(self) -> int:
         """Steps skipped on every rank (non-finite gradients, or a collapse with ``on_collapse="skip"``)."""
         return self.policy.skipped
+
+    @property
+    def needs_group_gradients(self) -> bool:
+        """Always ``False``: the mixin's cycle is combined hierarchically (``mixin_groups="global"`` is refused)."""
+        return False
+
+    @property
+    def fault_timeout(self) -> float:
+        """Seconds a rank waits in a collective for the others (the process-group timeout)."""
+        return self.faults.timeout_s
 
     @property
     def bytes_sent(self) -> int:
@@ -174,6 +232,59 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         )
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
+        self.faults.start()  # a watchdog that reads the errors other ranks post
+
+    # ------------------------------------------------------------------ faults (distributed/faults.py)
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Post this rank's error for the other ranks (or name the other rank's error that caused this one)."""
+        super().on_exception(exception)
+        self.faults.on_exception(exception)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self.faults.collective():
+            super().barrier(*args, **kwargs)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._check_batch_counts()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The step: FSDP's forward all-gathers (and GrainMixin's backward passes) quote another rank's error."""
+        with self.faults.collective():
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        module = self.lightning_module
+        trainer: Any = module.trainer if module is not None and module._trainer is not None else None
+        if (
+            trainer is not None
+            and trainer.reload_dataloaders_every_n_epochs > 0
+            and trainer.current_epoch != self._counts_checked_epoch
+        ):
+            self._check_batch_counts()  # the loaders may have changed with the epoch
+
+    def _check_batch_counts(self) -> None:
+        """Every rank must run the same number of batches per epoch (every step combines every rank)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        trainer = module.trainer
+        self._counts_checked_epoch = trainer.current_epoch
+        if self.world_size > 1:
+            with self.faults.collective():
+                check_batch_counts(
+                    trainer.num_training_batches,
+                    self.global_rank,
+                    self.world_size,
+                    owner="grain_fsdp",
+                    device=self.root_device,
+                )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -182,11 +293,6 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         assert module is not None
-        if isinstance(module, GrainModule):
-            raise TypeError(
-                "grain_fsdp does not support GrainMixin modules yet (within-rank groups under FSDP); use "
-                "strategy='grain_ddp', or a plain LightningModule under grain_fsdp"
-            )
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise RuntimeError(
                 "grain_fsdp does not support fp16 loss scaling (precision='16-mixed' on GPU): a skipped step would "
@@ -210,9 +316,10 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                 f"grain_fsdp shards submodules; move the LightningModule's own parameters {own} into a submodule"
             )
         if not any(isinstance(m, FSDPModule) for m in module.modules()):
-            self._check_same_parameters(module)
-            if self.world_size > 1:
-                _sync_module_states(module)  # every rank starts from rank 0's weights, as under DDP
+            with self.faults.collective():
+                self._check_same_parameters(module)
+                if self.world_size > 1:
+                    _sync_module_states(module)  # every rank starts from rank 0's weights, as under DDP
         mesh, classes = self.device_mesh, self._wrap_classes(module)
         for m in reversed(list(module.modules())):  # descendants before their ancestors
             if m is not module and type(m).__name__ in classes and not isinstance(m, FSDPModule):
@@ -244,7 +351,9 @@ class GrainFSDPStrategy(ModelParallelStrategy):
                     ),
                     f"rank 0 has {len(every[0])} parameters, rank {rank} has {len(theirs)}",
                 )
-                raise ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
+                raise on_every_rank(  # every rank sees the same table and raises here: nothing to post
+                    ValueError(f"grain_fsdp needs the same parameters on every rank; first difference: {diff}")
+                )
 
     # ------------------------------------------------------------------ checkpoint
     @override
@@ -263,6 +372,7 @@ class GrainFSDPStrategy(ModelParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        self.faults.stop()
         self._aggregator, self._comms, self._pieces = None, [], []
         super().teardown()
 
@@ -302,9 +412,10 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         try:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-            if sync:
-                self.combine_gradients()
+            with self.faults.collective():  # FSDP's all-gathers and the exchange: another rank's error, quoted
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                if sync:
+                    self._combined = self.combine_gradients(cycle=self._cycle_flags)
         finally:
             self._pieces.clear()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -312,8 +423,12 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         return closure_loss
 
     # ------------------------------------------------------------------ the combination
-    def combine_gradients(self) -> bool:
+    def combine_gradients(self, *, cycle: Optional[tuple[bool, bool]] = None) -> bool:
         """Replace each rank's sharded ``.grad`` by its shard of ``d`` (after a syncing backward).
+
+        ``cycle``: a GrainMixin cycle's ``(invalid, vote_skip)`` on this rank, given on every rank alike (they
+        travel in the Gram all-reduce): an invalid rank (non-finite loss) makes every rank take ``on_nonfinite``,
+        a skip vote (the rank's own policy skipped) makes every rank skip.
 
         Returns ``True`` when ``.grad`` holds ``d``; ``False`` when every rank skips the step (``.grad`` set to
         ``None``). Raises ``FloatingPointError`` on every rank for non-finite gradients with
@@ -333,14 +448,25 @@ class GrainFSDPStrategy(ModelParallelStrategy):
         pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
         ranks = torch.arange(world)
 
+        flags = None
+        if cycle is not None:
+            flags = torch.zeros(world + 1, dtype=torch.float64)  # [invalid, one-hot by rank | skip votes]
+            flags[self.global_rank], flags[world] = float(cycle[0]), float(cycle[1])
+
         def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
+            if (ext > 0).any():
+                return None
             return self.policy.decide(gram, pi, keys=ranks)
 
-        res = self._aggregator.solve_shards(shards, total if blockwise else 1, None, decide)
+        res = self._aggregator.solve_shards(shards, total if blockwise else 1, flags, decide)
         self.num_combines += 1
-        if res.bad_ranks:
-            self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
-        if res.bad_ranks or res.weights is None:
+        invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist() if cycle is not None else []
+        with raised_on_every_rank():  # every rank raises here alike: nothing to post
+            if invalid_ranks:
+                self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
+            elif res.bad_ranks:
+                self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
+        if invalid_ranks or res.bad_ranks or res.weights is None:
             for p in self._trainable():
                 p.grad = None
             self.policy.record_skip()
@@ -351,6 +477,29 @@ class GrainFSDPStrategy(ModelParallelStrategy):
             self._log(res, res.decision, pi)
         self.policy.record_step()
         return True
+
+    # ------------------------------------------------------------------ GrainMixin (grain_lightning.protocol)
+    def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:
+        """End of a GrainMixin cycle: the backward of ``cycle.loss`` (this rank's direction ``d_r``, reduced by FSDP
+        into the all-to-all), then the min-norm over the ranks' ``d_r`` into the sharded ``.grad``. ``False``: every
+        rank skips the step (``.grad`` set to ``None``)."""
+        if cycle.policy is not None:
+            raise ValueError(
+                "grain_fsdp combines GrainMixin cycles hierarchically only (mixin_groups='global' is refused)"
+            )
+        if cycle.loss is None:
+            raise RuntimeError("grain_fsdp needs the loss of this rank's direction (MixinCycle.loss) from the mixin")
+        if self.world_size == 1:
+            if cycle.invalid or cycle.vote_skip:
+                return False
+            self.backward(cycle.loss, None)
+            return True
+        self._cycle_flags, self._combined = (cycle.invalid, cycle.vote_skip), False
+        try:
+            self.backward(cycle.loss, None)
+        finally:
+            self._cycle_flags = None
+        return self._combined
 
     def _trainable(self) -> list[Tensor]:
         module = self.lightning_module

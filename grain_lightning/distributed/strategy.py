@@ -110,6 +110,8 @@ class GrainDDPStrategy(DDPStrategy):
     """
 
     supports_grain_mixin = True
+    #: the ranks are combined after the mixin wrote each rank's direction into ``.grad`` (see protocol.py)
+    combines_in_backward = False
 
     def __init__(
         self,

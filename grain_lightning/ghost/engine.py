@@ -80,6 +80,7 @@ import torch
 from torch import nn
 
 from grain_lightning.config import PolicyOptions
+from grain_lightning.ghost.fsdp import foreign_pre_hooks, is_fsdp_managed, sharded_keys
 from grain_lightning.ghost.registry import couples_samples, rule_for
 from grain_lightning.ghost.rules.base import GhostRule, RecordedCall, UnsupportedModuleError
 from grain_lightning.ghost.rules.functional import FunctionalRule
@@ -99,7 +100,7 @@ def _rule_applies(rule_cls: type[GhostRule], module: nn.Module) -> bool:
     """A registered rule models its module only without forward pre-hooks (pruning, weight norm, spectral
     norm recompute the weight from other parameters), with the parameters it expects, in a configuration it
     does not refuse; otherwise the generic rule runs the module itself, hooks included."""
-    if module._forward_pre_hooks or rule_cls.why_unsupported(module) is not None:
+    if foreign_pre_hooks(module) or rule_cls.why_unsupported(module) is not None:
         return False
     names = {name for name, _ in module.named_parameters(recurse=False)}
     return rule_cls.expects is None or names <= rule_cls.expects
@@ -151,6 +152,10 @@ class GhostGradients:
     def combine(self, weights: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """``sum_j w_j g_j`` for every parameter of ``engine.params`` (``None`` for unreached ones)."""
         return self.engine._combine(weights)
+
+    def weighted_loss(self, weights: torch.Tensor) -> torch.Tensor:
+        """The loss whose backward gives ``sum_j w_j g_j`` (:meth:`GhostEngine.weighted_loss`)."""
+        return self.engine.weighted_loss(weights)
 
     def release(self) -> None:
         """Drop the activations the engine keeps for :meth:`combine`."""
@@ -217,6 +222,9 @@ class GhostEngine:
         self.params: list[torch.Tensor] = trainable
         self._named = list(module.named_parameters())
         self._names = {id(p): name for name, p in self._named}
+        self._module = module
+        #: FSDP2: ``id`` of an unsharded parameter -> ``id`` of its sharded one (:mod:`~grain_lightning.ghost.fsdp`)
+        self._alias: dict[int, int] = {}
         counted = {id(p) for p in trainable}
 
         self.rules: list[GhostRule] = []
@@ -224,6 +232,7 @@ class GhostEngine:
         self.fallback_reasons: dict[str, str] = {}
         self.coupling: list[tuple[str, nn.Module]] = []
         claimed: set[int] = set()
+        sharded: list[tuple[str, set[int]]] = []  # FSDP-managed modules only the generic rule could handle
         seq_first = {
             id(c)
             for m in module.modules()
@@ -244,6 +253,8 @@ class GhostEngine:
             own = rule_cls.own_parameters(sub) if rule_cls is not None else list(sub.parameters(recurse=False))
             if not any(id(p) in counted for p in own):
                 continue
+            if rule_cls is None and any(is_fsdp_managed(p) for p in own):
+                sharded.append((label, {id(p) for p in own if id(p) in counted}))
             self.rules.append((rule_cls or FunctionalRule)(self, name, sub, 1 if id(sub) in seq_first else 0))
         self._labels = {id(r): f"module {r.name or '<root>'!r} ({type(r.module).__name__})" for r in self.rules}
         owners: dict[int, list[str]] = {}
@@ -258,6 +269,14 @@ class GhostEngine:
         self._counted = counted
         self._refused: set[int] = set()  # this step: parameters of modules that failed a check
         self._warned: set[str] = set()
+        for label, ids in sharded:
+            why = (
+                "FSDP shards its parameters and the generic torch.func rule needs them whole (register a rule for "
+                "its type with grain_lightning.ghost.register_rule, or train it under grain_ddp)"
+            )
+            if unsupported == "raise":
+                raise UnsupportedModuleError(f"module {label}: {why}")
+            self._refuse_for_good(f"module {label}", why, ids)
         if unsupported == "raise":
             self._check_coupling()
         self._anchor: Optional[torch.Tensor] = None
@@ -350,9 +369,15 @@ class GhostEngine:
         """Whether a forward has been captured and not yet consumed by a backward."""
         return self._captured
 
+    def key(self, p: torch.Tensor) -> int:
+        """``id`` of the parameter ``p`` stands for: under FSDP2 an unsharded parameter (what a module sees while
+        it runs) stands for its sharded one (what the optimizer holds), see :mod:`~grain_lightning.ghost.fsdp`."""
+        return self._alias.get(id(p), id(p))
+
     def counts(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s gradient comes from the rules' terms this step (not the reference engine)."""
-        return id(p) in self._ghost_ids and id(p) not in self._refused
+        pid = self.key(p)
+        return pid in self._ghost_ids and pid not in self._refused
 
     @property
     def anchor(self) -> Optional[torch.Tensor]:
@@ -376,6 +401,7 @@ class GhostEngine:
         """
         if not self._captured:
             raise RuntimeError("no captured forward: compute the losses inside `with engine.capture():`")
+        self._alias = sharded_keys(self._module)  # FSDP2 creates its unsharded parameters at the first forward
         try:
             n = check_losses(losses, self._batch_size if self._batch_given else None)
             seen = {c.batch[0] for r in self.rules for c in r.calls}
@@ -449,7 +475,7 @@ class GhostEngine:
         """Every recorded call of every rule against the ``n`` samples: ``{module label: (why, parameter ids)}``."""
         problems: dict[str, tuple[str, set[int]]] = {}
         for rule in self.rules:
-            ids = {id(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
+            ids = {self.key(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
             if not ids:
                 continue
             if split and ids & self._shared:
@@ -471,7 +497,7 @@ class GhostEngine:
         # a shared parameter refused in one of its modules is refused in all of them
         refused = set().union(*(ids for _, ids in problems.values())) if problems else set()
         for rule in self.rules:
-            own = {id(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
+            own = {self.key(p) for p in rule.own_parameters(rule.module)} & self._ghost_ids
             label = self._labels[id(rule)]
             if own & refused & self._shared and label not in problems:
                 problems[label] = ("it shares a parameter with a refused module", own & refused)
@@ -506,8 +532,9 @@ class GhostEngine:
                 rule = None  # the module's input: whatever computed it is outside the module
             var = getattr(node, "variable", None)
             if var is not None:
-                if id(var) in self._ghost_ids and (rule is None or id(var) not in owned[id(rule)]):
-                    bad.add(id(var))
+                vid = self.key(var)
+                if vid in self._ghost_ids and (rule is None or vid not in owned[id(rule)]):
+                    bad.add(vid)
                 continue
             rule = getattr(node, "ghost_rule", rule)
             stack.extend((fn, rule) for fn, _ in node.next_functions if fn is not None)
@@ -531,7 +558,7 @@ class GhostEngine:
         for call in rule.calls:  # the taps in the graph still reference their calls: let go of the tensors
             call.inputs = call.grad = call.source = call.info = None
         rule.calls = []
-        self._reached.update(id(t.param) for t in terms)
+        self._reached.update(self.key(t.param) for t in terms)
         return terms
 
     def backward(
@@ -558,7 +585,7 @@ class GhostEngine:
         def on_ready(rule: GhostRule) -> None:
             nonlocal gram
             for term in self._rule_terms(rule, n, k):
-                pid = id(term.param)
+                pid = self.key(term.param)
                 shared = pid in self._shared
                 if second and isinstance(term, MatrixTerm) and not shared:
                     term.store = False
@@ -703,6 +730,29 @@ class GhostEngine:
                 grad = out[id(term.param)] = torch.zeros(term.param.shape, dtype=part.dtype, device=part.device)
             term.slot(grad).add_(part.reshape(term.slot(grad).shape))
         return out
+
+    def weighted_loss(self, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_i w_{group(i)} l_i / n_{group(i)}`` of the last :meth:`backward` (``combine="backward"``): its
+        backward gives ``sum_j w_j g_j`` through whatever the model's backward does (FSDP2 reduces it to shards).
+
+        Consumes the graph kept by :meth:`backward`; needs every parameter handled by the rules (no fallback).
+        """
+        if self._state is None or self._second is None:
+            raise RuntimeError("weighted_loss needs a backward() with combine='backward' before it")
+        assignment, _, fb_params, _ = self._state
+        if fb_params:
+            raise RuntimeError(
+                f"weighted_loss: parameters {self._last_refused} use the reference engine, whose group gradients "
+                "are not in the weighted loss's backward"
+            )
+        k = assignment.num_groups
+        if weights.shape != (k,):
+            raise ValueError(f"expected ({k},) weights, got shape {tuple(weights.shape)}")
+        losses, _ = self._second
+        self._second = None
+        index = assignment.index.to(losses.device)
+        counts = assignment.counts.to(device=losses.device, dtype=losses.dtype)
+        return (losses * (weights.to(device=losses.device, dtype=losses.dtype)[index] / counts[index])).sum()
 
     def write_gradients(self, weights: torch.Tensor) -> None:
         """Set ``p.grad = sum_j w_j g_j`` for every counted parameter (``None`` where no group reached it)."""

@@ -67,6 +67,11 @@ class RuleHost(Protocol):
         """Whether ``p``'s gradient comes from the rules' terms this step."""
         ...
 
+    def key(self, p: torch.Tensor) -> int:
+        """``id`` of the parameter ``p`` stands for (FSDP2 swaps a module's sharded parameter for an unsharded
+        one while it runs: both have the sharded parameter's key)."""
+        ...
+
     def receive(self, rule: GhostRule, call: RecordedCall, grad: torch.Tensor) -> None:
         """A tap's backward delivers a call's output gradient."""
         ...
@@ -115,7 +120,7 @@ class GhostRule(ABC):
 
     def owns(self) -> set[int]:
         """Ids of the parameters this rule's calls may use."""
-        return {id(p) for p in self.own_parameters(self.module)}
+        return {self.engine.key(p) for p in self.own_parameters(self.module)}
 
     def counted(self, p: Optional[torch.Tensor]) -> bool:
         """Whether ``p`` is a parameter this step's one-backward terms must cover."""

@@ -1,4 +1,5 @@
-"""Two-process CPU (gloo) ``grain_ddp`` fits with an injected fault, for test_faults.py.
+"""Two-process CPU (gloo) ``grain_ddp`` fits with an injected fault, for test_faults.py (a scenario prefixed
+``fsdp_`` runs under ``grain_fsdp`` instead).
 
 Usage: ``python tests/grain_lightning/distributed/fault_worker.py OUTDIR SCENARIO TIMEOUT_S`` with
 ``MASTER_PORT`` set to a free port. Lightning's popen ``ddp`` launcher re-runs this command as rank 1. Each
@@ -23,7 +24,7 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from grain_lightning import GrainDDPStrategy
+from grain_lightning import GrainDDPStrategy, GrainFSDPStrategy
 from tests.grain_lightning.distributed import ddp_worker as W
 
 
@@ -69,6 +70,8 @@ class FailsOnOneRank(W.Plain):
 
 
 def run(scenario: str, timeout_s: float) -> None:
+    fsdp = scenario.startswith("fsdp_")  # the same scenario under grain_fsdp
+    scenario = scenario.removeprefix("fsdp_")
     module: L.LightningModule = W.Plain()
     data = W.make_loader()
     if scenario == "unequal_map":
@@ -82,7 +85,8 @@ def run(scenario: str, timeout_s: float) -> None:
     options = {}
     if scenario.endswith("_mixin"):  # GrainMixin, every group of every rank: the counts travel in its all_gather
         module, options = W.WithMixin(), dict(mixin_groups="global")
-    strategy = GrainDDPStrategy(timeout=timedelta(seconds=timeout_s), **options)
+    cls = GrainFSDPStrategy if fsdp else GrainDDPStrategy
+    strategy = cls(timeout=timedelta(seconds=timeout_s), **options)
     W.make_trainer(strategy, [], max_epochs=2).fit(module, data)
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from grain_lightning import GrainFSDPStrategy  # noqa: E402
+from grain_lightning import GrainConfig, GrainFSDPStrategy, GrainMixin, PerSample  # noqa: E402
 from tests.grain_lightning.distributed import ddp_worker as W  # noqa: E402
 
 VOCAB, SEQ, GPT_N = 64, 8, 24  # tiny GPT-2: 24 sequences of 8 tokens, batches of 4 per rank
@@ -82,6 +83,32 @@ class TinyGPT2(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=W.LR)
 
 
+class Mixin(W.WithMixin):
+    """ddp_worker's GrainMixin module (two chunks of each rank's batch are its groups), without the self-check
+    (refused under grain_fsdp) unless ``self_check`` is given."""
+
+    def __init__(self, self_check=False, accumulate: int = 1, **kw) -> None:
+        super().__init__(accumulate=accumulate, **kw)
+        self.grain_config.self_check = self_check
+
+
+class GPT2Mixin(GrainMixin, L.LightningModule):
+    """The tiny GPT-2 with per-sample groups (each sequence's mean token loss is one group)."""
+
+    def __init__(self) -> None:
+        super().__init__(grain=GrainConfig(grouping=PerSample(), log_loss_as=None, self_check=False))
+        self.model = gpt2_model()
+
+    def grain_losses(self, batch, batch_idx):
+        (ids,) = batch
+        logits = self.model(input_ids=ids).logits[:, :-1]
+        tokens = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+        return tokens.view(ids.shape[0], -1).mean(1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=W.LR)
+
+
 class ShardsItself(W.Plain):
     """Shards its Linear layers and its net in ``configure_model``, as ModelParallelStrategy asks."""
 
@@ -115,7 +142,16 @@ SCENARIOS = {
     ),
     "nonfinite_skip": dict(strategy=dict(on_nonfinite="skip", **LINEAR), module=dict(nan_at=(1, 1))),
     "nonfinite_raise": dict(strategy=dict(**LINEAR), module=dict(nan_at=(1, 1))),
-    "mixin_refused": dict(strategy=dict(), mixin=True),
+    "mixin": dict(strategy=dict(**LINEAR), mixin=True),  # each Linear an FSDP unit (FSDPLinear)
+    "mixin_root": dict(strategy=dict(), mixin=True),  # the net one unit: its Linears run unsharded in backward
+    "mixin_blockwise": dict(strategy=dict(mode="blockwise", reshard_after_forward=False, **LINEAR), mixin=True),
+    "mixin_ddp": dict(ddp=True, mixin=True),
+    "mixin_mean": dict(strategy=dict(**LINEAR), mixin=True, module=dict(aggregation="mean")),
+    "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip", **LINEAR), mixin=True, module=dict(nan_at=(1, 1))),
+    "mixin_self_check_refused": dict(strategy=dict(), mixin=True, module=dict(self_check="first")),
+    "mixin_accumulate_refused": dict(strategy=dict(), mixin=True, module=dict(accumulate=2)),
+    "gpt2_mixin": dict(strategy=dict(), gpt2_mixin=True),
+    "gpt2_mixin_ddp": dict(ddp=True, gpt2_mixin=True),
     "gpt2": dict(strategy=dict(), gpt2=True),
     "gpt2_ddp": dict(ddp=True, gpt2=True),
 }
@@ -129,11 +165,11 @@ def run_scenario(name: str, out: Path) -> None:
     spec = SCENARIOS.get(name)
     if spec is None:
         raise SystemExit(f"unknown scenario {name!r}; known: {sorted(SCENARIOS) + ['resume', 'load']}")
-    if spec.get("gpt2"):
-        module: L.LightningModule = TinyGPT2()
+    if spec.get("gpt2") or spec.get("gpt2_mixin"):
+        module: L.LightningModule = GPT2Mixin() if spec.get("gpt2_mixin") else TinyGPT2()
         data = DataLoader(gpt2_data(), batch_size=4, sampler=W.RankSamples(GPT_N))
     else:
-        cls = W.WithMixin if spec.get("mixin") else ShardsItself if spec.get("shards_itself") else W.Plain
+        cls = Mixin if spec.get("mixin") else ShardsItself if spec.get("shards_itself") else W.Plain
         module = cls(**spec.get("module", {}))
         data = W.make_loader(spec.get("batch_size", W.BATCH))
     strat = W.strategy() if spec.get("ddp") else fsdp(**spec["strategy"])

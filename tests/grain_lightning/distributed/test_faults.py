@@ -102,6 +102,38 @@ def test_exception_on_one_rank_stops_every_rank_with_the_original_error(tmp_path
     assert f"rank {bad_rank} failed: {original}" in proc.stderr  # the watchdog's log line, as soon as seen
 
 
+def test_the_mixin_marks_refusals_raised_on_every_rank_with_the_name_faults_reads():
+    """``protocol.py`` (below ``distributed/``) and ``faults.py`` (which imports no grain module) share the name."""
+    from grain_lightning.distributed import faults
+    from grain_lightning.protocol import RAISED_ON_EVERY_RANK, raised_on_every_rank
+
+    assert RAISED_ON_EVERY_RANK == faults._EVERY_RANK
+    assert faults._is_every_rank(raised_on_every_rank(ValueError("refused")))
+
+
+@pytest.mark.slow
+def test_grain_fsdp_exception_on_one_rank_stops_every_rank_with_the_original_error(tmp_path):
+    """The same under ``grain_fsdp``: rank 1 raises in ``training_step``; rank 0, in FSDP's backward or the
+    exchange, stops with ``RankFailedError`` quoting it."""
+    proc, errors = launch(tmp_path, "fsdp_raise_rank1")
+    assert_every_rank_failed(proc, errors, tmp_path)
+    original = "ValueError: injected failure on rank 1 at batch 1"
+    assert last_line(errors[1][1]) == original
+    other = last_line(errors[0][1])
+    assert other.startswith("grain_lightning.distributed.faults.RankFailedError: grain_fsdp: rank 1 failed: ")
+    assert original in other
+
+
+@pytest.mark.slow
+def test_grain_fsdp_unequal_batch_counts_raise_on_every_rank(tmp_path):
+    proc, errors = launch(tmp_path, "fsdp_unequal_map")
+    assert_every_rank_failed(proc, errors, tmp_path)
+    for r in range(2):
+        line = last_line(errors[r][1])
+        assert line.startswith("grain_lightning.distributed.faults.UnequalBatchesError: grain_fsdp: the ranks have")
+        assert "rank 0: 3, rank 1: 2" in line and "drop_last=True" in line
+
+
 @pytest.mark.slow
 def test_a_failing_rank_that_stays_alive_stops_the_others_after_fault_timeout(tmp_path):
     """Rank 1 raises and its process lives on: rank 0 stops after the (short) timeout, quoting rank 1's error.

@@ -21,6 +21,7 @@ from tests.grain_lightning.distributed.test_strategy import (
     W,
     applied_direction,
     blockwise_min_norm_point,
+    chunk_grads,
     grad_at,
     launch_worker,
     mean_length,
@@ -130,9 +131,65 @@ def test_nonfinite_gradient_skips_or_raises_on_every_rank(records):
 
 
 @pytest.mark.slow
-def test_grain_mixin_is_refused_naming_grain_ddp(records):
-    for rec in records["mixin_refused"]:
-        assert rec["error"].startswith("TypeError") and "grain_ddp" in rec["error"]
+@pytest.mark.parametrize("name", ["mixin", "mixin_root"])
+def test_grain_mixin_is_min_norm_of_the_ranks_grain_directions_and_equals_grain_ddp(records, name):
+    """Hierarchical: each rank's GRAIN direction over its two chunks, then the min-norm over the ranks; the same
+    parameters as grain_ddp's hierarchical mixin (each Linear an FSDP unit, or the whole net one unit)."""
+    a, b = records[name]
+    params, ddp = a["params"], records["mixin_ddp"][0]["params"]
+    assert a["error"] is None and len(params) == len(ddp) == 4
+    assert all(torch.equal(x, y) for x, y in zip(params, b["params"]))
+    for step in range(3):
+        local = torch.stack([min_norm_point(chunk_grads(params[step], r, step)) for r in range(2)])
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(local), atol=TOL, rtol=0), (d - min_norm_point(local)).abs().max()
+        assert (local @ d >= (d @ d) - 1e-9).all()
+        assert torch.allclose(params[step + 1], ddp[step + 1], atol=TOL, rtol=0)
+    assert a["num_combines"] == 3 and a["calls"]["all_reduce"] == 3  # one exchange per step, no gathering
+
+
+@pytest.mark.slow
+def test_grain_mixin_blockwise_across_ranks_without_resharding_after_forward(records):
+    """``mode="blockwise"`` over the ranks' GRAIN directions, FSDP's parameters kept unsharded after the forward."""
+    params = records["mixin_blockwise"][0]["params"]
+    for step in range(3):
+        local = torch.stack([min_norm_point(chunk_grads(params[step], r, step)) for r in range(2)])
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, blockwise_min_norm_point(local), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_grain_mixin_mean_aggregation_and_nonfinite_loss_on_one_rank(records):
+    params = records["mixin_mean"][0]["params"]
+    for step in range(3):
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(rank_grads(params[step], step)), atol=TOL, rtol=0)
+    a, b = records["mixin_nonfinite_skip"]
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    params = a["params"]
+    assert a["skipped_steps"] == 1 and torch.equal(params[1], params[2])  # rank 1's NaN at batch 1: nobody steps
+    assert not torch.equal(params[2], params[3]) and torch.isfinite(params[3]).all()
+
+
+@pytest.mark.slow
+def test_grain_mixin_refusals_name_the_alternative(records):
+    for rec in records["mixin_self_check_refused"]:
+        assert rec["error"].startswith("ValueError") and "self_check=False" in rec["error"]
+    for rec in records["mixin_accumulate_refused"]:
+        assert "accumulate_grad_batches=1" in rec["error"] and "grain_ddp" in rec["error"]
+
+
+@pytest.mark.slow
+def test_tiny_gpt2_with_per_sample_groups_equals_grain_ddp(records):
+    """Per-sample groups on a random-config GPT-2 (tied embeddings, FSDP units per block): the one-backward
+    Gram with FSDP's unsharded parameters and the weighted backward reduced to shards give grain_ddp's steps."""
+    fsdp, ddp = records["gpt2_mixin"], records["gpt2_mixin_ddp"][0]["params"]
+    params = fsdp[0]["params"]
+    assert fsdp[0]["error"] is None and len(params) == len(ddp) == 4
+    assert all(torch.equal(x, y) for x, y in zip(params, fsdp[1]["params"]))
+    for x, y in zip(params, ddp):
+        assert torch.allclose(x, y, atol=TOL, rtol=0), (x - y).abs().max()
+    assert not torch.allclose(params[0], params[1])
 
 
 @pytest.mark.slow
@@ -214,6 +271,8 @@ def test_registry_and_cli_name():
         (dict(mode="mean"), "mode must be one of"),
         (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
         (dict(wrap=[3]), "wrap must name module classes"),
+        (dict(mixin_groups="global"), "mixin_groups='hierarchical', or grain_ddp's mixin_groups='global'"),
+        (dict(mixin_groups="local"), "mixin_groups must be one of"),
     ],
 )
 def test_constructor_rejects_bad_options(bad, match):
@@ -239,3 +298,41 @@ def test_one_device_is_plain_training(restore_environ):
     for a, b in zip(runs["auto"][0], runs["grain_fsdp"][0]):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert runs["grain_fsdp"][1].bytes_sent == 0 and runs["grain_fsdp"][1].num_combines == 0
+
+
+def test_one_device_grain_mixin_equals_the_single_process_mixin(restore_environ):
+    """``devices=1``: the mixin's weighted backward through FSDP gives the single-process GRAIN steps; a module
+    that only the generic rule could handle is refused by name (FSDP shards what that rule needs whole)."""
+    from grain_lightning import GrainFSDPStrategy
+    from grain_lightning.ghost import GhostEngine, UnsupportedModuleError
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    runs = {}
+    for name, strat in (("auto", "auto"), ("grain_fsdp", GrainFSDPStrategy(timeout=timedelta(seconds=30)))):
+        rec = FW.Recorder()
+        trainer = W.make_trainer(strat, [rec], devices=1, max_steps=2)
+        module = FW.Mixin()
+        trainer.fit(module, W.make_loader())
+        runs[name] = rec.params
+    assert len(runs["auto"]) == 3
+    for a, b in zip(runs["auto"], runs["grain_fsdp"]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+    class Scale(torch.nn.Module):  # no registered rule: the generic torch.func rule would run it
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.weight
+
+    from torch.distributed.fsdp import fully_shard
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), Scale())
+    fully_shard(net[1], mesh=module.device_mesh)
+    fully_shard(net[0], mesh=module.device_mesh)
+    assert type(net[0]).__name__ == "FSDPLinear"
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(FSDPScale\): FSDP shards its parameters"):
+        GhostEngine(net)
+    GhostEngine(torch.nn.Sequential(net[0]))  # FSDPLinear: the Linear rule, FSDP's own pre-hook ignored
