@@ -48,10 +48,10 @@ from grain_lightning.config import PolicyOptions, check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.fault_hooks import FaultHooks
 from grain_lightning.distributed.faults import (
     DEFAULT_FAULT_TIMEOUT,
     FaultMonitor,
-    check_batch_counts,
     check_fault_timeout,
     on_every_rank,
     raised_on_every_rank,
@@ -69,7 +69,7 @@ FSDP_MODES = ("sharded", "blockwise")
 Wrap = Union[None, str, type, Sequence[Union[str, type]]]
 
 
-class GrainFSDPStrategy(ModelParallelStrategy):
+class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
     """FSDP2 with each rank's shard of the min-norm combination of the ranks' gradients (module docstring).
 
     Args:
@@ -236,55 +236,10 @@ class GrainFSDPStrategy(ModelParallelStrategy):
 
     # ------------------------------------------------------------------ faults (distributed/faults.py)
     @override
-    def on_exception(self, exception: BaseException) -> None:
-        """Post this rank's error for the other ranks (or name the other rank's error that caused this one)."""
-        super().on_exception(exception)
-        self.faults.on_exception(exception)
-
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        with self.faults.collective():
-            super().barrier(*args, **kwargs)
-
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._check_batch_counts()
-
-    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The step: FSDP's forward all-gathers (and GrainMixin's backward passes) quote another rank's error."""
         with self.faults.collective():
             return super().training_step(*args, **kwargs)
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        module = self.lightning_module
-        trainer: Any = module.trainer if module is not None and module._trainer is not None else None
-        if (
-            trainer is not None
-            and trainer.reload_dataloaders_every_n_epochs > 0
-            and trainer.current_epoch != self._counts_checked_epoch
-        ):
-            self._check_batch_counts()  # the loaders may have changed with the epoch
-
-    def _check_batch_counts(self) -> None:
-        """Every rank must run the same number of batches per epoch (every step combines every rank)."""
-        module = self.lightning_module
-        if module is None or module._trainer is None:
-            return
-        trainer = module.trainer
-        self._counts_checked_epoch = trainer.current_epoch
-        if self.world_size > 1:
-            with self.faults.collective():
-                check_batch_counts(
-                    trainer.num_training_batches,
-                    self.global_rank,
-                    self.world_size,
-                    owner="grain_fsdp",
-                    device=self.root_device,
-                )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

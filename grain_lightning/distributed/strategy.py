@@ -50,10 +50,10 @@ from grain_lightning.config import PolicyOptions, check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.fault_hooks import FaultHooks
 from grain_lightning.distributed.faults import (
     DEFAULT_FAULT_TIMEOUT,
     FaultMonitor,
-    check_batch_counts,
     check_end_of_data,
     check_fault_timeout,
     end_of_data_slots,
@@ -69,7 +69,7 @@ __all__ = ["GrainDDPStrategy"]
 _CHOICES = {"mode": MODES, "mixin_groups": ("hierarchical", "global")}
 
 
-class GrainDDPStrategy(DDPStrategy):
+class GrainDDPStrategy(FaultHooks, DDPStrategy):
     """DDP with the min-norm combination of the ranks' gradients instead of their mean.
 
     Args:
@@ -258,39 +258,6 @@ class GrainDDPStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self.faults.start()  # a watchdog that reads the errors other ranks post
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        """Post this rank's error for the other ranks (or name the other rank's error that caused this one)."""
-        super().on_exception(exception)
-        self.faults.on_exception(exception)
-
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        with self.faults.collective():
-            super().barrier(*args, **kwargs)
-
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._check_batch_counts()
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        trainer = self._module().trainer
-        if trainer.reload_dataloaders_every_n_epochs > 0 and trainer.current_epoch != self._counts_checked_epoch:
-            self._check_batch_counts()  # the loaders may have changed with the epoch
-
-    def _check_batch_counts(self) -> None:
-        """Every rank must run the same number of batches per epoch: compare them once per epoch."""
-        trainer = self._module().trainer
-        self._counts_checked_epoch = trainer.current_epoch
-        if self.world_size > 1:
-            with self.faults.collective():
-                check_batch_counts(
-                    trainer.num_training_batches, self.global_rank, self.world_size, device=self.root_device
-                )
 
     def _end_of_data(self) -> tuple[bool, int]:
         """(this rank's training data end with the current batch, batches so far this epoch)."""
