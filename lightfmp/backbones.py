@@ -69,6 +69,7 @@ class FieldEmbeddings(nn.Module):
         super().__init__()
         self.names = list(spec.sparse_names)
         self.embedding_dim = embedding_dim
+        self.rows = [f.num_embeddings for f in spec.sparse]
         tables = [
             EmbeddingBagConfig(
                 name=f"t_{f.name}",
@@ -93,7 +94,14 @@ class FieldEmbeddings(nn.Module):
         if missing:
             raise KeyError(f"sparse fields {missing} missing from the batch (it has {sparse.keys()})")
         pooled = self.ebc(sparse)
+        if pooled.keys() != self.names:  # a sharded collection (TorchRec DMP) may return the fields in plan order
+            by_name = pooled.to_dict()
+            return torch.stack([by_name[n] for n in self.names], dim=1)
         return pooled.values().view(batch_size, len(self.names), self.embedding_dim)
+
+    def num_parameters(self) -> int:
+        """Entries of the whole tables (also when a TorchRec strategy has sharded them across ranks)."""
+        return sum(self.rows) * self.embedding_dim
 
     def _device(self) -> torch.device:
         return next(iter(self.parameters()), torch.zeros(())).device

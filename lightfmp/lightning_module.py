@@ -195,8 +195,10 @@ class LightFMPModule(L.LightningModule):
         return self.net
 
     def num_parameters(self) -> int:
-        """Parameters of the backbone (gates and multipliers excluded)."""
-        return sum(p.numel() for p in self._require_net().parameters())
+        """Parameters of the backbone (gates and multipliers excluded; whole tables when they are sharded)."""
+        net = self._require_net()
+        dense = sum(p.numel() for name, p in net.named_parameters() if not name.startswith("embeddings."))
+        return dense + net.embeddings.num_parameters()
 
     # ----------------------------------------------------------------- forward and steps
     @override

@@ -1,0 +1,394 @@
+"""``TorchRecStrategy`` (``Trainer(strategy="torchrec")``): embedding tables sharded by TorchRec's
+``DistributedModelParallel`` (DMP), the rest of the model data-parallel.
+
+Lightning's ``ddp`` strategy would replicate every embedding table on every rank and average its gradients as a
+dense parameter. This strategy instead hands the LightningModule to DMP:
+
+* every ``EmbeddingBagCollection`` in the module is sharded by a plan from ``EmbeddingShardingPlanner``
+  (``Topology(world_size, compute_device)``, one ``ParameterConstraints`` per table: its sharding type and
+  compute kernel). ``sharding_type`` is the default for every table, ``table_sharding`` overrides it per table
+  (key: the table name, e.g. ``t_C1``, or its feature name, ``C1``). On CPU TorchRec offers ``table_wise``,
+  ``column_wise``, ``table_column_wise`` and ``data_parallel``; ``row_wise`` and ``table_row_wise`` need CUDA;
+* table-wise and column-wise tables use TorchRec's fused kernel: the embedding optimizer (``fused_optimizer``:
+  ``sgd``, ``rowwise_adagrad``, ``adagrad`` or ``adam``, learning rate ``fused_lr``, default the module's
+  ``lr``) runs inside ``backward()`` on each rank's own shards, and those weights never get a ``.grad``;
+* ``data_parallel`` tables (every rank holds the whole table) use the dense kernel: their gradients are
+  averaged by DDP like any dense parameter and the module's own optimizer steps them;
+* the dense part (everything but the sharded tables) is wrapped by DMP in ``DistributedDataParallel``; the
+  module's ``configure_optimizers`` runs after sharding and the fused tables' parameters are removed from its
+  optimizers.
+
+Gradient scale: TorchRec divides the gradients coming back through the all-to-all by the world size (its
+``GRADIENT_DIVISION`` default), so a sharded table sees the gradient of the mean loss over the global batch, as
+DDP's averaged dense gradients do: ``N`` ranks at batch ``B`` update like one process at batch ``N * B``.
+
+Weights: the module's tables are built as usual (on the CPU, seeded), and their values are copied into the
+shards after sharding, so a run starts from the same weights whatever the world size. A table built on the
+``meta`` device is initialised by TorchRec on its shards instead (no rank then holds a whole table).
+
+Checkpoints: ``lightning_module_state_dict`` gathers every sharded table to rank 0 (``ShardedTensor.gather``),
+so a checkpoint is one ordinary Lightning file with whole tables, loadable by any world size (and without this
+strategy); ``load_model_state_dict`` loads a whole-table file into a sharded module (each rank copies its
+shards). The fused optimizers' state (e.g. Adagrad's accumulators) is not saved: a resumed fit restarts it.
+
+Tested on CPU with gloo; ``row_wise`` and NCCL are untested here (no GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch import nn
+from typing_extensions import override
+
+__all__ = [
+    "CPU_SHARDING_TYPES",
+    "FUSED_OPTIMIZERS",
+    "TorchRecStrategy",
+    "embedding_collections",
+    "gather_state_dict",
+    "load_full_state_dict",
+    "register_torchrec_strategy",
+    "shard_embeddings",
+    "sharding_constraints",
+]
+
+#: sharding types TorchRec's EmbeddingBagCollectionSharder offers for a CPU compute device (row-wise needs CUDA)
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+GPU_ONLY_SHARDING_TYPES = ("row_wise", "table_row_wise")
+#: ``fused_optimizer`` names and FBGEMM's optimizer types
+FUSED_OPTIMIZERS = {
+    "sgd": "EXACT_SGD",
+    "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD",
+    "adagrad": "EXACT_ADAGRAD",
+    "adam": "ADAM",
+}
+
+
+def embedding_collections(module: nn.Module) -> dict[str, nn.Module]:
+    """The module's ``EmbeddingBagCollection``s by their qualified name."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, EmbeddingBagCollection)}
+
+
+def _check_sharding_type(value: str, where: str, device_type: str) -> None:
+    known = CPU_SHARDING_TYPES + GPU_ONLY_SHARDING_TYPES
+    if value not in known:
+        raise ValueError(f"{where}: unknown sharding type {value!r}; expected one of {list(known)}")
+    if value in GPU_ONLY_SHARDING_TYPES and device_type != "cuda":
+        raise ValueError(
+            f"{where}: sharding type {value!r} needs CUDA (TorchRec offers only {list(CPU_SHARDING_TYPES)} on the CPU)"
+        )
+
+
+def sharding_constraints(
+    collections: Mapping[str, nn.Module],
+    sharding_type: str,
+    table_sharding: Optional[Mapping[str, str]],
+    device_type: str,
+) -> dict[str, Any]:
+    """One ``ParameterConstraints`` per table: its sharding type (``table_sharding[table or feature]``, else
+    ``sharding_type``) and kernel (``dense`` for data_parallel, ``fused`` otherwise). Unknown keys in
+    ``table_sharding`` are refused."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    _check_sharding_type(sharding_type, "sharding_type", device_type)
+    overrides = dict(table_sharding or {})
+    constraints: dict[str, Any] = {}
+    used: set[str] = set()
+    for ebc in collections.values():
+        for config in ebc.embedding_bag_configs():  # type: ignore[operator]
+            keys = [config.name, *config.feature_names]
+            chosen = next((overrides[k] for k in keys if k in overrides), sharding_type)
+            used.update(k for k in keys if k in overrides)
+            _check_sharding_type(chosen, f"table_sharding[{config.name!r}]", device_type)
+            kernel = "dense" if chosen == "data_parallel" else "fused"
+            constraints[config.name] = ParameterConstraints(sharding_types=[chosen], compute_kernels=[kernel])
+    unknown = sorted(set(overrides) - used)
+    if unknown:
+        raise ValueError(f"table_sharding names no table or feature of the model: {unknown}")
+    return constraints
+
+
+def _fused_params(optimizer: str, lr: float, eps: float, weight_decay: float) -> dict[str, Any]:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    if optimizer not in FUSED_OPTIMIZERS:
+        raise ValueError(f"unknown fused_optimizer {optimizer!r}; expected one of {sorted(FUSED_OPTIMIZERS)}")
+    if lr <= 0:
+        raise ValueError(f"fused_lr must be > 0, got {lr}")
+    return {
+        "optimizer": getattr(EmbOptimType, FUSED_OPTIMIZERS[optimizer]),
+        "learning_rate": lr,
+        "eps": eps,
+        "weight_decay": weight_decay,
+    }
+
+
+def _local_copy(target: Any, full: torch.Tensor) -> None:
+    """Copy the parts of ``full`` this rank holds into ``target`` (a ShardedTensor, a DTensor or a tensor)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        if isinstance(target, ShardedTensor):
+            for shard in target.local_shards():
+                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                shard.tensor.copy_(full[index])
+        elif isinstance(target, DTensor):
+            from torch.distributed.tensor import distribute_tensor
+
+            local = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements).to_local()
+            target.to_local().copy_(local)
+        else:
+            target.copy_(full)
+
+
+def load_full_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Load ``state`` (whole tables, as :func:`gather_state_dict` returns) into ``module``, whose tables may be
+    sharded: each rank copies the slices it holds; other entries load as usual."""
+    own = module.state_dict()
+    if strict:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    for key, target in own.items():
+        if key in state:
+            _local_copy(target, state[key])
+
+
+def gather_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every sharded table gathered whole on rank 0 (a collective: call it on
+    every rank). Other ranks get ``None`` in place of the sharded tables."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    state = module.state_dict()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)
+            state[key] = out
+        elif isinstance(value, DTensor):
+            state[key] = value.full_tensor()
+    return state
+
+
+def shard_embeddings(
+    module: nn.Module,
+    *,
+    sharding_type: str = "table_wise",
+    table_sharding: Optional[Mapping[str, str]] = None,
+    fused_optimizer: str = "rowwise_adagrad",
+    fused_lr: float = 0.01,
+    fused_eps: float = 1e-8,
+    fused_weight_decay: float = 0.0,
+    device: Optional[torch.device] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+    data_parallel_kwargs: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """``DistributedModelParallel(module)``: its EmbeddingBagCollections sharded in place by a plan from
+    ``EmbeddingShardingPlanner`` (see the module docstring), the rest wrapped in DDP. Needs the default process
+    group. Returns the DMP wrapper; ``module`` itself now holds the sharded collections."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    device = device or torch.device("cpu")
+    pg = process_group or dist.group.WORLD
+    assert pg is not None
+    world = dist.get_world_size(pg)
+    collections = embedding_collections(module)
+    if not collections:
+        raise ValueError(f"{type(module).__name__} has no EmbeddingBagCollection for the torchrec strategy to shard")
+    constraints = sharding_constraints(collections, sharding_type, table_sharding, device.type)
+    full = {  # whole tables (not on meta) to copy into the shards after sharding
+        name: {k: v.detach().clone() for k, v in ebc.state_dict().items()}
+        for name, ebc in collections.items()
+        if not any(p.is_meta for p in ebc.parameters())
+    }
+    sharder = EmbeddingBagCollectionSharder(
+        fused_params=_fused_params(fused_optimizer, fused_lr, fused_eps, fused_weight_decay)
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=device.type), constraints=constraints
+    )
+    plan = planner.collective_plan(module, [sharder], pg)
+    # the CLI passes every DDP argument with its default (jsonargparse follows DDPStrategy's **kwargs): drop Nones
+    ddp_kwargs = {k: v for k, v in (data_parallel_kwargs or {}).items() if v is not None}
+    for fixed in _DMP_SETS_THESE:  # DMP passes these to DDP itself
+        ddp_kwargs.pop(fixed, None)
+    # TorchRec initialises the shards it creates from the global RNG, as many draws as this rank's shards: without
+    # fork_rng the ranks' RNG streams (e.g. the gates' noise) would part from each other and from one process
+    with torch.random.fork_rng(devices=[]):
+        dmp = DistributedModelParallel(
+            module,
+            env=ShardingEnv.from_process_group(pg),
+            device=device,
+            plan=plan,
+            sharders=[sharder],
+            data_parallel_wrapper=DefaultDataParallelWrapper(
+                bucket_cap_mb=int(ddp_kwargs.pop("bucket_cap_mb", 25)),
+                static_graph=bool(ddp_kwargs.pop("static_graph", False)),
+                find_unused_parameters=bool(ddp_kwargs.pop("find_unused_parameters", False)),
+                ddp_kwargs=ddp_kwargs,
+            ),
+        )
+    for name, state in full.items():
+        load_full_state_dict(module.get_submodule(name), state)
+    dmp.sharding_plan = plan
+    return dmp
+
+
+_DMP_SETS_THESE = ("module", "device_ids", "process_group", "gradient_as_bucket_view", "broadcast_buffers")
+
+
+def fused_parameter_ids(module: nn.Module) -> set[int]:
+    """Parameters of the module's sharded tables, which the fused kernels update in backward (their state dict
+    entries are ShardedTensor or DTensor); data_parallel tables are plain tensors and stay with the dense
+    optimizer."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    names = {k for k, v in module.state_dict().items() if isinstance(v, (ShardedTensor, DTensor))}
+    return {id(p) for name, p in module.named_parameters() if name in names}
+
+
+class TorchRecStrategy(DDPStrategy):
+    """Lightning strategy around TorchRec's ``DistributedModelParallel`` (see the module docstring).
+
+    Args:
+        sharding_type: default sharding type of every table: ``table_wise`` (default), ``column_wise``,
+            ``table_column_wise``, ``data_parallel``; ``row_wise`` / ``table_row_wise`` on CUDA only.
+        table_sharding: per-table sharding types, ``{table or feature name: type}``.
+        fused_optimizer: optimizer of the fused (table-wise / column-wise) tables: ``rowwise_adagrad``
+            (default), ``adagrad``, ``sgd``, ``adam``.
+        fused_lr: its learning rate (default: the LightningModule's ``lr``, else 0.01).
+        fused_eps, fused_weight_decay: its epsilon and weight decay.
+        Other arguments: as Lightning's ``DDPStrategy`` (``timeout``, ``process_group_backend``, ...);
+        ``static_graph`` / ``find_unused_parameters`` and other DDP keyword arguments go to the DDP around the
+        dense part.
+    """
+
+    strategy_name = "torchrec"
+
+    def __init__(
+        self,
+        sharding_type: str = "table_wise",
+        table_sharding: Optional[dict[str, str]] = None,
+        fused_optimizer: str = "rowwise_adagrad",
+        fused_lr: Optional[float] = None,
+        fused_eps: float = 1e-8,
+        fused_weight_decay: float = 0.0,
+        accelerator: Optional[Any] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = timedelta(minutes=30),
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if start_method != "popen":
+            raise ValueError(
+                f"the torchrec strategy runs with start_method 'popen' only, got {start_method!r} "
+                "(DistributedModelParallel fails at the end of a spawned fit)"
+            )
+        _check_sharding_type(sharding_type, "sharding_type", "cuda")  # the device is checked again at setup
+        for name, value in (table_sharding or {}).items():
+            _check_sharding_type(value, f"table_sharding[{name!r}]", "cuda")
+        _fused_params(fused_optimizer, fused_lr or 0.01, fused_eps, fused_weight_decay)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method="popen",
+            **kwargs,
+        )
+        self.sharding_type = sharding_type
+        self.table_sharding = dict(table_sharding or {})
+        self.fused_optimizer = fused_optimizer
+        self.fused_lr = fused_lr
+        self.fused_eps = fused_eps
+        self.fused_weight_decay = fused_weight_decay
+        self.sharding_plan: Optional[Any] = None
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if "torchrec" not in strategy_registry:
+            strategy_registry.register(
+                "torchrec", cls, description="TorchRec DistributedModelParallel: sharded embedding tables"
+            )
+
+    @override
+    def configure_ddp(self) -> None:
+        """Shard the module's tables and wrap the dense part in DDP, both by DMP."""
+        module = self.lightning_module
+        assert module is not None
+        if embedding_collections(module):
+            lr = self.fused_lr if self.fused_lr is not None else float(getattr(module, "lr", 0.01))
+            self.model = shard_embeddings(
+                module,
+                sharding_type=self.sharding_type,
+                table_sharding=self.table_sharding,
+                fused_optimizer=self.fused_optimizer,
+                fused_lr=lr,
+                fused_eps=self.fused_eps,
+                fused_weight_decay=self.fused_weight_decay,
+                device=self.root_device,
+                data_parallel_kwargs=dict(self._ddp_kwargs),
+            )
+            self.sharding_plan = self.model.sharding_plan
+        else:  # already sharded (a second fit of the same module) or nothing to shard
+            super().configure_ddp()
+
+    @override
+    def setup_optimizers(self, trainer: Any) -> None:
+        """The module's optimizers, without the parameters that the fused kernels update in backward."""
+        super().setup_optimizers(trainer)
+        assert self.lightning_module is not None
+        fused = fused_parameter_ids(self.lightning_module)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in fused]
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Whole tables, gathered on rank 0 (every rank must call it, as Lightning's ``save_checkpoint`` does)."""
+        assert self.lightning_module is not None
+        return gather_state_dict(self.lightning_module)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+    @override
+    def teardown(self) -> None:
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        if isinstance(self.model, DistributedModelParallel):
+            self.model = self.lightning_module  # the module keeps its sharded tables (e.g. for trainer.test)
+        super().teardown()
+
+
+def register_torchrec_strategy() -> None:
+    """Register ``torchrec`` with Lightning's strategy registry (done on ``import lightfmp``)."""
+    TorchRecStrategy.register_strategies(StrategyRegistry)
