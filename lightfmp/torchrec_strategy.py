@@ -46,6 +46,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -95,10 +96,12 @@ def sharding_constraints(
     sharding_type: str,
     table_sharding: Optional[Mapping[str, str]],
     device_type: str,
+    column_shard_dim: Optional[int] = None,
 ) -> dict[str, Any]:
     """One ``ParameterConstraints`` per table: its sharding type (``table_sharding[table or feature]``, else
-    ``sharding_type``) and kernel (``dense`` for data_parallel, ``fused`` otherwise). Unknown keys in
-    ``table_sharding`` are refused."""
+    ``sharding_type``) and kernel (``dense`` for data_parallel, ``fused`` otherwise); ``column_shard_dim``: the
+    width of a column-wise shard (TorchRec's ``min_partition``; its planner keeps a small table in one shard
+    otherwise). Keys of ``table_sharding`` naming no table (e.g. fields that prune removed) are ignored."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
     _check_sharding_type(sharding_type, "sharding_type", device_type)
@@ -112,10 +115,11 @@ def sharding_constraints(
             used.update(k for k in keys if k in overrides)
             _check_sharding_type(chosen, f"table_sharding[{config.name!r}]", device_type)
             kernel = "dense" if chosen == "data_parallel" else "fused"
-            constraints[config.name] = ParameterConstraints(sharding_types=[chosen], compute_kernels=[kernel])
+            extra = {"min_partition": column_shard_dim} if column_shard_dim and "column" in chosen else {}
+            constraints[config.name] = ParameterConstraints(sharding_types=[chosen], compute_kernels=[kernel], **extra)
     unknown = sorted(set(overrides) - used)
-    if unknown:
-        raise ValueError(f"table_sharding names no table or feature of the model: {unknown}")
+    if unknown:  # e.g. fields that prune removed: one strategy configuration serves pretrain and finetune
+        rank_zero_info(f"torchrec strategy: table_sharding entries for no table of this model, ignored: {unknown}")
     return constraints
 
 
@@ -189,6 +193,7 @@ def shard_embeddings(
     *,
     sharding_type: str = "table_wise",
     table_sharding: Optional[Mapping[str, str]] = None,
+    column_shard_dim: Optional[int] = None,
     fused_optimizer: str = "rowwise_adagrad",
     fused_lr: float = 0.01,
     fused_eps: float = 1e-8,
@@ -212,7 +217,7 @@ def shard_embeddings(
     collections = embedding_collections(module)
     if not collections:
         raise ValueError(f"{type(module).__name__} has no EmbeddingBagCollection for the torchrec strategy to shard")
-    constraints = sharding_constraints(collections, sharding_type, table_sharding, device.type)
+    constraints = sharding_constraints(collections, sharding_type, table_sharding, device.type, column_shard_dim)
     full = {  # whole tables (not on meta) to copy into the shards after sharding
         name: {k: v.detach().clone() for k, v in ebc.state_dict().items()}
         for name, ebc in collections.items()
@@ -272,6 +277,8 @@ class TorchRecStrategy(DDPStrategy):
         sharding_type: default sharding type of every table: ``table_wise`` (default), ``column_wise``,
             ``table_column_wise``, ``data_parallel``; ``row_wise`` / ``table_row_wise`` on CUDA only.
         table_sharding: per-table sharding types, ``{table or feature name: type}``.
+        column_shard_dim: width of a column-wise shard (default: TorchRec's planner chooses, and keeps small
+            tables whole).
         fused_optimizer: optimizer of the fused (table-wise / column-wise) tables: ``rowwise_adagrad``
             (default), ``adagrad``, ``sgd``, ``adam``.
         fused_lr: its learning rate (default: the LightningModule's ``lr``, else 0.01).
@@ -287,6 +294,7 @@ class TorchRecStrategy(DDPStrategy):
         self,
         sharding_type: str = "table_wise",
         table_sharding: Optional[dict[str, str]] = None,
+        column_shard_dim: Optional[int] = None,
         fused_optimizer: str = "rowwise_adagrad",
         fused_lr: Optional[float] = None,
         fused_eps: float = 1e-8,
@@ -323,6 +331,7 @@ class TorchRecStrategy(DDPStrategy):
         )
         self.sharding_type = sharding_type
         self.table_sharding = dict(table_sharding or {})
+        self.column_shard_dim = column_shard_dim
         self.fused_optimizer = fused_optimizer
         self.fused_lr = fused_lr
         self.fused_eps = fused_eps
@@ -348,6 +357,7 @@ class TorchRecStrategy(DDPStrategy):
                 module,
                 sharding_type=self.sharding_type,
                 table_sharding=self.table_sharding,
+                column_shard_dim=self.column_shard_dim,
                 fused_optimizer=self.fused_optimizer,
                 fused_lr=lr,
                 fused_eps=self.fused_eps,
@@ -356,6 +366,7 @@ class TorchRecStrategy(DDPStrategy):
                 data_parallel_kwargs=dict(self._ddp_kwargs),
             )
             self.sharding_plan = self.model.sharding_plan
+            rank_zero_info(f"torchrec strategy: sharding plan\n{self.sharding_plan}")
         else:  # already sharded (a second fit of the same module) or nothing to shard
             super().configure_ddp()
 

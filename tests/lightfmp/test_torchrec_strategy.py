@@ -1,0 +1,233 @@
+"""The ``torchrec`` strategy (TorchRec DistributedModelParallel under Lightning) on CPU with gloo: fused updates of
+sharded tables equal a plain update on the global batch, checkpoints hold whole tables in any world size, and the
+three stages on 2 ranks equal one process at the global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightfmp.torchrec_strategy import (  # importing lightfmp registers the strategy
+    TorchRecStrategy,
+    gather_state_dict,
+    load_full_state_dict,
+    shard_embeddings,
+    sharding_constraints,
+)
+from tests.conftest import free_port
+from tests.lightfmp.test_ddp import PIPELINE, lightfmp
+
+STAGE = [a for a in PIPELINE[1:-2]]  # PIPELINE without the subcommand and its --top_k
+assert PIPELINE[0] == "pipeline" and PIPELINE[-2] == "--top_k"
+
+FEATURES = ["a", "b", "c"]
+LR = 0.1
+
+
+def test_registered_and_options_checked():
+    assert "torchrec" in StrategyRegistry
+    assert isinstance(StrategyRegistry.get("torchrec"), TorchRecStrategy)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        sharding_constraints({"ebc": _collection(4)}, "row_wise", None, "cpu")
+    assert len(sharding_constraints({"ebc": _collection(4)}, "table_wise", {"pruned": "column_wise"}, "cpu")) == 3
+    with pytest.raises(ValueError, match="unknown fused_optimizer"):
+        TorchRecStrategy(fused_optimizer="lbfgs")
+    with pytest.raises(ValueError, match="popen"):
+        TorchRecStrategy(start_method="spawn")
+    kinds = sharding_constraints(
+        {"ebc": _collection(4)}, "table_wise", {"a": "data_parallel", "t_b": "column_wise"}, "cpu"
+    )
+    assert [(c.sharding_types, c.compute_kernels) for c in kinds.values()] == [
+        (["data_parallel"], ["dense"]),
+        (["column_wise"], ["fused"]),
+        (["table_wise"], ["fused"]),
+    ]
+
+
+def _collection(dim: int) -> EmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=10 + i, feature_names=[f])
+        for i, f in enumerate(FEATURES)
+    ]
+    return EmbeddingBagCollection(tables=tables)
+
+
+def _model(dim: int) -> nn.ModuleDict:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"ebc": _collection(dim), "head": nn.Linear(len(FEATURES) * dim, 1)})
+
+
+def _rows(batch: int, rows: list[int]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """Rows ``rows`` of a fixed random batch: ids (0-2 per field) and targets."""
+    g = torch.Generator().manual_seed(1)
+    ids = [
+        [torch.randint(0, 10, (int(n),), generator=g) for n in torch.randint(0, 3, (3,), generator=g)]
+        for _ in range(batch)
+    ]
+    y = torch.rand(batch, generator=g)
+    values = [ids[r][f] for f in range(len(FEATURES)) for r in rows]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=FEATURES, values=torch.cat(values), lengths=torch.tensor([len(v) for v in values])
+    )
+    return kjt, y[rows]
+
+
+def _loss(model: nn.ModuleDict, kjt: KeyedJaggedTensor, y: torch.Tensor) -> torch.Tensor:
+    pooled = model["ebc"](kjt).to_dict()
+    emb = torch.cat([pooled[f] for f in FEATURES], dim=1)
+    return ((model["head"](emb).squeeze(-1) - y) ** 2).mean()
+
+
+def _reference_update(weight: torch.Tensor, grad: torch.Tensor, optimizer: str) -> torch.Tensor:
+    if optimizer == "sgd":
+        return weight - LR * grad
+    state = (grad * grad).mean(1, keepdim=True)  # row-wise Adagrad, first step
+    return weight - LR * grad / (state.sqrt() + 1e-8)
+
+
+CASES = [  # (sharding_type, embedding_dim, column_shard_dim, fused optimizer)
+    ("table_wise", 4, None, "sgd"),
+    ("table_wise", 4, None, "rowwise_adagrad"),
+    ("column_wise", 8, 4, "sgd"),  # each table split in two 4-column shards, one per rank
+    ("data_parallel", 4, None, "sgd"),  # dense kernel: DDP-averaged gradient, no fused update
+]
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    batch, out = 8, {}
+    try:
+        for sharding, dim, column_dim, optimizer in CASES:
+            model, reference = _model(dim), _model(dim)
+            dmp = shard_embeddings(
+                model, sharding_type=sharding, column_shard_dim=column_dim, fused_optimizer=optimizer, fused_lr=LR
+            )
+            shards = str(dmp.sharding_plan).count("rank:1/cpu")
+            mine = list(range(rank * batch // 2, (rank + 1) * batch // 2))
+            _loss(model, *_rows(batch, mine)).backward()  # each rank half of the batch
+            _loss(reference, *_rows(batch, list(range(batch)))).backward()  # the global batch, one process
+            after = gather_state_dict(model["ebc"])
+            case: dict = {"shards_on_rank_1": shards}
+            for name, p in reference["ebc"].named_parameters():
+                if sharding == "data_parallel":  # stepped by the dense optimizer: compare the averaged gradient
+                    grad = dict(model["ebc"].named_parameters())[name].grad
+                    case[name] = float((grad - p.grad).abs().max())
+                elif rank == 0:
+                    case[name] = float((after[name] - _reference_update(p.detach(), p.grad, optimizer)).abs().max())
+            # 1 -> 2: whole tables loaded into the sharded module come back whole; 2 -> 1: into a plain collection
+            fresh = {k: torch.randn_like(v) for k, v in reference["ebc"].state_dict().items()}
+            load_full_state_dict(model["ebc"], fresh)
+            back = gather_state_dict(model["ebc"])
+            if rank == 0:
+                case["round_trip"] = max(float((back[k] - fresh[k]).abs().max()) for k in fresh)
+                plain = _collection(dim)
+                plain.load_state_dict(back)
+                case["plain"] = max(float((plain.state_dict()[k] - fresh[k]).abs().max()) for k in fresh)
+            out[f"{sharding}/{optimizer}"] = case
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fused_updates_equal_a_plain_update_on_the_global_batch_and_checkpoints_hold_whole_tables():
+    """2 ranks, each with half of a batch: after one step, the fused table-wise (SGD, row-wise Adagrad) and
+    column-wise updates equal the textbook update with the gradient of the mean loss over the whole batch, and
+    data_parallel tables get that gradient (averaged by DDP) for the dense optimizer. Whole tables loaded into the
+    shards gather back unchanged and load into an unsharded collection."""
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
+    for case, values in results[0].items():
+        shards = values.pop("shards_on_rank_1")
+        assert shards == (3 if case.startswith("column_wise") else 1 if case.startswith("table_wise") else 0), case
+        for key, diff in values.items():
+            assert diff < 1e-6, (case, key, diff)
+    for case, values in results[1].items():
+        for key, diff in values.items():
+            if key != "shards_on_rank_1":
+                assert diff < 1e-6, (case, key, diff)
+
+
+SHARDED = [
+    "--trainer.strategy", "TorchRecStrategy", "--trainer.accelerator", "cpu",
+    "--trainer.strategy.column_shard_dim", "2",
+    "--trainer.strategy.table_sharding", '{"C1": "column_wise", "C2": "data_parallel", "C3": "column_wise"}',
+]  # fmt: skip
+SCORES = ("auc", "logloss", "test_samples", "fields", "parameters", "train_samples", "expected_fields")
+
+
+def _same_scores(a: dict, b: dict, stages: tuple[str, ...]) -> None:
+    for stage in stages:
+        for key in SCORES:
+            if key in b[stage]:
+                assert a[stage][key] == pytest.approx(b[stage][key], rel=1e-5, abs=1e-6), (stage, key)
+
+
+@pytest.mark.slow
+def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_world_sizes(tmp_path):
+    """Tables table-wise, column-wise (two shards) and data-parallel in one model: 2 ranks x batch 32 give every
+    stage's scores and the kept fields of 1 process x batch 64 under the same strategy (same fused optimizer).
+    Then finetune again from the other run's pruned checkpoint with the other world size (2 -> 1, 1 -> 2): the
+    scores do not change."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    lightfmp(
+        "pipeline",
+        *STAGE,
+        "--top_k",
+        "7",
+        *SHARDED,
+        "--data.batch_size",
+        "64",
+        "--trainer.devices",
+        "1",
+        "--output_dir",
+        str(one),
+    )
+    done = lightfmp(
+        "pipeline",
+        *STAGE,
+        "--top_k",
+        "7",
+        *SHARDED,
+        "--data.batch_size",
+        "32",
+        "--trainer.devices",
+        "2",
+        "--output_dir",
+        str(two),
+    )
+    plan = done.stdout + done.stderr
+    assert "column_wise" in plan and "data_parallel" in plan and "rank:1/cpu" in plan
+    single, ranks = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert list(ranks) == ["pretrain", "prune", "finetune"]
+    assert ranks["prune"]["kept_fields"] == single["prune"]["kept_fields"]
+    _same_scores(ranks, single, ("pretrain", "prune", "finetune"))
+    assert not list(two.glob(".staging-*"))
+    # the stage checkpoints hold whole tables: finetune the 2-rank run's pruned model on 1 process and vice versa
+    for source, devices, batch in ((two, "1", "64"), (one, "2", "32")):
+        again = tmp_path / f"again-{source.name}"
+        shutil.copytree(source, again)
+        lightfmp(
+            "finetune",
+            *STAGE,
+            *SHARDED,
+            "--data.batch_size",
+            batch,
+            "--trainer.devices",
+            devices,
+            "--output_dir",
+            str(again),
+        )
+        _same_scores(json.loads((again / "metrics.json").read_text()), single, ("finetune",))
