@@ -29,6 +29,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -222,7 +223,9 @@ def save_checkpoint(
     if trainer is not None:  # every rank calls it under DDP (Lightning writes on rank 0, then a barrier)
         module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
         try:
-            trainer.save_checkpoint(path, weights_only=True)  # into a staging directory: no temporary name needed
+            whole = getattr(trainer.strategy, "whole_tables", None)  # torchrec strategy: one file, whole tables
+            with whole() if whole is not None else nullcontext():
+                trainer.save_checkpoint(path, weights_only=True)  # into a staging directory: no temporary name needed
         finally:
             module.checkpoint_extra = None
         return

@@ -26,18 +26,26 @@ Weights: the module's tables are built as usual (on the CPU, seeded), and their 
 shards after sharding, so a run starts from the same weights whatever the world size. A table built on the
 ``meta`` device is initialised by TorchRec on its shards instead (no rank then holds a whole table).
 
-Checkpoints: ``lightning_module_state_dict`` gathers every sharded table to rank 0 (``ShardedTensor.gather``),
-so a checkpoint is one ordinary Lightning file with whole tables, loadable by any world size (and without this
-strategy); ``load_model_state_dict`` loads a whole-table file into a sharded module (each rank copies its
-shards). The fused optimizers' state (e.g. Adagrad's accumulators) is not saved: a resumed fit restarts it.
+Checkpoints (``checkpoint_format``): ``file`` (default) gathers every sharded table to rank 0
+(``ShardedTensor.gather``), so a checkpoint is one ordinary Lightning file with whole tables, loadable by any
+world size (and without this strategy); ``load_model_state_dict`` loads a whole-table file into a sharded module
+(each rank copies its shards). ``dcp`` writes a directory with ``torch.distributed.checkpoint``, each rank its
+own shards, plus ``lightning.pt`` (everything but the model's tensors, from rank 0); ``ckpt_path`` may name such
+a directory, written by any world size (a checkpoint is loaded before the module is sharded, so DCP reads whole
+tables into it, which are then copied into the new shards). Light-FMP's stage files (``pretrain.ckpt`` ...) are
+single files either way. The fused optimizers' state (e.g. Adagrad's accumulators) is not saved in either
+format: a resumed fit restarts it.
 
 Tested on CPU with gloo; ``row_wise`` and NCCL are untested here (no GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -57,7 +65,9 @@ __all__ = [
     "embedding_collections",
     "gather_state_dict",
     "load_full_state_dict",
+    "load_sharded",
     "register_torchrec_strategy",
+    "save_sharded",
     "shard_embeddings",
     "sharding_constraints",
 ]
@@ -166,7 +176,7 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], s
         if missing or unexpected:
             raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     for key, target in own.items():
-        if key in state:
+        if key in state and not _is_sharded(state[key]):  # sharded entries: loaded in place by load_sharded
             _local_copy(target, state[key])
 
 
@@ -186,6 +196,49 @@ def gather_state_dict(module: nn.Module) -> dict[str, Any]:
         elif isinstance(value, DTensor):
             state[key] = value.full_tensor()
     return state
+
+
+#: file of a sharded checkpoint directory holding everything but the model's tensors (rank 0 writes it)
+DCP_METADATA = "lightning.pt"
+
+
+def save_sharded(state: dict[str, Any], directory: Path, rest: Optional[dict[str, Any]] = None) -> None:
+    """Write ``state`` (a module's state dict, sharded tables as they are) with ``torch.distributed.checkpoint``
+    into ``directory``: each rank writes its own shards (a collective: call it on every rank). ``rest``
+    (picklable, e.g. a Lightning checkpoint without its ``state_dict``) goes to ``DCP_METADATA`` from rank 0."""
+    import torch.distributed.checkpoint as dcp
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save({"state_dict": state}, checkpoint_id=str(directory))
+    if rest is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        torch.save(rest, directory / DCP_METADATA)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_sharded(module: nn.Module, directory: Path) -> dict[str, Any]:
+    """Load a :func:`save_sharded` directory into ``module``, in place, whatever the world size or sharding
+    that wrote it and whatever ``module``'s own (sharded or whole tables; DCP reads the pieces each rank needs).
+    Returns the directory's ``DCP_METADATA`` dict (empty without one) with the loaded ``state_dict``."""
+    import torch.distributed.checkpoint as dcp
+
+    state = module.state_dict()
+    dcp.load({"state_dict": state}, checkpoint_id=str(directory))
+    own = module.state_dict()
+    for key, value in state.items():  # DCP reads into the given tensors; make sure plain entries reached the module
+        if not _is_sharded(value) and isinstance(value, torch.Tensor):
+            _local_copy(own[key], value)
+    meta = directory / DCP_METADATA
+    rest: dict[str, Any] = torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+    rest["state_dict"] = state
+    return rest
+
+
+def _is_sharded(value: Any) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, (ShardedTensor, DTensor))
 
 
 def shard_embeddings(
@@ -283,6 +336,10 @@ class TorchRecStrategy(DDPStrategy):
             (default), ``adagrad``, ``sgd``, ``adam``.
         fused_lr: its learning rate (default: the LightningModule's ``lr``, else 0.01).
         fused_eps, fused_weight_decay: its epsilon and weight decay.
+        checkpoint_format: ``file`` (default: one Lightning file, tables gathered whole on rank 0) or ``dcp``
+            (a directory by ``torch.distributed.checkpoint``, each rank writing its shards, plus
+            ``lightning.pt`` with the rest; loadable by any world size as ``ckpt_path``). Light-FMP's stage
+            files are written whole either way (:meth:`whole_tables`).
         Other arguments: as Lightning's ``DDPStrategy`` (``timeout``, ``process_group_backend``, ...);
         ``static_graph`` / ``find_unused_parameters`` and other DDP keyword arguments go to the DDP around the
         dense part.
@@ -299,6 +356,7 @@ class TorchRecStrategy(DDPStrategy):
         fused_lr: Optional[float] = None,
         fused_eps: float = 1e-8,
         fused_weight_decay: float = 0.0,
+        checkpoint_format: str = "file",
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -318,6 +376,8 @@ class TorchRecStrategy(DDPStrategy):
         for name, value in (table_sharding or {}).items():
             _check_sharding_type(value, f"table_sharding[{name!r}]", "cuda")
         _fused_params(fused_optimizer, fused_lr or 0.01, fused_eps, fused_weight_decay)
+        if checkpoint_format not in ("file", "dcp"):
+            raise ValueError(f"checkpoint_format must be 'file' or 'dcp', got {checkpoint_format!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -336,7 +396,9 @@ class TorchRecStrategy(DDPStrategy):
         self.fused_lr = fused_lr
         self.fused_eps = fused_eps
         self.fused_weight_decay = fused_weight_decay
+        self.checkpoint_format = checkpoint_format
         self.sharding_plan: Optional[Any] = None
+        self._whole_tables = False
 
     @classmethod
     @override
@@ -380,11 +442,50 @@ class TorchRecStrategy(DDPStrategy):
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in fused]
 
+    @contextmanager
+    def whole_tables(self) -> Iterator[None]:
+        """Checkpoints saved inside are single files with whole tables, whatever ``checkpoint_format``."""
+        self._whole_tables = True
+        try:
+            yield
+        finally:
+            self._whole_tables = False
+
+    def _sharded_format(self) -> bool:
+        return self.checkpoint_format == "dcp" and not self._whole_tables
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Whole tables, gathered on rank 0 (every rank must call it, as Lightning's ``save_checkpoint`` does)."""
+        """Whole tables gathered on rank 0, or (``dcp``) the sharded state dict as it is. Every rank must call
+        it, as Lightning's ``save_checkpoint`` does."""
         assert self.lightning_module is not None
+        if self._sharded_format():
+            return self.lightning_module.state_dict()
         return gather_state_dict(self.lightning_module)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if not self._sharded_format():
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        save_sharded(checkpoint["state_dict"], Path(filepath), rest)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """A ``dcp`` directory is read into the module directly (any world size wrote it); a file as usual."""
+        if Path(checkpoint_path).is_dir():
+            assert self.lightning_module is not None
+            return load_sharded(self.lightning_module, Path(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if Path(filepath).is_dir():
+            if self.is_global_zero:
+                shutil.rmtree(filepath)
+            return
+        super().remove_checkpoint(filepath)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

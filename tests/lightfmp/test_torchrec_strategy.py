@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from lightfmp.torchrec_strategy import (  # importing lightfmp registers the str
     TorchRecStrategy,
     gather_state_dict,
     load_full_state_dict,
+    load_sharded,
+    save_sharded,
     shard_embeddings,
     sharding_constraints,
 )
@@ -231,3 +234,49 @@ def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_
             str(again),
         )
         _same_scores(json.loads((again / "metrics.json").read_text()), single, ("finetune",))
+
+
+def _dcp_worker(rank: int, world: int, port: int, directory: str, save: bool, sharding: str, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model(8)
+        shard_embeddings(model, sharding_type=sharding, column_shard_dim=4, fused_optimizer="sgd", fused_lr=LR)
+        if save:
+            torch.manual_seed(5)  # the same whole tables on every rank, copied into this rank's shards
+            load_full_state_dict(model, {k: torch.randn(v.size()) for k, v in _model(8).state_dict().items()})
+            save_sharded(model.state_dict(), Path(directory), {"note": f"{world} ranks"})
+        else:
+            rest = load_sharded(model, Path(directory))
+            results["note"] = rest["note"]
+        state = gather_state_dict(model)
+        if rank == 0:
+            results["state"] = {k: v.clone() for k, v in state.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_dcp(world: int, directory: Path, save: bool, sharding: str) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(_dcp_worker, args=(world, free_port(), str(directory), save, sharding, results), nprocs=world, join=True)
+    return dict(results)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_directories_load_with_another_world_size(tmp_path):
+    """``torch.distributed.checkpoint`` directories (each rank writes its shards): written by 2 ranks
+    (table-wise) and read by 1 (2 -> 1), written by 1 and read by 2 ranks column-wise (1 -> 2): the whole tables
+    are the ones saved; the non-tensor part comes back from ``lightning.pt``."""
+    two = _spawn_dcp(2, tmp_path / "two", save=True, sharding="table_wise")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".distcp") == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    read_by_one = _spawn_dcp(1, tmp_path / "two", save=False, sharding="table_wise")
+    assert read_by_one["note"] == "2 ranks"
+    one = _spawn_dcp(1, tmp_path / "one", save=True, sharding="table_wise")
+    read_by_two = _spawn_dcp(2, tmp_path / "one", save=False, sharding="column_wise")
+    for saved, read in ((two, read_by_one), (one, read_by_two)):
+        assert saved["state"].keys() == read["state"].keys()
+        for key, value in saved["state"].items():
+            assert torch.equal(read["state"][key], value), key
