@@ -280,3 +280,28 @@ def test_sharded_checkpoint_directories_load_with_another_world_size(tmp_path):
         assert saved["state"].keys() == read["state"].keys()
         for key, value in saved["state"].items():
             assert torch.equal(read["state"][key], value), key
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path):
+    """``checkpoint_format dcp``: a ModelCheckpoint of a 2-rank pretrain fit is a directory with one shard file per
+    rank; ``pretrain --ckpt_path`` on 1 process restores it and trains the remaining epoch; the stage file is still
+    one whole-table ``pretrain.ckpt``."""
+    dcp = [*SHARDED, "--trainer.strategy.checkpoint_format", "dcp"]
+    ckpts = tmp_path / "ckpts"
+    lightfmp(
+        "pretrain", *STAGE, *dcp, "--trainer.max_epochs", "1", "--trainer.devices", "2", "--data.batch_size", "32",
+        "--trainer.enable_checkpointing", "true", "--trainer.callbacks+", "ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(ckpts), "--output_dir", str(tmp_path / "first"),
+    )  # fmt: skip
+    (saved,) = list(ckpts.iterdir())
+    assert saved.is_dir() and sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    done = lightfmp(
+        "pretrain", *STAGE, *dcp, "--trainer.max_epochs", "2", "--trainer.devices", "1", "--data.batch_size", "64",
+        "--ckpt_path", str(saved), "--output_dir", str(tmp_path / "resumed"),
+    )  # fmt: skip
+    assert "Restored all states" in done.stdout + done.stderr
+    entry = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["pretrain"]
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())["pretrain"]
+    assert entry["train_samples"] == first["train_samples"]  # one more epoch of the same rows
+    assert (tmp_path / "resumed" / "pretrain.ckpt").is_file()
