@@ -42,6 +42,7 @@ Tested on CPU with gloo; ``row_wise`` and NCCL are untested here (no GPU).
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -190,8 +191,10 @@ def gather_state_dict(module: nn.Module) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     for key, value in state.items():
         if isinstance(value, ShardedTensor):
-            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
-            value.gather(dst=0, out=out)
+            with warnings.catch_warnings():  # TorchRec 1.8 still shards into ShardedTensor, which torch deprecates
+                warnings.simplefilter("ignore", FutureWarning)
+                out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+                value.gather(dst=0, out=out)
             state[key] = out
         elif isinstance(value, DTensor):
             state[key] = value.full_tensor()
