@@ -432,8 +432,15 @@ class TorchRecStrategy(DDPStrategy):
             )
             self.sharding_plan = self.model.sharding_plan
             rank_zero_info(f"torchrec strategy: sharding plan\n{self.sharding_plan}")
-        else:  # already sharded (a second fit of the same module) or nothing to shard
-            super().configure_ddp()
+        else:
+            from torchrec.distributed.types import ShardedModule
+
+            if any(isinstance(m, ShardedModule) for m in module.modules()):
+                raise RuntimeError(
+                    "the torchrec strategy got a module whose tables an earlier fit already sharded; fit a freshly "
+                    "built (or loaded) module instead"
+                )
+            super().configure_ddp()  # no tables at all (e.g. only dense fields kept): plain DDP
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:
