@@ -46,6 +46,8 @@ class EncodedFrame:
     ``dense``: (N, n_dense) float32; ``sparse``: (N, n_single) int64 ids of the single-valued sparse inputs
     (spec order, multi-valued ones skipped); ``multi[name] = (offsets (N + 1,), values (nnz,))`` int64 in CSR
     layout (row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``); ``labels``: (N,) float32 in {0, 1}.
+    Built from the on-disk cache (:func:`lightfmp.data.streaming.open_encoded`) the tensors map column files,
+    with int32 ids and int8 labels; :meth:`batch` returns int64 ids and float32 labels either way.
     """
 
     spec: ModelInputs
@@ -77,7 +79,7 @@ class EncodedFrame:
         """
         index = torch.as_tensor(index, dtype=torch.long)
         b = index.numel()
-        singles = self.sparse[index].t()  # (n_single, B)
+        singles = self.sparse[index].t().long()  # (n_single, B); a cache stores int32 ids
         keys = list(self.spec.sparse_names)
         lengths, values, per_key = [], [], []
         pending: list[int] = []  # a run of consecutive single-valued columns, gathered in one reshape
@@ -100,7 +102,7 @@ class EncodedFrame:
             out = torch.cumsum(lens, 0) - lens
             total = int(lens.sum())
             shift = torch.repeat_interleave(starts - out, lens, output_size=total)
-            values.append(flat[torch.arange(total, dtype=torch.long) + shift])
+            values.append(flat[torch.arange(total, dtype=torch.long) + shift].long())
             lengths.append(lens.int())
             per_key.append(total)
         flush()
@@ -116,7 +118,7 @@ class EncodedFrame:
             length_per_key=list(per_key),
             offset_per_key=offset_per_key,
         )
-        return CTRBatch(dense=self.dense[index], sparse=kjt, labels=self.labels[index])
+        return CTRBatch(dense=self.dense[index], sparse=kjt, labels=self.labels[index].float())
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -232,15 +234,20 @@ class Preprocessor:
         if f.hash_buckets is not None:
             return {"type": "hash", "buckets": int(f.hash_buckets)}
         codes, keys = multi_codes(col, f.separator)[1:] if f.kind == "multi" else category_codes(col)
-        counts = pd.Series(np.bincount(codes[codes >= 0], minlength=len(keys)), index=pd.Index(keys, dtype=object))
-        if not counts.index.is_unique:  # e.g. 3 and "3" in one object column
-            counts = counts.groupby(level=0).sum()
+        return self.vocabulary_state(f, keys, np.bincount(codes[codes >= 0], minlength=len(keys)))
+
+    def vocabulary_state(self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
+        """The fitted state of categorical field ``f`` from its training ``counts`` of the values ``keys``
+        (strings, aligned; a value given twice is counted once with the sum): vocabulary or hash."""
+        per_key = pd.Series(counts, index=pd.Index(keys, dtype=object))
+        if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
+            per_key = per_key.groupby(level=0).sum()
         min_count = f.min_count if f.min_count is not None else self.min_count
-        counts = counts[counts >= min_count]
-        if self.hash_threshold is not None and len(counts) > self.hash_threshold:
+        per_key = per_key[per_key >= min_count]
+        if self.hash_threshold is not None and len(per_key) > self.hash_threshold:
             return {"type": "hash", "buckets": int(self.hash_threshold)}
-        order = np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))
-        return {"type": "vocab", "vocab": [str(v) for v in counts.index.to_numpy()[order]]}
+        order = np.lexsort((per_key.index.to_numpy(dtype=str), -per_key.to_numpy()))
+        return {"type": "vocab", "vocab": [str(v) for v in per_key.index.to_numpy()[order]]}
 
     @staticmethod
     def _numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
@@ -291,6 +298,22 @@ class Preprocessor:
             ),
         )
 
+    def encode_ids(self, name: str, keys: np.ndarray) -> np.ndarray:
+        """int64 ids of the distinct values ``keys`` (strings) of categorical field ``name`` (0: out of vocabulary)."""
+        self._require_fitted()
+        return self._ids(name, keys)
+
+    def encode_numbers(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Dense field ``name``'s float64 values ``x`` (NaN = missing) encoded: float32 standardised values, or
+        int64 bucket ids."""
+        st = self.states[name]
+        missing = np.isnan(x)
+        if st["type"] == "bucket":
+            ids = 1 + np.searchsorted(np.asarray(st["edges"], dtype=np.float64), x, side="right")
+            return np.where(missing, 0, ids).astype(np.int64)
+        z = (dense_transform(x, self.schema[name].transform) - st["mean"]) / st["std"]
+        return np.where(missing, 0.0, z).astype(np.float32)
+
     def _ids(self, name: str, keys: np.ndarray) -> np.ndarray:
         st = self.states[name]
         if st["type"] == "hash":
@@ -307,16 +330,9 @@ class Preprocessor:
         """One column encoded: float32 (N,) for dense, int64 (N,) ids, or CSR ``(offsets, values)`` for multi."""
         self._require_fitted()
         f = self.schema[name]
-        st = self.states[name]
         n = len(col)
         if f.kind == "dense":
-            x = self._numeric(f, col)
-            missing = np.isnan(x)
-            if st["type"] == "bucket":
-                ids = 1 + np.searchsorted(np.asarray(st["edges"], dtype=np.float64), x, side="right")
-                return np.where(missing, 0, ids).astype(np.int64)
-            z = (dense_transform(x, f.transform) - st["mean"]) / st["std"]
-            return np.where(missing, 0.0, z).astype(np.float32)
+            return self.encode_numbers(name, self._numeric(f, col))
         if f.kind == "multi":
             rows, codes, keys = multi_codes(col, f.separator)
             offsets = np.zeros(n + 1, dtype=np.int64)

@@ -94,6 +94,20 @@ def check_field_counts(
     the file and the first bad line (1-based, physical lines) when a record has another count or is blank.
     ``skip_lines`` leading records (headers) are not checked. A missing final newline is fine.
     """
+    return scan_fields(path, sep, expected, skip_lines, quote, block_bytes)[0]
+
+
+def scan_fields(
+    path: PathLike,
+    sep: str,
+    expected: Optional[int] = None,
+    skip_lines: int = 0,
+    quote: Optional[str] = None,
+    block_bytes: int = 1 << 24,
+) -> tuple[int, int]:
+    """:func:`check_field_counts`, returning ``(fields, data records)``: the count of records after the
+    ``skip_lines`` header records comes free with the check (a streaming reader's progress total). Memory: one
+    block of ``block_bytes``."""
     path = Path(path)
     sep_b = sep.encode()
     quote_b = quote.encode()[0] if quote else None
@@ -168,7 +182,7 @@ def check_field_counts(
                 break
     if expected is None or records <= skip_lines:
         raise ValueError(f"data file {str(path)!r} has no data rows")
-    return expected
+    return expected, records - skip_lines
 
 
 class NotNumeric(Exception):
@@ -234,6 +248,21 @@ def fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.Dat
         return collect(np.float64)
     except NotNumeric:
         return collect(str)
+
+
+def stream_fast_then_exact(frames: Callable[[Any], Iterator[pd.DataFrame]]) -> Iterator[pd.DataFrame]:
+    """The chunks of ``frames(np.float64)``, as :func:`fast_then_exact` but streamed: when a dense value is not a
+    number, ``frames(str)`` is read from the start, its first chunks (already yielded) skipped, so that
+    :func:`to_numeric` names the bad value and its line."""
+    done = 0
+    try:
+        for chunk in frames(np.float64):
+            yield chunk
+            done += 1
+    except NotNumeric:
+        for i, chunk in enumerate(frames(str)):
+            if i >= done:
+                yield chunk
 
 
 def to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) -> pd.Series:
