@@ -261,8 +261,8 @@ class CTRDataModule(L.LightningDataModule):
     def _label_values(self, indices: np.ndarray) -> dict[int, int]:
         """Row count per label value (0/1) of ``indices``."""
         labels = self._require_setup().labels[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
-        values, counts = torch.unique(labels.long(), return_counts=True)
-        return dict(zip(values.tolist(), counts.tolist()))
+        counts = np.bincount(labels.numpy().astype(np.int64), minlength=2)  # labels are 0/1
+        return {value: int(count) for value, count in enumerate(counts) if count}
 
     def _label_hint(self) -> str:
         assert self.schema is not None

@@ -239,7 +239,8 @@ class Preprocessor:
     def vocabulary_state(self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
         """The fitted state of categorical field ``f`` from its training ``counts`` of the values ``keys``
         (strings, aligned; a value given twice is counted once with the sum): vocabulary or hash."""
-        per_key = pd.Series(counts, index=pd.Index(keys, dtype=object))
+        seen = counts > 0  # min_count >= 1: an unseen value never gets an id
+        per_key = pd.Series(counts[seen], index=pd.Index(keys[seen], dtype=object))
         if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
             per_key = per_key.groupby(level=0).sum()
         min_count = f.min_count if f.min_count is not None else self.min_count
@@ -247,7 +248,7 @@ class Preprocessor:
         if self.hash_threshold is not None and len(per_key) > self.hash_threshold:
             return {"type": "hash", "buckets": int(self.hash_threshold)}
         order = np.lexsort((per_key.index.to_numpy(dtype=str), -per_key.to_numpy()))
-        return {"type": "vocab", "vocab": [str(v) for v in per_key.index.to_numpy()[order]]}
+        return {"type": "vocab", "vocab": per_key.index.to_numpy()[order].tolist()}  # keys are strings
 
     @staticmethod
     def _numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
