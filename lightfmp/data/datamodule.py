@@ -345,7 +345,9 @@ class CTRDataModule(L.LightningDataModule):
         cache = self.data_cache()
 
         def build_raw(out: Path) -> None:
-            chunks = iter_frames(self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows)
+            chunks = iter_frames(
+                self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows, engine="arrow"
+            )
             ingest(chunks, out, self.progress)
 
         raw = cache.raw(build_raw)

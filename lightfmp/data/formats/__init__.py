@@ -26,7 +26,7 @@ import pandas as pd
 
 from lightfmp.data.formats.adult import ADULT_COLUMNS, ADULT_DENSE, adult_path, adult_schema, read_adult  # noqa: E402
 from lightfmp.data.formats.avazu import avazu_schema, iter_avazu, read_avazu  # noqa: E402
-from lightfmp.data.formats.base import DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts
+from lightfmp.data.formats.base import DEFAULT_CHUNKSIZE, Engine, PathLike, binary_labels, check_field_counts
 
 # Imported for their registration, in FORMATS order.
 from lightfmp.data.formats.criteo import (  # noqa: E402
@@ -110,9 +110,11 @@ def iter_frames(
     columns: Optional[Iterable[str]] = None,
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
+    engine: Engine = "pandas",
 ) -> Chunks:
-    """The data set as :class:`Chunks` of at most ``chunksize`` rows (arguments as :func:`read_frame`); a
-    format without a chunk reader is read whole and then cut (see the module docstring)."""
+    """The data set as :class:`Chunks` of about ``chunksize`` rows (arguments as :func:`read_frame`); a
+    format without a chunk reader is read whole and then cut (see the module docstring). ``engine="arrow"``:
+    a streaming reader parses with pyarrow (categorical fields as pandas categoricals of the same strings)."""
     _check_options(format, chunksize, max_rows)
     if schema is not None and not isinstance(schema, Schema):
         schema = Schema.from_yaml(schema)
@@ -121,7 +123,7 @@ def iter_frames(
     if stream is not None:
         if path is None:
             raise ValueError(f"format {format!r} needs a path")
-        return stream(path, columns=cols, chunksize=chunksize, max_rows=max_rows, schema=schema)
+        return stream(path, columns=cols, chunksize=chunksize, max_rows=max_rows, schema=schema, engine=engine)
     frame, full = read_frame(format, path, schema, cols, chunksize, max_rows)
 
     def cut() -> Iterator[pd.DataFrame]:

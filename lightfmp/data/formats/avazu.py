@@ -12,8 +12,12 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    Engine,
     PathLike,
+    arrow_chunks,
+    arrow_then_pandas,
     binary_labels,
+    check_engine,
     check_file,
     concat_chunks,
     convert_fields,
@@ -42,9 +46,12 @@ def iter_avazu(
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
     schema: Optional[Schema] = None,
+    engine: Engine = "pandas",
 ) -> Chunks:
     """Avazu CSV with header (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
-    checked (header, field counts, row count) before the first chunk."""
+    checked (header, field counts, row count) before the first chunk. ``engine="arrow"``: parsed by pyarrow, as
+    :func:`~lightfmp.data.formats.criteo.iter_criteo`."""
+    check_engine(engine)
     path = check_file(path)
     header = read_header(path)
     missing = [c for c in ("click", "hour") if c not in header]
@@ -60,14 +67,26 @@ def iter_avazu(
     derived = {"hour_of_day", "weekday", "weekend"}
     usecols = ["click", "hour"] + [n for n in schema.names if n not in derived]
 
+    def pandas_chunks() -> Iterator[pd.DataFrame]:
+        return read_chunks(path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""])
+
+    def raw() -> Iterator[pd.DataFrame]:
+        if engine == "pandas":
+            return pandas_chunks()
+        return arrow_then_pandas(
+            lambda: arrow_chunks(
+                path, header, {c: "text" for c in usecols}, ",", chunksize, max_rows, skip_rows=1, quote=True
+            ),
+            pandas_chunks,
+        )
+
     def frames() -> Iterator[pd.DataFrame]:
         offset = 0
-        for chunk in read_chunks(
-            path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""]
-        ):
+        for chunk in raw():
             lines = offset + 2 + np.arange(len(chunk))
             chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
-            when = pd.to_datetime(chunk["hour"], format="%y%m%d%H", errors="coerce")
+            hour = chunk["hour"].astype(str)
+            when = pd.to_datetime(hour, format="%y%m%d%H", errors="coerce")
             bad = when.isna().to_numpy()
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
@@ -75,7 +94,7 @@ def iter_avazu(
                     f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
                     "expected YYMMDDHH"
                 )
-            chunk["hour"] = chunk["hour"].astype(np.int64)
+            chunk["hour"] = hour.astype(np.int64)
             chunk["hour_of_day"] = when.dt.hour.astype(str)
             chunk["weekday"] = when.dt.dayofweek.astype(str)
             chunk["weekend"] = (when.dt.dayofweek >= 5).astype(int).astype(str)

@@ -12,8 +12,12 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    Engine,
     PathLike,
+    arrow_chunks,
+    arrow_then_pandas,
     binary_labels,
+    check_engine,
     check_file,
     concat_chunks,
     convert_fields,
@@ -47,9 +51,13 @@ def iter_criteo(
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
     schema: Optional[Schema] = None,
+    engine: Engine = "pandas",
 ) -> Chunks:
     """Criteo Kaggle/DAC TSV (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
-    checked (field counts, row count) before the first chunk."""
+    checked (field counts, row count) before the first chunk. ``engine="arrow"`` parses with pyarrow
+    (:func:`~lightfmp.data.formats.base.arrow_chunks`: categorical fields as pandas categoricals of the same
+    strings, about ``chunksize`` rows a chunk), falling back to pandas for the error of a malformed value."""
+    check_engine(engine)
     path = check_file(path)
     n, rows = scan_fields(path, "\t")
     if n < 1 + CRITEO_NUM_DENSE + 1:
@@ -68,10 +76,9 @@ def iter_criteo(
     usecols = ["label"] + list(schema.names)
     dense = {f.name for f in schema.fields if f.kind == "dense"}
 
-    def frames(dense_dtype: Any) -> Iterator[pd.DataFrame]:
+    def pandas_chunks(dense_dtype: Any) -> Iterator[pd.DataFrame]:
         dtypes = {c: (dense_dtype if c in dense else str) for c in usecols}
-        offset = 0
-        for chunk in read_chunks(
+        return read_chunks(
             path,
             chunksize,
             max_rows,
@@ -83,14 +90,27 @@ def iter_criteo(
             keep_default_na=False,
             na_values=[""],
             quoting=3,
-        ):
+        )
+
+    def raw() -> Iterator[pd.DataFrame]:
+        if engine == "pandas":
+            return stream_fast_then_exact(pandas_chunks)
+        kinds = {c: ("number" if c in dense else "text") for c in usecols}
+        return arrow_then_pandas(
+            lambda: arrow_chunks(path, names, kinds, "\t", chunksize, max_rows),
+            lambda: stream_fast_then_exact(pandas_chunks),
+        )
+
+    def frames() -> Iterator[pd.DataFrame]:
+        offset = 0
+        for chunk in raw():
             lines = offset + 1 + np.arange(len(chunk))
             chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
             yield convert_fields(chunk, schema, path, lines)
             offset += len(chunk)
 
     total = rows if max_rows is None else min(rows, max_rows)
-    return Chunks(schema, total, stream_fast_then_exact(frames))
+    return Chunks(schema, total, frames())
 
 
 @register_reader("criteo")

@@ -63,7 +63,8 @@ class Chunks:
 
 
 class ChunkReader(Protocol):
-    """How :func:`~lightfmp.data.formats.iter_frames` calls a streaming format (arguments as :class:`Reader`)."""
+    """How :func:`~lightfmp.data.formats.iter_frames` calls a streaming format (arguments as :class:`Reader`;
+    ``engine``: ``"pandas"`` or ``"arrow"``, the parser)."""
 
     def __call__(
         self,
@@ -73,6 +74,7 @@ class ChunkReader(Protocol):
         chunksize: int,
         max_rows: Optional[int],
         schema: Optional[Schema],
+        engine: Any,
     ) -> Chunks: ...
 
 

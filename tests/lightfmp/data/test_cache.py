@@ -324,3 +324,30 @@ def test_preprocess_command_builds_the_cache(tmp_path, big_criteo, capsys):
     assert len(roots) == 1 and list(roots[0].glob("encoded-*"))
     with pytest.raises(ValueError, match="cache_dir"):
         run_cli(["preprocess", "--data.format", "criteo", "--data.path", str(big_criteo)])
+
+
+@pytest.mark.parametrize("bad", ["abc", "1.5.2"])
+def test_arrow_engine_falls_back_to_pandas_errors(tmp_path, bad):
+    rows = criteo_rows(300)
+    fields = rows[203].split("\t")
+    fields[3] = bad
+    rows[203] = "\t".join(fields)
+    path = write(tmp_path / "bad.txt", "\n".join(rows) + "\n")
+    chunks = iter_frames("criteo", path, chunksize=64, engine="arrow")
+    with pytest.raises(ValueError, match=f"malformed value '{bad}' in numeric field 'I3' .* at line 204"):
+        list(chunks.frames)
+    with pytest.raises(ValueError, match="line 204"):
+        CTRDataModule(format="criteo", path=str(path), cache_dir=str(tmp_path / "c"), progress=False).setup()
+    assert not [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+
+
+def test_arrow_engine_reads_the_same_frames(big_criteo):
+    arrow = pd.concat(list(iter_frames("criteo", big_criteo, chunksize=100, engine="arrow").frames))
+    pandas = pd.concat(list(iter_frames("criteo", big_criteo, chunksize=100).frames))
+    assert isinstance(arrow["C1"].dtype, pd.CategoricalDtype) or arrow["C1"].dtype == object
+    pd.testing.assert_frame_equal(
+        arrow.reset_index(drop=True).astype({c: object for c in arrow.columns if c.startswith("C")}),
+        pandas.reset_index(drop=True),
+    )
+    with pytest.raises(ValueError, match="engine must be"):
+        iter_frames("criteo", big_criteo, engine="spark")  # type: ignore[arg-type]
