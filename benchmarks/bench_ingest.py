@@ -101,7 +101,7 @@ dm.setup()
 seconds = time.perf_counter() - t
 root = dm.data_cache().root
 disk = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file())
-distinct = sum(len(json.loads(p.read_text())) for p in root.glob("keys_*.json"))
+distinct = sum(json.loads((root / "meta.json").read_text())["distinct"].values())
 print(json.dumps({"rows": len(dm.encoded), "seconds": seconds, "disk": disk, "distinct": distinct,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

@@ -2,12 +2,13 @@ r"""The on-disk cache of a data file: typed column files, built once, complete o
 
 Layout under ``cache_dir`` (one directory per source, named by :func:`source_key`)::
 
-    <key>/meta.json            rows, the file's schema, each field's column file
+    <key>/meta.json            rows, the file's schema, each field's column file and distinct values
     <key>/label.npy            int8 (N,) labels 0/1
     <key>/time.npy             float64 (N,) the time column (when the schema has one)
     <key>/dense.npy            float64 (N, n_dense) raw numbers of the dense fields, NaN = missing
-    <key>/ids_<j>.npy          int32 (N,) raw ids of categorical field j (-1 = missing); keys_<j>.json: the
-                               distinct values as strings, in order of first appearance (raw id = position)
+    <key>/ids_<j>.npy          int32 (N,) raw ids of categorical field j (-1 = missing); keys_<j>.txt: the
+                               distinct values (UTF-8, NUL-separated) in order of first appearance (raw id =
+                               position)
     <key>/offsets_<j>.npy      int64 (N + 1,), values_<j>.npy int32 (nnz,): multi-valued field j in CSR
     <key>/fit-<options>.json   a preprocessor fitted on a training split (:func:`fit_key`)
     <key>/encoded-<state>/     the rows encoded by one fitted preprocessor (:func:`state_key`): dense.npy
@@ -47,7 +48,7 @@ from filelock import FileLock
 from lightfmp.data.fingerprint import content_digest
 from lightfmp.data.schema import Schema
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _HEADER = 128  # bytes of an .npy v1.0 header for the shapes written here (numpy pads room for a 21-digit length)
 
 
@@ -75,8 +76,16 @@ def fit_key(options: dict[str, Any]) -> str:
 
 
 def state_key(state: dict[str, Any]) -> str:
-    """An encoding's key: the fitted preprocessor's state (its fields, vocabularies, hashes, transforms)."""
-    return _digest(state["fields"]) + "-" + _digest(state["schema"])
+    """An encoding's key: the fitted preprocessor's state (its fields, vocabularies, hashes, transforms); a
+    vocabulary is hashed as its NUL-joined values (a JSON dump of millions of strings would take seconds)."""
+    h = hashlib.blake2b(digest_size=10)
+    h.update(json.dumps(state["schema"], sort_keys=True).encode())
+    for name, st in state["fields"].items():
+        rest = {k: v for k, v in st.items() if k != "vocab"}
+        h.update(json.dumps([name, rest], sort_keys=True).encode())
+        if "vocab" in st:
+            h.update(b"\0".join(v.encode() for v in st["vocab"]) + b"\1")
+    return h.hexdigest()
 
 
 class NpyWriter:
@@ -200,7 +209,14 @@ class RawColumns:
     def keys(self, name: str) -> list[str]:
         """The distinct values of a categorical field; raw id ``i`` is ``keys[i]``."""
         if name not in self._keys:
-            self._keys[name] = json.loads((self.root / f"keys_{self.field_file(name)}.json").read_text())
+            text = (self.root / f"keys_{self.field_file(name)}.txt").read_text(encoding="utf-8")
+            keys = text.split("\0") if text else []
+            if len(keys) != self.meta["distinct"][name]:
+                raise ValueError(
+                    f"{str(self.root)!r}: field {name!r} lists {len(keys)} values, meta.json says "
+                    f"{self.meta['distinct'][name]}; remove this cache directory to rebuild it"
+                )
+            self._keys[name] = keys
         return self._keys[name]
 
 

@@ -384,6 +384,7 @@ class CTRDataModule(L.LightningDataModule):
                 if not path.is_file():
                     fitted = fit_streaming(raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed)
                     write_json(path, fitted.state_dict())
+                    return fitted
         return Preprocessor.load(path)
 
     def _require_setup(self) -> EncodedFrame:

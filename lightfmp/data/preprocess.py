@@ -236,19 +236,26 @@ class Preprocessor:
         codes, keys = multi_codes(col, f.separator)[1:] if f.kind == "multi" else category_codes(col)
         return self.vocabulary_state(f, keys, np.bincount(codes[codes >= 0], minlength=len(keys)))
 
-    def vocabulary_state(self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
+    def vocabulary_state(
+        self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray, unique: bool = False
+    ) -> dict[str, Any]:
         """The fitted state of categorical field ``f`` from its training ``counts`` of the values ``keys``
-        (strings, aligned; a value given twice is counted once with the sum): vocabulary or hash."""
+        (strings, aligned; a value given twice is counted once with the sum, unless the caller knows them
+        ``unique``): vocabulary or hash."""
         seen = counts > 0  # min_count >= 1: an unseen value never gets an id
-        per_key = pd.Series(counts[seen], index=pd.Index(keys[seen], dtype=object))
-        if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
-            per_key = per_key.groupby(level=0).sum()
+        keys, counts = keys[seen], counts[seen]
+        if not unique:
+            per_key = pd.Series(counts, index=pd.Index(keys, dtype=object))
+            if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
+                per_key = per_key.groupby(level=0).sum()
+            keys, counts = per_key.index.to_numpy(), per_key.to_numpy()
         min_count = f.min_count if f.min_count is not None else self.min_count
-        per_key = per_key[per_key >= min_count]
-        if self.hash_threshold is not None and len(per_key) > self.hash_threshold:
+        kept = counts >= min_count
+        keys, counts = keys[kept], counts[kept]
+        if self.hash_threshold is not None and len(keys) > self.hash_threshold:
             return {"type": "hash", "buckets": int(self.hash_threshold)}
-        order = np.lexsort((per_key.index.to_numpy(dtype=str), -per_key.to_numpy()))
-        return {"type": "vocab", "vocab": per_key.index.to_numpy()[order].tolist()}  # keys are strings
+        order = np.lexsort((keys.astype(str), -counts))
+        return {"type": "vocab", "vocab": keys[order].tolist()}  # keys are strings
 
     @staticmethod
     def _numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
