@@ -222,7 +222,7 @@ class Preprocessor:
 
     def _fit_field(self, f: FieldSpec, col: pd.Series) -> dict[str, Any]:
         if f.kind == "dense":
-            x = self._numeric(f, col)
+            x = self.numeric(f, col)
             x = x[~np.isnan(x)]
             if f.transform == "bucket":
                 qs = np.quantile(x, np.arange(1, f.num_buckets) / f.num_buckets) if len(x) else np.zeros(0)
@@ -258,7 +258,8 @@ class Preprocessor:
         return {"type": "vocab", "vocab": keys[order].tolist()}  # keys are strings
 
     @staticmethod
-    def _numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
+    def numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
+        """Dense field ``f``'s column as float64 (NaN = missing); a non-number or an infinity raises naming it."""
         try:
             x = pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
         except (ValueError, TypeError) as e:
@@ -340,7 +341,7 @@ class Preprocessor:
         f = self.schema[name]
         n = len(col)
         if f.kind == "dense":
-            return self.encode_numbers(name, self._numeric(f, col))
+            return self.encode_numbers(name, self.numeric(f, col))
         if f.kind == "multi":
             rows, codes, keys = multi_codes(col, f.separator)
             offsets = np.zeros(n + 1, dtype=np.int64)

@@ -139,7 +139,7 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
                 time.append(_time_values(chunk[schema.time_column], schema.time_column))
             block = np.empty((n, len(dense)), dtype=np.float64)
             for k, name in enumerate(dense):
-                block[:, k] = Preprocessor._numeric(schema[name], chunk[name])
+                block[:, k] = Preprocessor.numeric(schema[name], chunk[name])
             dense_out.append(block)
             for f in schema.fields:
                 if f.kind == "sparse":
