@@ -129,20 +129,24 @@ def main() -> None:
         path = root / f"criteo_{rows}.txt"
         t = time.perf_counter()
         if not path.exists():
-            generate(path, rows)
+            partial = path.with_name(path.name + ".partial")
+            generate(partial, rows)
+            partial.rename(path)  # a killed run leaves no file of the wrong length
         gen = time.perf_counter() - t
         size = path.stat().st_size
         pandas = child(_PANDAS, str(path), str(args.chunksize))
         cache = root / f"cache_{rows}"
         shutil.rmtree(cache, ignore_errors=True)
         pre = child(_PREPROCESS, str(path), str(args.chunksize), str(cache))
+        if pandas["rows"] != rows or pre["rows"] != rows:
+            raise RuntimeError(f"{path} holds {pandas['rows']} rows (preprocess: {pre['rows']}), expected {rows}")
         r = {
             "rows": rows,
             "file_mb": size / 2**20,
             "generate_s": gen,
-            "pandas_rows_s": rows / pandas["seconds"],
+            "pandas_rows_s": pandas["rows"] / pandas["seconds"],
             "pandas_rss_mb": pandas["peak_rss"] / 2**20,
-            "pre_rows_s": rows / pre["seconds"],
+            "pre_rows_s": pre["rows"] / pre["seconds"],
             "pre_s": pre["seconds"],
             "pre_rss_mb": pre["peak_rss"] / 2**20,
             "disk_mb": pre["disk"] / 2**20,

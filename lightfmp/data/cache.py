@@ -84,7 +84,7 @@ def state_key(state: dict[str, Any]) -> str:
         rest = {k: v for k, v in st.items() if k != "vocab"}
         h.update(json.dumps([name, rest], sort_keys=True).encode())
         if "vocab" in st:
-            h.update(b"\0".join(v.encode() for v in st["vocab"]) + b"\1")
+            h.update(("\0".join(st["vocab"]) + "\1").encode())
     return h.hexdigest()
 
 

@@ -358,16 +358,21 @@ class CTRDataModule(L.LightningDataModule):
             assert time is not None  # stored whenever the schema has a time column
             time = np.asarray(time)
         splits = self._split(raw.rows, time)
+        luts: dict[str, np.ndarray] = {}  # lookup tables of a fit made here, for the encoding
         if reuse is None:
-            reuse = self._fit_cached(cache, raw, schema, splits.train)
+            reuse = self._fit_cached(cache, raw, schema, splits.train, luts)
         state = reuse.state_dict()
         encoded = build_once(
-            cache.encoded_dir(state), lambda out: encode_streaming(raw, reuse, out, self.progress), cache.lock
+            cache.encoded_dir(state),
+            lambda out: encode_streaming(raw, reuse, out, self.progress, luts=luts),
+            cache.lock,
         )
         self.schema, self.preprocessor = schema, reuse
         self.encoded = open_encoded(raw, reuse, encoded)
 
-    def _fit_cached(self, cache: DataCache, raw: RawColumns, schema: Schema, train: np.ndarray) -> Preprocessor:
+    def _fit_cached(
+        self, cache: DataCache, raw: RawColumns, schema: Schema, train: np.ndarray, luts: dict[str, np.ndarray]
+    ) -> Preprocessor:
         """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>.json``)."""
         options = {
             "fields": schema.to_dict(),
@@ -382,7 +387,9 @@ class CTRDataModule(L.LightningDataModule):
         if not path.is_file():
             with cache.lock:
                 if not path.is_file():
-                    fitted = fit_streaming(raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed)
+                    fitted = fit_streaming(
+                        raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts
+                    )
                     write_json(path, fitted.state_dict())
                     return fitted
         return Preprocessor.load(path)

@@ -242,20 +242,29 @@ class Preprocessor:
         """The fitted state of categorical field ``f`` from its training ``counts`` of the values ``keys``
         (strings, aligned; a value given twice is counted once with the sum, unless the caller knows them
         ``unique``): vocabulary or hash."""
-        seen = counts > 0  # min_count >= 1: an unseen value never gets an id
-        keys, counts = keys[seen], counts[seen]
+        return self.fit_vocabulary(f, keys, counts, unique)[0]
+
+    def fit_vocabulary(
+        self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray, unique: bool = False
+    ) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+        """:meth:`vocabulary_state`, and for ``unique`` keys and a vocabulary, ``lut``: the id of each of
+        ``keys`` (0 = out of vocabulary), equal to :meth:`encode_ids` of ``keys`` without hashing the strings."""
         if not unique:
-            per_key = pd.Series(counts, index=pd.Index(keys, dtype=object))
+            seen = counts > 0  # min_count >= 1: an unseen value never gets an id
+            per_key = pd.Series(counts[seen], index=pd.Index(keys[seen], dtype=object))
             if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
                 per_key = per_key.groupby(level=0).sum()
             keys, counts = per_key.index.to_numpy(), per_key.to_numpy()
         min_count = f.min_count if f.min_count is not None else self.min_count
-        kept = counts >= min_count
-        keys, counts = keys[kept], counts[kept]
-        if self.hash_threshold is not None and len(keys) > self.hash_threshold:
-            return {"type": "hash", "buckets": int(self.hash_threshold)}
-        order = np.lexsort((keys.astype(str), -counts))
-        return {"type": "vocab", "vocab": keys[order].tolist()}  # keys are strings
+        kept = np.flatnonzero(counts >= min_count)
+        if self.hash_threshold is not None and len(kept) > self.hash_threshold:
+            return {"type": "hash", "buckets": int(self.hash_threshold)}, None
+        ranked = kept[np.lexsort((keys[kept].astype(str), -counts[kept]))]  # count descending, then value
+        lut = None
+        if unique:
+            lut = np.zeros(len(keys), dtype=np.int64)
+            lut[ranked] = np.arange(1, len(ranked) + 1)
+        return {"type": "vocab", "vocab": keys[ranked].tolist()}, lut  # keys are strings
 
     @staticmethod
     def numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:

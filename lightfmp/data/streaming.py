@@ -86,23 +86,25 @@ class _RawIds:
         """int64 raw ids of the string ``keys`` of a chunk, adding the new ones."""
         if len(keys) == 0:
             return np.zeros(0, dtype=np.int64)
-        hashes = pd.util.hash_array(np.asarray(keys, dtype=object), categorize=False).view(np.int64)
-        distinct, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        keys = np.asarray(keys, dtype=object)
+        hashes = pd.util.hash_array(keys, categorize=False).view(np.int64)
+        inverse, distinct = pd.factorize(hashes)  # distinct hashes in order of appearance
         ids = np.asarray(self.table.lookup(distinct), dtype=np.int64)
         new = np.flatnonzero(ids < 0)
         if len(new):
-            new = new[np.argsort(first[new])]  # in order of appearance
+            first = np.empty(len(distinct), dtype=np.int64)
+            first[inverse[::-1]] = np.arange(len(keys) - 1, -1, -1)  # first position of each distinct hash
             fresh = np.arange(self.count, self.count + len(new), dtype=np.int64)
             self.table.map_keys_to_values(distinct[new], fresh)
             ids[new] = fresh
-            added = [str(k) for k in keys[first[new]]]
-            if any("\0" in k for k in added):
-                raise ValueError(
-                    f"a categorical value holds a NUL character: {next(k for k in added if chr(0) in k)!r}"
-                )
-            self._keys.write(("\0" if self.count else "") + "\0".join(added))
+            added = keys[first[new]].tolist()  # strings (category_codes' keys)
+            text = "\0".join(added)
+            if text.count("\0") != len(added) - 1:
+                bad = next(k for k in added if "\0" in k)
+                raise ValueError(f"a categorical value holds a NUL character: {bad!r}")
+            self._keys.write(("\0" if self.count else "") + text)
             self.count += len(new)
-        return ids[inverse.reshape(-1)]
+        return ids[inverse]
 
     def close(self) -> None:
         self._keys.close()
@@ -199,9 +201,11 @@ def fit_streaming(
     quantile_values: int = QUANTILE_VALUES,
     seed: int = 0,
     block_rows: int = BLOCK_ROWS,
+    luts: Optional[dict[str, np.ndarray]] = None,
 ) -> Preprocessor:
     """Pass 2: a :class:`Preprocessor` of ``schema`` fitted on the rows ``train`` of ``raw`` (see the module
-    docstring). Cost: two passes over the dense columns, one over each categorical field's ids."""
+    docstring). Cost: two passes over the dense columns, one over each categorical field's ids. ``luts``, when
+    given, receives each vocabulary field's lookup table (raw id -> id) for :func:`encode_streaming`."""
     if len(train) == 0:
         raise ValueError("cannot fit a preprocessor on an empty training split")
     pre = Preprocessor(schema, min_count=min_count, hash_threshold=hash_threshold)
@@ -228,7 +232,9 @@ def fit_streaming(
                 lens = np.diff(offsets[start : stop + 1])
                 tokens = values[offsets[start] : offsets[stop]]
                 counts += np.bincount(tokens[np.repeat(mask[start:stop], lens)], minlength=len(keys))
-        states[f.name] = pre.vocabulary_state(f, np.asarray(keys, dtype=object), counts, unique=True)
+        states[f.name], lut = pre.fit_vocabulary(f, np.asarray(keys, dtype=object), counts, unique=True)
+        if luts is not None and lut is not None:
+            luts[f.name] = lut
     pre.states = {f.name: states[f.name] for f in schema.fields}
     return pre
 
@@ -274,18 +280,25 @@ def _fit_dense(
 
 
 def encode_streaming(
-    raw: RawColumns, pre: Preprocessor, out: Path, progress: bool = True, block_rows: int = BLOCK_ROWS
+    raw: RawColumns,
+    pre: Preprocessor,
+    out: Path,
+    progress: bool = True,
+    block_rows: int = BLOCK_ROWS,
+    luts: Optional[dict[str, np.ndarray]] = None,
 ) -> None:
     """Pass 3: every row of ``raw`` encoded by the fitted ``pre`` into ``out`` (``dense.npy`` float32
     ``(N, n_dense_inputs)``, ``sparse.npy`` int32 ``(N, n_single)``, ``values_<j>.npy`` int32). Memory: a row
-    block and one lookup table (8 bytes per distinct value) per categorical field."""
+    block and one lookup table (8 bytes per distinct value) per categorical field: ``luts[name]`` when
+    :func:`fit_streaming` gave it, else :meth:`Preprocessor.encode_ids` of the field's distinct values."""
     spec = pre.feature_spec
     singles = [f.name for f in spec.sparse if not f.multi_valued]
-    luts = {
-        f.name: pre.encode_ids(f.name, np.asarray(raw.keys(f.name), dtype=object))
-        for f in pre.schema.fields
-        if f.kind != "dense"
-    }
+    given = luts or {}
+    luts = {}
+    for field in pre.schema.fields:
+        if field.kind != "dense":
+            keys = None if field.name in given else np.asarray(raw.keys(field.name), dtype=object)
+            luts[field.name] = given[field.name] if keys is None else pre.encode_ids(field.name, keys)
     dense_cols = [raw.dense_names.index(n) for n in spec.dense]
     dense_out = NpyWriter(out / "dense.npy", np.float32, (len(spec.dense),))
     sparse_out = NpyWriter(out / "sparse.npy", np.int32, (len(singles),))

@@ -351,3 +351,18 @@ def test_arrow_engine_reads_the_same_frames(big_criteo):
     )
     with pytest.raises(ValueError, match="engine must be"):
         iter_frames("criteo", big_criteo, engine="spark")  # type: ignore[arg-type]
+
+
+def test_fit_lookup_tables_equal_encode_ids(tmp_path, big_criteo):
+    from lightfmp.data.cache import RawColumns
+
+    out = tmp_path / "raw"
+    out.mkdir()
+    ingest(iter_frames("criteo", big_criteo, chunksize=100, engine="arrow"), out, progress=False)
+    raw = RawColumns(out)
+    luts: dict[str, np.ndarray] = {}
+    pre = fit_streaming(raw, raw.schema, np.arange(0, 600, 3), min_count=2, luts=luts)
+    assert set(luts) == {f"C{i}" for i in range(1, 27)}
+    for name, lut in luts.items():
+        assert np.array_equal(lut, pre.encode_ids(name, np.asarray(raw.keys(name), dtype=object)))
+    assert len(raw.keys("C26")) == len(set(raw.keys("C26")))  # each value listed once
