@@ -1,17 +1,21 @@
 """Light-FMP preprocessing at scale: rows/s and peak RSS of the on-disk cache build against pandas' C parser.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--rows 1000000 4000000] [--chunksize 500000] [--dir DIR]
+    .venv/bin/python benchmarks/bench_ingest.py [--rows 1000000 4000000] [--chunksize 500000] [--min-count 1]
+                                                [--dir DIR] [--keep]
 
 For each size, writes a Criteo-layout TSV (label, 13 integer fields, 26 categorical fields of 8 hex digits) in
 blocks of 250,000 rows (streaming: memory does not grow with the file), with the Criteo Kaggle set's
-cardinalities (C3: 10.1 million values ... C9: 3) drawn with a Zipf-like skew (id = floor(card * u^4)), its
+cardinalities (C3: 10.1 million values ... C9: 3) drawn with a Zipf-like skew (id = floor(card * u^4); at
+45.8M rows that gives 30.5 million distinct values in all, Criteo has 33.8 million), its
 missing rates (I1 45 %, I12 76 %, C22 76 %, ...), counts from a log-normal distribution, some negative I2 values,
 and 25 % positive labels. Then, each in a fresh child process (the figure is the child's own ``ru_maxrss``):
 
 * ``pandas``: ``pd.read_csv`` in chunks of ``--chunksize`` rows with the dtypes of the Criteo reader (numbers as
   float64, categories as strings), each chunk dropped: the C parser alone.
-* ``preprocess``: ``CTRDataModule(format="criteo", cache_dir=...).setup()``: file check, read, raw columns,
-  fit on the training split (80 %), encoding (:mod:`lightfmp.data.streaming`), from an empty cache.
+* ``preprocess``: ``CTRDataModule(format="criteo", cache_dir=..., min_count=...).setup()``: file check, read,
+  raw columns, fit on the training split (80 %), encoding (:mod:`lightfmp.data.streaming`), from an empty
+  cache. With ``min_count`` 1 every distinct value gets an id, so the vocabulary (held in memory as strings)
+  grows with the file; ``configs/criteo.yaml`` uses 10.
 
 Prints one line per measurement and a summary with the goals of issue 15 (RSS at the largest size within 1.2x
 of the smallest; preprocessing at least 0.5x pandas' rows/s) and the estimate for the full 45,840,617-row
@@ -94,9 +98,10 @@ _PREPROCESS = """
 import sys, time, json, resource
 from pathlib import Path
 from lightfmp.data.datamodule import CTRDataModule
-path, chunksize, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, chunksize, cache, min_count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 t = time.perf_counter()
-dm = CTRDataModule(format="criteo", path=path, chunksize=chunksize, cache_dir=cache, progress=False)
+dm = CTRDataModule(format="criteo", path=path, chunksize=chunksize, cache_dir=cache, min_count=min_count,
+                   progress=False)
 dm.setup()
 seconds = time.perf_counter() - t
 root = dm.data_cache().root
@@ -119,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--chunksize", type=int, default=500_000)
+    parser.add_argument("--min-count", type=int, default=1, help="the preprocessing's min_count (1: every value)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and caches")
     args = parser.parse_args()
@@ -137,7 +143,7 @@ def main() -> None:
         pandas = child(_PANDAS, str(path), str(args.chunksize))
         cache = root / f"cache_{rows}"
         shutil.rmtree(cache, ignore_errors=True)
-        pre = child(_PREPROCESS, str(path), str(args.chunksize), str(cache))
+        pre = child(_PREPROCESS, str(path), str(args.chunksize), str(cache), str(args.min_count))
         if pandas["rows"] != rows or pre["rows"] != rows:
             raise RuntimeError(f"{path} holds {pandas['rows']} rows (preprocess: {pre['rows']}), expected {rows}")
         r = {

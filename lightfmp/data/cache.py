@@ -174,7 +174,6 @@ class RawColumns:
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         self.schema = Schema.from_dict(self.meta["schema"])
         self.rows = int(self.meta["rows"])
-        self._keys: dict[str, list[str]] = {}
 
     def field_file(self, name: str) -> int:
         """Index ``j`` of field ``name``'s files (``ids_<j>.npy`` ...)."""
@@ -207,17 +206,16 @@ class RawColumns:
         return load_column(self.root / f"offsets_{j}.npy"), load_column(self.root / f"values_{j}.npy")
 
     def keys(self, name: str) -> list[str]:
-        """The distinct values of a categorical field; raw id ``i`` is ``keys[i]``."""
-        if name not in self._keys:
-            text = (self.root / f"keys_{self.field_file(name)}.txt").read_text(encoding="utf-8")
-            keys = text.split("\0") if text else []
-            if len(keys) != self.meta["distinct"][name]:
-                raise ValueError(
-                    f"{str(self.root)!r}: field {name!r} lists {len(keys)} values, meta.json says "
-                    f"{self.meta['distinct'][name]}; remove this cache directory to rebuild it"
-                )
-            self._keys[name] = keys
-        return self._keys[name]
+        """The distinct values of a categorical field; raw id ``i`` is ``keys[i]``. Read from disk at each call
+        (not kept: all fields' values at once would cost about 60 bytes per distinct value)."""
+        text = (self.root / f"keys_{self.field_file(name)}.txt").read_text(encoding="utf-8")
+        keys = text.split("\0") if text else []
+        if len(keys) != self.meta["distinct"][name]:
+            raise ValueError(
+                f"{str(self.root)!r}: field {name!r} lists {len(keys)} values, meta.json says "
+                f"{self.meta['distinct'][name]}; remove this cache directory to rebuild it"
+            )
+        return keys
 
 
 class DataCache:
