@@ -290,6 +290,9 @@ def arrow_chunks(
 
     Chunks hold about ``chunksize`` rows (Arrow cuts by bytes: ``chunksize`` times the mean line length of the
     first MiB). A value Arrow cannot convert raises ``pyarrow.ArrowInvalid`` (see :func:`arrow_then_pandas`).
+    Measured on a 4M-row Criteo-layout file (``benchmarks/bench_ingest.py``'s): no faster than pandas on two
+    busy cores, and Arrow's reader runs ahead of the consumer, so its memory grows with the file (about 1 GB
+    on 933 MB) where pandas' holds a chunk; the data cache therefore reads with pandas.
     """
     import pyarrow as pa
     import pyarrow.csv as pv
