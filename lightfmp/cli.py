@@ -10,6 +10,7 @@
     lightfmp finetune --config configs/adult.yaml --output_dir out/
     lightfmp predict  --output_dir out/ --data.path new.csv --predictions scores.csv   # lightfmp.predict
     lightfmp export   --output_dir out/ --path model.pt2                               # lightfmp.export
+    lightfmp preprocess --data.format criteo --data.path train.txt --data.cache_dir cache/   # once, then any stage
 
 ``--model.*`` configures :class:`~lightfmp.lightning_module.LightFMPModule`, ``--data.*`` the
 :class:`~lightfmp.data.CTRDataModule`, ``--trainer.*`` Lightning's Trainer (one per fitting stage).
@@ -147,6 +148,23 @@ class LightFMPTrainer(L.Trainer):
         entry = stages.finetune(trainer, datamodule, output_dir, checkpoint, overrides, allow_data_mismatch)
         rank_zero_info(f"finetune: test AUC {_auc(entry['auc'])} with {entry['fields']} fields")
 
+    def preprocess(self, model: LightFMPModule, datamodule: CTRDataModule, quiet: bool = False) -> None:
+        """Build the data cache of ``--data.cache_dir`` (read in chunks, fit on the training split, encode) so
+        that every stage given the same ``--data.*`` options maps it instead of reading the file.
+        ``model`` is not used.
+
+        Args:
+            quiet: no progress bars (they show only when stderr is a terminal anyway).
+        """
+        if datamodule.cache_dir is None:
+            raise ValueError("preprocess writes the cache of --data.cache_dir: give one")
+        if quiet:
+            datamodule.progress = False
+        datamodule.setup()
+        rank_zero_info(
+            f"preprocess: {len(datamodule.train_indices)} training rows cached in {datamodule.data_cache().root}"
+        )
+
     def pipeline(
         self,
         model: LightFMPModule,
@@ -187,7 +205,7 @@ class LightFMPCLI(LightningCLI):
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
-        return {name: {"model", "datamodule"} for name in ("pretrain", "prune", "finetune", "pipeline")}
+        return {name: {"model", "datamodule"} for name in ("pretrain", "prune", "finetune", "pipeline", "preprocess")}
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -11,6 +11,13 @@ and test loaders serve the same splits whatever the subset. The finetune stage r
 vocabularies (``preprocessor=`` a saved file, or :meth:`CTRDataModule.for_subset`, which passes the fitted one
 on) and reads only the kept ``fields``.
 
+With ``cache_dir``, the rows come from the on-disk cache of :mod:`lightfmp.data.cache` instead (built once by
+:mod:`lightfmp.data.streaming` in chunks, with bounded memory, and memory-mapped): the same split and
+subsets, a preprocessor fitted on the training split from the cached columns, and an :class:`EncodedFrame` over
+memory maps with the same ``batch`` (see :mod:`lightfmp.data.streaming` for where it equals the in-memory
+encoding). ``max_rows`` keeps the *first* rows of the file in both paths (a prefix, not a sample); the
+pretrain subset is a seeded random sample of the training split (``pretrain_fraction`` or ``pretrain_rows``).
+
 The fitted preprocessor is persisted in one format, :meth:`Preprocessor.state_dict`: Lightning stores
 :meth:`CTRDataModule.state_dict` in every checkpoint under ``DATAMODULE_CHECKPOINT_KEY``, and
 ``preprocessor.json`` is the same dict (:meth:`Preprocessor.save`).
@@ -19,6 +26,7 @@ The fitted preprocessor is persisted in one format, :meth:`Preprocessor.state_di
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -29,10 +37,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, read_frame
+from lightfmp.data.cache import DataCache, RawColumns, build_once, write_json
+from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, adult_path, iter_frames, read_frame
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.schema import Schema
 from lightfmp.data.splits import Split, SplitKind, split_indices, train_subsets
+from lightfmp.data.streaming import encode_streaming, fit_streaming, ingest, open_encoded
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.inputs import CTRBatch, ModelInputs
 
@@ -76,14 +86,19 @@ class CTRDataModule(L.LightningDataModule):
         schema: YAML schema (required for csv/parquet; optional override for the built-in formats).
         fields: keep only these fields (read and encode nothing else); unknown names raise ``KeyError``.
         batch_size: training batch size; ``eval_batch_size`` (default: the same) for validation and test.
-        pretrain_fraction: share of the training split in subset ``"pretrain"``.
+        pretrain_fraction: share of the training split in subset ``"pretrain"`` (a seeded random sample).
+        pretrain_rows: the pretrain subset's size in rows instead (at most the training split's).
         subset: which part of the training split the train loader serves.
         stage: deprecated name of ``subset`` (``--data.stage`` still works).
         split, val_fraction, test_fraction, seed: the split (see :mod:`lightfmp.data.splits`); ``seed``
             also seeds the subsets and the shuffling.
         min_count, hash_threshold: preprocessing defaults (see :class:`Preprocessor`).
         preprocessor: path of a saved preprocessor to reuse instead of fitting one.
-        max_rows: read only the first rows; ``chunksize``: rows per pandas chunk.
+        max_rows: read only the first ``max_rows`` rows of the file (a prefix in file order, not a random
+            sample); ``chunksize``: rows per pandas chunk (what the cached path holds in memory at once).
+        cache_dir: keep the preprocessed data in this directory (see :mod:`lightfmp.data.cache`) and read the
+            rows from there: built on first use (by one process), reused while the file and options match.
+        progress: show read / encode progress bars (rows/s, ETA) when stderr is a terminal.
         synthetic_*: options of :class:`SyntheticCTR` for ``format="synthetic"``.
         num_workers, pin_memory: DataLoader options.
     """
@@ -97,6 +112,7 @@ class CTRDataModule(L.LightningDataModule):
         batch_size: int = 1024,
         eval_batch_size: Optional[int] = None,
         pretrain_fraction: float = 0.2,
+        pretrain_rows: Optional[int] = None,
         subset: Subset = "full",
         split: Literal["random", "chronological", "sequential"] = "random",
         val_fraction: float = 0.1,
@@ -117,6 +133,8 @@ class CTRDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         stage: Optional[Subset] = None,
+        cache_dir: Optional[str] = None,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         if stage is not None:
@@ -138,6 +156,10 @@ class CTRDataModule(L.LightningDataModule):
                 "subset 'finetune' serves the training rows outside the pretrain subset; "
                 "with pretrain_fraction=1 there are none"
             )
+        if pretrain_rows is not None and pretrain_rows < 1:
+            raise ValueError(f"pretrain_rows must be >= 1, got {pretrain_rows}")
+        if cache_dir is not None and format == "synthetic":
+            raise ValueError("format 'synthetic' is generated in memory; it has no file to cache (drop cache_dir)")
         if fields is not None and len(fields) == 0:
             raise ValueError("fields must name at least one field (or be None for all)")
         if num_workers < 0:
@@ -152,6 +174,9 @@ class CTRDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.pretrain_fraction = pretrain_fraction
+        self.pretrain_rows = pretrain_rows
+        self.cache_dir = cache_dir
+        self.progress = progress
         self._subset: Subset = subset
         self.split: SplitKind = split
         self.val_fraction = val_fraction
@@ -237,8 +262,8 @@ class CTRDataModule(L.LightningDataModule):
     def _label_values(self, indices: np.ndarray) -> dict[int, int]:
         """Row count per label value (0/1) of ``indices``."""
         labels = self._require_setup().labels[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
-        values, counts = torch.unique(labels.long(), return_counts=True)
-        return dict(zip(values.tolist(), counts.tolist()))
+        counts = np.bincount(labels.numpy().astype(np.int64), minlength=2)  # labels are 0/1
+        return {value: int(count) for value, count in enumerate(counts) if count}
 
     def _label_hint(self) -> str:
         assert self.schema is not None
@@ -274,28 +299,101 @@ class CTRDataModule(L.LightningDataModule):
         if reuse is not None and self.fields is not None:
             reuse = reuse.select(self.fields)
         columns = list(self.fields) if self.fields is not None else (list(reuse.schema.names) if reuse else None)
+        if self.cache_dir is not None:
+            self._encode_cached(reuse, columns)
+            return
         frame, schema = self._read(columns)
-        time = None
-        if self.split == "chronological":
-            if schema.time_column is None:
-                raise ValueError(
-                    f"split='chronological' needs a time column, and format {self.format!r} has none "
-                    "(set time_column in a schema YAML, or use split='sequential' for file order)"
-                )
-            time = frame[schema.time_column].to_numpy()
-        splits = split_indices(len(frame), self.val_fraction, self.test_fraction, self.seed, self.split, time)
-        pretrain, finetune = train_subsets(splits.train, self.pretrain_fraction, self.seed)
-        if self.subset == "finetune" and len(finetune) == 0:
-            raise ValueError(
-                f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
-                "nothing is left for subset 'finetune'"
-            )
+        time = frame[schema.time_column].to_numpy() if self._needs_time(schema) else None
+        splits = self._split(len(frame), time)
         if reuse is None:
             reuse = Preprocessor(schema, min_count=self.min_count, hash_threshold=self.hash_threshold)
             reuse.fit(frame.iloc[splits.train])
         self.schema, self.preprocessor = schema, reuse
         self.encoded = reuse.transform(frame)
+
+    def _needs_time(self, schema: Schema) -> bool:
+        if self.split != "chronological":
+            return False
+        if schema.time_column is None:
+            raise ValueError(
+                f"split='chronological' needs a time column, and format {self.format!r} has none "
+                "(set time_column in a schema YAML, or use split='sequential' for file order)"
+            )
+        return True
+
+    def _split(self, rows: int, time: Optional[np.ndarray]) -> Split:
+        """The splits and subsets of ``rows`` rows (set on ``self``); the same for both paths."""
+        splits = split_indices(rows, self.val_fraction, self.test_fraction, self.seed, self.split, time)
+        pretrain, finetune = train_subsets(splits.train, self.pretrain_fraction, self.seed, self.pretrain_rows)
+        if self.subset == "finetune" and len(finetune) == 0:
+            raise ValueError(
+                f"the training split has {len(splits.train)} rows, all in the pretrain subset: "
+                "nothing is left for subset 'finetune'"
+            )
         self.splits, self.pretrain_indices, self.finetune_indices = splits, pretrain, finetune
+        return splits
+
+    def data_cache(self) -> DataCache:
+        """The cache directory of this datamodule's file (``cache_dir`` must be set)."""
+        if self.cache_dir is None:
+            raise ValueError("this datamodule has no cache_dir")
+        path = adult_path() if self.format == "adult" and self.path is None else self.path
+        return DataCache(self.cache_dir, self.format, path, self.schema_path, self.max_rows)
+
+    def _encode_cached(self, reuse: Optional[Preprocessor], columns: Optional[list[str]]) -> None:
+        """:meth:`_encode` from the on-disk cache: build what is missing (one process; the others wait on its
+        lock), fit on the training split unless reusing, map the encoded rows."""
+        cache = self.data_cache()
+
+        def build_raw(out: Path) -> None:
+            # pandas' parser: pyarrow's (engine="arrow") is no faster here and reads far ahead (memory grows
+            # with the file: about 1 GB on a 933 MB one)
+            chunks = iter_frames(self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows)
+            ingest(chunks, out, self.progress)
+
+        raw = cache.raw(build_raw)
+        schema = raw.schema.select(columns) if columns is not None else raw.schema
+        time = None
+        if self._needs_time(schema):
+            time = raw.time()
+            assert time is not None  # stored whenever the schema has a time column
+            time = np.asarray(time)
+        splits = self._split(raw.rows, time)
+        luts: dict[str, np.ndarray] = {}  # lookup tables of a fit made here, for the encoding
+        if reuse is None:
+            reuse = self._fit_cached(cache, raw, schema, splits.train, luts)
+        state = reuse.state_dict()
+        encoded = build_once(
+            cache.encoded_dir(state),
+            lambda out: encode_streaming(raw, reuse, out, self.progress, luts=luts),
+            cache.lock,
+        )
+        self.schema, self.preprocessor = schema, reuse
+        self.encoded = open_encoded(raw, reuse, encoded)
+
+    def _fit_cached(
+        self, cache: DataCache, raw: RawColumns, schema: Schema, train: np.ndarray, luts: dict[str, np.ndarray]
+    ) -> Preprocessor:
+        """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>.json``)."""
+        options = {
+            "fields": schema.to_dict(),
+            "split": self.split,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            "min_count": self.min_count,
+            "hash_threshold": self.hash_threshold,
+        }
+        path = cache.fit_path(options)
+        if not path.is_file():
+            with cache.lock:
+                if not path.is_file():
+                    fitted = fit_streaming(
+                        raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts
+                    )
+                    write_json(path, fitted.state_dict())
+                    return fitted
+        return Preprocessor.load(path)
 
     def _require_setup(self) -> EncodedFrame:
         if self.encoded is None:

@@ -27,7 +27,8 @@ BLOCKS = 64
 
 #: datamodule options that decide which rows stage 1 saw, how they split and how they were encoded
 CONTENT_OPTIONS = (
-    "format", "split", "val_fraction", "test_fraction", "pretrain_fraction", "seed", "max_rows", "min_count",
+    "format", "split", "val_fraction", "test_fraction", "pretrain_fraction", "pretrain_rows", "seed", "max_rows",
+    "min_count",
     "hash_threshold", "synthetic_rows", "synthetic_dense", "synthetic_sparse", "synthetic_cardinality",
     "synthetic_informative", "synthetic_num_informative", "synthetic_interaction",
 )  # fmt: skip

@@ -46,7 +46,9 @@ class EncodedFrame:
     ``dense``: (N, n_dense) float32; ``sparse``: (N, n_single) int64 ids of the single-valued sparse inputs
     (spec order, multi-valued ones skipped); ``multi[name] = (offsets (N + 1,), values (nnz,))`` int64 in CSR
     layout (row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``); ``labels``: (N,) float32 in {0, 1} (NaN when
-    unknown: rows encoded for scoring).
+    unknown: rows encoded for scoring). Built from the on-disk cache (:func:`lightfmp.data.streaming.open_encoded`)
+    the tensors map column files, with int32 ids and int8 labels; :meth:`batch` returns int64 ids and float32
+    labels either way.
     """
 
     spec: ModelInputs
@@ -78,7 +80,7 @@ class EncodedFrame:
         """
         index = torch.as_tensor(index, dtype=torch.long)
         b = index.numel()
-        singles = self.sparse[index].t()  # (n_single, B)
+        singles = self.sparse[index].t().long()  # (n_single, B); a cache stores int32 ids
         keys = list(self.spec.sparse_names)
         lengths, values, per_key = [], [], []
         pending: list[int] = []  # a run of consecutive single-valued columns, gathered in one reshape
@@ -101,7 +103,7 @@ class EncodedFrame:
             out = torch.cumsum(lens, 0) - lens
             total = int(lens.sum())
             shift = torch.repeat_interleave(starts - out, lens, output_size=total)
-            values.append(flat[torch.arange(total, dtype=torch.long) + shift])
+            values.append(flat[torch.arange(total, dtype=torch.long) + shift].long())
             lengths.append(lens.int())
             per_key.append(total)
         flush()
@@ -117,7 +119,7 @@ class EncodedFrame:
             length_per_key=list(per_key),
             offset_per_key=offset_per_key,
         )
-        return CTRBatch(dense=self.dense[index], sparse=kjt, labels=self.labels[index])
+        return CTRBatch(dense=self.dense[index], sparse=kjt, labels=self.labels[index].float())
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -221,7 +223,7 @@ class Preprocessor:
 
     def _fit_field(self, f: FieldSpec, col: pd.Series) -> dict[str, Any]:
         if f.kind == "dense":
-            x = self._numeric(f, col)
+            x = self.numeric(f, col)
             x = x[~np.isnan(x)]
             if f.transform == "bucket":
                 qs = np.quantile(x, np.arange(1, f.num_buckets) / f.num_buckets) if len(x) else np.zeros(0)
@@ -233,18 +235,41 @@ class Preprocessor:
         if f.hash_buckets is not None:
             return {"type": "hash", "buckets": int(f.hash_buckets)}
         codes, keys = multi_codes(col, f.separator)[1:] if f.kind == "multi" else category_codes(col)
-        counts = pd.Series(np.bincount(codes[codes >= 0], minlength=len(keys)), index=pd.Index(keys, dtype=object))
-        if not counts.index.is_unique:  # e.g. 3 and "3" in one object column
-            counts = counts.groupby(level=0).sum()
+        return self.vocabulary_state(f, keys, np.bincount(codes[codes >= 0], minlength=len(keys)))
+
+    def vocabulary_state(
+        self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray, unique: bool = False
+    ) -> dict[str, Any]:
+        """The fitted state of categorical field ``f`` from its training ``counts`` of the values ``keys``
+        (strings, aligned; a value given twice is counted once with the sum, unless the caller knows them
+        ``unique``): vocabulary or hash."""
+        return self.fit_vocabulary(f, keys, counts, unique)[0]
+
+    def fit_vocabulary(
+        self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray, unique: bool = False
+    ) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+        """:meth:`vocabulary_state`, and for ``unique`` keys and a vocabulary, ``lut``: the id of each of
+        ``keys`` (0 = out of vocabulary), equal to :meth:`encode_ids` of ``keys`` without hashing the strings."""
+        if not unique:
+            seen = counts > 0  # min_count >= 1: an unseen value never gets an id
+            per_key = pd.Series(counts[seen], index=pd.Index(keys[seen], dtype=object))
+            if not per_key.index.is_unique:  # e.g. 3 and "3" in one object column
+                per_key = per_key.groupby(level=0).sum()
+            keys, counts = per_key.index.to_numpy(), per_key.to_numpy()
         min_count = f.min_count if f.min_count is not None else self.min_count
-        counts = counts[counts >= min_count]
-        if self.hash_threshold is not None and len(counts) > self.hash_threshold:
-            return {"type": "hash", "buckets": int(self.hash_threshold)}
-        order = np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))
-        return {"type": "vocab", "vocab": [str(v) for v in counts.index.to_numpy()[order]]}
+        kept = np.flatnonzero(counts >= min_count)
+        if self.hash_threshold is not None and len(kept) > self.hash_threshold:
+            return {"type": "hash", "buckets": int(self.hash_threshold)}, None
+        ranked = kept[np.lexsort((keys[kept].astype(str), -counts[kept]))]  # count descending, then value
+        lut = None
+        if unique:
+            lut = np.zeros(len(keys), dtype=np.int64)
+            lut[ranked] = np.arange(1, len(ranked) + 1)
+        return {"type": "vocab", "vocab": keys[ranked].tolist()}, lut  # keys are strings
 
     @staticmethod
-    def _numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
+    def numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:
+        """Dense field ``f``'s column as float64 (NaN = missing); a non-number or an infinity raises naming it."""
         try:
             x = pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
         except (ValueError, TypeError) as e:
@@ -292,6 +317,22 @@ class Preprocessor:
             ),
         )
 
+    def encode_ids(self, name: str, keys: np.ndarray) -> np.ndarray:
+        """int64 ids of the distinct values ``keys`` (strings) of categorical field ``name`` (0: out of vocabulary)."""
+        self._require_fitted()
+        return self._ids(name, keys)
+
+    def encode_numbers(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Dense field ``name``'s float64 values ``x`` (NaN = missing) encoded: float32 standardised values, or
+        int64 bucket ids."""
+        st = self.states[name]
+        missing = np.isnan(x)
+        if st["type"] == "bucket":
+            ids = 1 + np.searchsorted(np.asarray(st["edges"], dtype=np.float64), x, side="right")
+            return np.where(missing, 0, ids).astype(np.int64)
+        z = (dense_transform(x, self.schema[name].transform) - st["mean"]) / st["std"]
+        return np.where(missing, 0.0, z).astype(np.float32)
+
     def _ids(self, name: str, keys: np.ndarray) -> np.ndarray:
         st = self.states[name]
         if st["type"] == "hash":
@@ -308,16 +349,9 @@ class Preprocessor:
         """One column encoded: float32 (N,) for dense, int64 (N,) ids, or CSR ``(offsets, values)`` for multi."""
         self._require_fitted()
         f = self.schema[name]
-        st = self.states[name]
         n = len(col)
         if f.kind == "dense":
-            x = self._numeric(f, col)
-            missing = np.isnan(x)
-            if st["type"] == "bucket":
-                ids = 1 + np.searchsorted(np.asarray(st["edges"], dtype=np.float64), x, side="right")
-                return np.where(missing, 0, ids).astype(np.int64)
-            z = (dense_transform(x, f.transform) - st["mean"]) / st["std"]
-            return np.where(missing, 0.0, z).astype(np.float32)
+            return self.encode_numbers(name, self.numeric(f, col))
         if f.kind == "multi":
             rows, codes, keys = multi_codes(col, f.separator)
             offsets = np.zeros(n + 1, dtype=np.int64)

@@ -72,12 +72,19 @@ def split_indices(
     return Split(*(np.sort(a).astype(np.int64) for a in (train, val, test)))
 
 
-def train_subsets(train: np.ndarray, pretrain_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(pretrain, finetune)``: a seeded ``pretrain_fraction`` subset of ``train`` (at least one row) and the rest."""
+def train_subsets(
+    train: np.ndarray, pretrain_fraction: float, seed: int = 0, pretrain_rows: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pretrain, finetune)``: a seeded random ``pretrain_fraction`` subset of ``train`` (at least one row; or
+    ``pretrain_rows`` rows, at most all of them) and the rest."""
     if not 0 < pretrain_fraction <= 1:
         raise ValueError(f"pretrain_fraction must be in (0, 1], got {pretrain_fraction}")
+    if pretrain_rows is not None and pretrain_rows < 1:
+        raise ValueError(f"pretrain_rows must be >= 1, got {pretrain_rows}")
     train = np.asarray(train, dtype=np.int64)
     k = max(1, int(round(pretrain_fraction * len(train))))
+    if pretrain_rows is not None:
+        k = min(pretrain_rows, len(train))
     perm = np.random.default_rng([seed, 7]).permutation(len(train))
     return np.sort(train[perm[:k]]), np.sort(train[perm[k:]])
 

@@ -10,28 +10,47 @@ One module per format (its docstring describes the layout): :mod:`.criteo`, :mod
 :mod:`.adult`, :mod:`.table` (``csv`` and ``parquet``). Each registers its reader with
 :func:`~lightfmp.data.formats.registry.register_reader`; :func:`read_frame` dispatches by name, and
 ``FORMATS`` lists the registered names. Shared helpers live in :mod:`.base`.
+
+:func:`iter_frames` streams a file as :class:`~lightfmp.data.formats.registry.Chunks` (the same frames, a chunk
+at a time): Criteo and Avazu (gzip or not) are read a chunk at a time, so memory holds one chunk; the other
+formats are read whole by :func:`read_frame` and then cut into chunks (small files: MovieLens, Adult; csv and
+Parquet tables).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
 import pandas as pd
 
 from lightfmp.data.formats.adult import ADULT_COLUMNS, ADULT_DENSE, adult_path, adult_schema, read_adult  # noqa: E402
-from lightfmp.data.formats.avazu import avazu_schema, read_avazu  # noqa: E402
-from lightfmp.data.formats.base import DEFAULT_CHUNKSIZE, PathLike, binary_labels, check_field_counts
+from lightfmp.data.formats.avazu import avazu_schema, iter_avazu, read_avazu  # noqa: E402
+from lightfmp.data.formats.base import DEFAULT_CHUNKSIZE, Engine, PathLike, binary_labels, check_field_counts
 
 # Imported for their registration, in FORMATS order.
-from lightfmp.data.formats.criteo import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, criteo_schema, read_criteo  # noqa: E402
+from lightfmp.data.formats.criteo import (  # noqa: E402
+    CRITEO_NUM_DENSE,
+    CRITEO_NUM_SPARSE,
+    criteo_schema,
+    iter_criteo,
+    read_criteo,
+)
 from lightfmp.data.formats.movielens import (  # noqa: E402
     ML100K_GENRES,
     ML_AGE_GROUPS,
     movielens_schema,
     read_movielens,
 )
-from lightfmp.data.formats.registry import READERS, Format, Reader, register_reader
+from lightfmp.data.formats.registry import (
+    CHUNK_READERS,
+    READERS,
+    Chunks,
+    Format,
+    Reader,
+    register_chunk_reader,
+    register_reader,
+)
 from lightfmp.data.formats.table import read_csv, read_parquet, read_table  # noqa: E402
 from lightfmp.data.schema import Schema
 
@@ -39,6 +58,8 @@ FORMATS: tuple[str, ...] = tuple(READERS)
 
 __all__ = [
     "ADULT_COLUMNS",
+    "CHUNK_READERS",
+    "Chunks",
     "ADULT_DENSE",
     "CRITEO_NUM_DENSE",
     "CRITEO_NUM_SPARSE",
@@ -56,6 +77,9 @@ __all__ = [
     "binary_labels",
     "check_field_counts",
     "criteo_schema",
+    "iter_avazu",
+    "iter_criteo",
+    "iter_frames",
     "movielens_schema",
     "read_adult",
     "read_avazu",
@@ -65,8 +89,48 @@ __all__ = [
     "read_movielens",
     "read_parquet",
     "read_table",
+    "register_chunk_reader",
     "register_reader",
 ]
+
+
+def _check_options(format: str, chunksize: int, max_rows: Optional[int]) -> None:
+    if format not in READERS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {list(FORMATS)}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if chunksize < 1:
+        raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+
+
+def iter_frames(
+    format: str,
+    path: Optional[PathLike] = None,
+    schema: Union[Schema, PathLike, None] = None,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    engine: Engine = "pandas",
+) -> Chunks:
+    """The data set as :class:`Chunks` of about ``chunksize`` rows (arguments as :func:`read_frame`); a
+    format without a chunk reader is read whole and then cut (see the module docstring). ``engine="arrow"``:
+    a streaming reader parses with pyarrow (categorical fields as pandas categoricals of the same strings)."""
+    _check_options(format, chunksize, max_rows)
+    if schema is not None and not isinstance(schema, Schema):
+        schema = Schema.from_yaml(schema)
+    cols = None if columns is None else list(columns)
+    stream = CHUNK_READERS.get(format)
+    if stream is not None:
+        if path is None:
+            raise ValueError(f"format {format!r} needs a path")
+        return stream(path, columns=cols, chunksize=chunksize, max_rows=max_rows, schema=schema, engine=engine)
+    frame, full = read_frame(format, path, schema, cols, chunksize, max_rows)
+
+    def cut() -> Iterator[pd.DataFrame]:
+        for start in range(0, len(frame), chunksize):
+            yield frame.iloc[start : start + chunksize]
+
+    return Chunks(full, len(frame), cut())
 
 
 def read_frame(
@@ -86,14 +150,9 @@ def read_frame(
             e.g. other transforms or min counts).
         columns: read only these fields (plus label and time column); unknown names raise ``KeyError``.
         chunksize: rows per pandas chunk.
-        max_rows: read at most this many rows (the first ones).
+        max_rows: read at most this many rows: the first ones in file order (a prefix, not a sample).
     """
-    if format not in READERS:
-        raise ValueError(f"unknown data format {format!r}; expected one of {list(FORMATS)}")
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if chunksize < 1:
-        raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+    _check_options(format, chunksize, max_rows)
     reader = READERS[format]
     if path is None and reader.needs_path:
         raise ValueError(f"format {format!r} needs a path")

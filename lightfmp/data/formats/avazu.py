@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -11,9 +12,12 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    Engine,
     PathLike,
+    arrow_chunks,
+    arrow_then_pandas,
     binary_labels,
-    check_field_counts,
+    check_engine,
     check_file,
     concat_chunks,
     convert_fields,
@@ -21,9 +25,10 @@ from lightfmp.data.formats.base import (
     override_schema,
     read_chunks,
     read_header,
+    scan_fields,
     select_columns,
 )
-from lightfmp.data.formats.registry import register_reader
+from lightfmp.data.formats.registry import Chunks, register_chunk_reader, register_reader
 from lightfmp.data.schema import FieldSpec, Schema
 
 
@@ -34,15 +39,19 @@ def avazu_schema(file_columns: Sequence[str]) -> Schema:
     return Schema(label="click", time_column="hour", fields=tuple(FieldSpec(n) for n in names))
 
 
-@register_reader("avazu")
-def read_avazu(
+@register_chunk_reader("avazu")
+def iter_avazu(
     path: PathLike,
     columns: Optional[Iterable[str]] = None,
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
     schema: Optional[Schema] = None,
-) -> tuple[pd.DataFrame, Schema]:
-    """Avazu CSV with header (see the module docstring)."""
+    engine: Engine = "pandas",
+) -> Chunks:
+    """Avazu CSV with header (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
+    checked (header, field counts, row count) before the first chunk. ``engine="arrow"``: parsed by pyarrow, as
+    :func:`~lightfmp.data.formats.criteo.iter_criteo`."""
+    check_engine(engine)
     path = check_file(path)
     header = read_header(path)
     missing = [c for c in ("click", "hour") if c not in header]
@@ -51,30 +60,59 @@ def read_avazu(
             f"schema does not match {str(path)!r}: missing column(s) {missing} "
             f"(an Avazu file needs 'click' and 'hour'); the file has {header}"
         )
-    check_field_counts(path, ",", expected=len(header), skip_lines=1)
+    rows = scan_fields(path, ",", expected=len(header), skip_lines=1)[1]
     full = avazu_schema(header)
     full = override_schema(full, schema)
     schema = select_columns(full, columns)
     derived = {"hour_of_day", "weekday", "weekend"}
     usecols = ["click", "hour"] + [n for n in schema.names if n not in derived]
-    chunks, offset = [], 0
-    for chunk in read_chunks(
-        path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""]
-    ):
-        lines = offset + 2 + np.arange(len(chunk))
-        chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
-        when = pd.to_datetime(chunk["hour"], format="%y%m%d%H", errors="coerce")
-        bad = when.isna().to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
-                "expected YYMMDDHH"
-            )
-        chunk["hour"] = chunk["hour"].astype(np.int64)
-        chunk["hour_of_day"] = when.dt.hour.astype(str)
-        chunk["weekday"] = when.dt.dayofweek.astype(str)
-        chunk["weekend"] = (when.dt.dayofweek >= 5).astype(int).astype(str)
-        chunks.append(convert_fields(chunk, schema, path, lines))
-        offset += len(chunk)
-    return finish_frame(concat_chunks(chunks, path), schema, path)
+
+    def pandas_chunks() -> Iterator[pd.DataFrame]:
+        return read_chunks(path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""])
+
+    def raw() -> Iterator[pd.DataFrame]:
+        if engine == "pandas":
+            return pandas_chunks()
+        return arrow_then_pandas(
+            lambda: arrow_chunks(
+                path, header, {c: "text" for c in usecols}, ",", chunksize, max_rows, skip_rows=1, quote=True
+            ),
+            pandas_chunks,
+        )
+
+    def frames() -> Iterator[pd.DataFrame]:
+        offset = 0
+        for chunk in raw():
+            lines = offset + 2 + np.arange(len(chunk))
+            chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
+            hour = chunk["hour"].astype(str)
+            when = pd.to_datetime(hour, format="%y%m%d%H", errors="coerce")
+            bad = when.isna().to_numpy()
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
+                    "expected YYMMDDHH"
+                )
+            chunk["hour"] = hour.astype(np.int64)
+            chunk["hour_of_day"] = when.dt.hour.astype(str)
+            chunk["weekday"] = when.dt.dayofweek.astype(str)
+            chunk["weekend"] = (when.dt.dayofweek >= 5).astype(int).astype(str)
+            yield convert_fields(chunk, schema, path, lines)
+            offset += len(chunk)
+
+    return Chunks(schema, rows if max_rows is None else min(rows, max_rows), frames())
+
+
+@register_reader("avazu")
+def read_avazu(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
+    """Avazu CSV with header (see the module docstring): :func:`iter_avazu`'s chunks in one frame."""
+    chunks = iter_avazu(path, columns=columns, chunksize=chunksize, max_rows=max_rows, schema=schema)
+    path = Path(path)
+    return finish_frame(concat_chunks(list(chunks.frames), path), chunks.schema, path)

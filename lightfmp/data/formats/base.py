@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -94,6 +94,20 @@ def check_field_counts(
     the file and the first bad line (1-based, physical lines) when a record has another count or is blank.
     ``skip_lines`` leading records (headers) are not checked. A missing final newline is fine.
     """
+    return scan_fields(path, sep, expected, skip_lines, quote, block_bytes)[0]
+
+
+def scan_fields(
+    path: PathLike,
+    sep: str,
+    expected: Optional[int] = None,
+    skip_lines: int = 0,
+    quote: Optional[str] = None,
+    block_bytes: int = 1 << 24,
+) -> tuple[int, int]:
+    """:func:`check_field_counts`, returning ``(fields, data records)``: the count of records after the
+    ``skip_lines`` header records comes free with the check (a streaming reader's progress total). Memory: one
+    block of ``block_bytes``."""
     path = Path(path)
     sep_b = sep.encode()
     quote_b = quote.encode()[0] if quote else None
@@ -168,7 +182,7 @@ def check_field_counts(
                 break
     if expected is None or records <= skip_lines:
         raise ValueError(f"data file {str(path)!r} has no data rows")
-    return expected
+    return expected, records - skip_lines
 
 
 class NotNumeric(Exception):
@@ -234,6 +248,104 @@ def fast_then_exact(collect: Callable[[Any], list[pd.DataFrame]]) -> list[pd.Dat
         return collect(np.float64)
     except NotNumeric:
         return collect(str)
+
+
+def stream_fast_then_exact(frames: Callable[[Any], Iterator[pd.DataFrame]]) -> Iterator[pd.DataFrame]:
+    """The chunks of ``frames(np.float64)``, as :func:`fast_then_exact` but streamed: when a dense value is not a
+    number, ``frames(str)`` is read from the start, its first chunks (already yielded) skipped, so that
+    :func:`to_numeric` names the bad value and its line."""
+    done = 0
+    try:
+        for chunk in frames(np.float64):
+            yield chunk
+            done += 1
+    except NotNumeric:
+        for i, chunk in enumerate(frames(str)):
+            if i >= done:
+                yield chunk
+
+
+Engine = Literal["pandas", "arrow"]
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ("pandas", "arrow"):
+        raise ValueError(f"engine must be 'pandas' or 'arrow', got {engine!r}")
+
+
+def arrow_chunks(
+    path: Path,
+    names: Sequence[str],
+    columns: dict[str, str],
+    delimiter: str,
+    chunksize: int,
+    max_rows: Optional[int],
+    skip_rows: int = 0,
+    quote: bool = False,
+) -> Iterator[pd.DataFrame]:
+    """Raw chunks of a delimited file read by pyarrow's streaming CSV reader (gzip by the ``.gz`` name):
+    ``columns`` maps each wanted column to ``"number"`` (float64, NaN for an empty value) or ``"text"`` (a pandas
+    categorical of the strings, empty = missing). Arrow makes one string object per distinct value of a chunk
+    where pandas' C parser with ``dtype=str`` makes one per cell, which is most of its time on Criteo.
+
+    Chunks hold about ``chunksize`` rows (Arrow cuts by bytes: ``chunksize`` times the mean line length of the
+    first MiB). A value Arrow cannot convert raises ``pyarrow.ArrowInvalid`` (see :func:`arrow_then_pandas`).
+    Measured on a 4M-row Criteo-layout file (``benchmarks/bench_ingest.py``'s): no faster than pandas on two
+    busy cores, and Arrow's reader runs ahead of the consumer, so its memory grows with the file (about 1 GB
+    on 933 MB) where pandas' holds a chunk; the data cache therefore reads with pandas.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pv
+
+    with open_binary(path) as fh:
+        head = fh.read(1 << 20)
+    line = max(1, len(head) // max(1, head.count(b"\n")))
+    text = pa.dictionary(pa.int32(), pa.string())
+    reader = pv.open_csv(
+        str(path),
+        read_options=pv.ReadOptions(
+            column_names=list(names), skip_rows=skip_rows, block_size=max(1 << 14, chunksize * line)
+        ),
+        parse_options=pv.ParseOptions(delimiter=delimiter, quote_char='"' if quote else False),
+        convert_options=pv.ConvertOptions(
+            column_types={c: (pa.float64() if kind == "number" else text) for c, kind in columns.items()},
+            include_columns=list(columns),
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    left = max_rows
+    for batch in reader:
+        frame = batch.to_pandas()
+        if left is not None:
+            frame = frame.iloc[:left]
+            left -= len(frame)
+        if len(frame):
+            yield frame
+        if left is not None and left <= 0:
+            break
+
+
+def arrow_then_pandas(
+    arrow: Callable[[], Iterator[pd.DataFrame]], pandas: Callable[[], Iterator[pd.DataFrame]]
+) -> Iterator[pd.DataFrame]:
+    """The chunks of ``arrow()``; when Arrow cannot convert a value, the rest from ``pandas()`` (its first rows,
+    already yielded, skipped), whose checks name the bad value and its line."""
+    import pyarrow as pa
+
+    done = 0
+    try:
+        for frame in arrow():
+            yield frame
+            done += len(frame)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        for frame in pandas():
+            if done >= len(frame):
+                done -= len(frame)
+                continue
+            yield frame.iloc[done:]
+            done = 0
 
 
 def to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) -> pd.Series:

@@ -3,7 +3,8 @@ categories, may be empty). A file with more categorical columns is read as C1..C
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -11,19 +12,23 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    Engine,
     PathLike,
+    arrow_chunks,
+    arrow_then_pandas,
     binary_labels,
-    check_field_counts,
+    check_engine,
     check_file,
     concat_chunks,
     convert_fields,
-    fast_then_exact,
     finish_frame,
     override_schema,
     read_chunks,
+    scan_fields,
     select_columns,
+    stream_fast_then_exact,
 )
-from lightfmp.data.formats.registry import register_reader
+from lightfmp.data.formats.registry import Chunks, register_chunk_reader, register_reader
 from lightfmp.data.schema import FieldSpec, Schema
 
 CRITEO_NUM_DENSE = 13
@@ -39,17 +44,22 @@ def criteo_schema(num_dense: int = CRITEO_NUM_DENSE, num_sparse: int = CRITEO_NU
     )
 
 
-@register_reader("criteo")
-def read_criteo(
+@register_chunk_reader("criteo")
+def iter_criteo(
     path: PathLike,
     columns: Optional[Iterable[str]] = None,
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
     schema: Optional[Schema] = None,
-) -> tuple[pd.DataFrame, Schema]:
-    """Criteo Kaggle/DAC TSV (see the module docstring)."""
+    engine: Engine = "pandas",
+) -> Chunks:
+    """Criteo Kaggle/DAC TSV (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
+    checked (field counts, row count) before the first chunk. ``engine="arrow"`` parses with pyarrow
+    (:func:`~lightfmp.data.formats.base.arrow_chunks`: categorical fields as pandas categoricals of the same
+    strings, about ``chunksize`` rows a chunk), falling back to pandas for the error of a malformed value."""
+    check_engine(engine)
     path = check_file(path)
-    n = check_field_counts(path, "\t")
+    n, rows = scan_fields(path, "\t")
     if n < 1 + CRITEO_NUM_DENSE + 1:
         raise ValueError(
             f"{str(path)!r} has {n} tab-separated fields; the Criteo layout needs label, "
@@ -64,11 +74,11 @@ def read_criteo(
         + [f"C{i}" for i in range(1, n - CRITEO_NUM_DENSE)]
     )
     usecols = ["label"] + list(schema.names)
+    dense = {f.name for f in schema.fields if f.kind == "dense"}
 
-    def collect(dense_dtype: Any) -> list[pd.DataFrame]:
+    def pandas_chunks(dense_dtype: Any) -> Iterator[pd.DataFrame]:
         dtypes = {c: (dense_dtype if c in dense else str) for c in usecols}
-        chunks, offset = [], 0
-        for chunk in read_chunks(
+        return read_chunks(
             path,
             chunksize,
             max_rows,
@@ -80,12 +90,38 @@ def read_criteo(
             keep_default_na=False,
             na_values=[""],
             quoting=3,
-        ):
+        )
+
+    def raw() -> Iterator[pd.DataFrame]:
+        if engine == "pandas":
+            return stream_fast_then_exact(pandas_chunks)
+        kinds = {c: ("number" if c in dense else "text") for c in usecols}
+        return arrow_then_pandas(
+            lambda: arrow_chunks(path, names, kinds, "\t", chunksize, max_rows),
+            lambda: stream_fast_then_exact(pandas_chunks),
+        )
+
+    def frames() -> Iterator[pd.DataFrame]:
+        offset = 0
+        for chunk in raw():
             lines = offset + 1 + np.arange(len(chunk))
             chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
-            chunks.append(convert_fields(chunk, schema, path, lines))
+            yield convert_fields(chunk, schema, path, lines)
             offset += len(chunk)
-        return chunks
 
-    dense = {f.name for f in schema.fields if f.kind == "dense"}
-    return finish_frame(concat_chunks(fast_then_exact(collect), path), schema, path)
+    total = rows if max_rows is None else min(rows, max_rows)
+    return Chunks(schema, total, frames())
+
+
+@register_reader("criteo")
+def read_criteo(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
+    """Criteo Kaggle/DAC TSV (see the module docstring): :func:`iter_criteo`'s chunks in one frame."""
+    chunks = iter_criteo(path, columns=columns, chunksize=chunksize, max_rows=max_rows, schema=schema)
+    path = Path(path)
+    return finish_frame(concat_chunks(list(chunks.frames), path), chunks.schema, path)

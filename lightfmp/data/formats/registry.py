@@ -1,9 +1,10 @@
 """The registry of data formats: the one reader interface and ``register_reader``, which format modules use to
-add themselves (``lightfmp.data.formats`` imports them in ``FORMATS`` order)."""
+add themselves (``lightfmp.data.formats`` imports them in ``FORMATS`` order); a format that can stream its file
+in chunks also registers a :class:`ChunkReader` (``register_chunk_reader``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, TypeVar
 
@@ -46,6 +47,48 @@ def register_reader(name: str, needs_path: bool = True) -> Callable[[R], R]:
         if name in READERS:
             raise ValueError(f"format {name!r} is already registered")
         READERS[name] = Format(name, read, needs_path)
+        return read
+
+    return register
+
+
+@dataclass
+class Chunks:
+    """A file streamed in chunks: its ``schema``, its number of data ``rows`` (after ``max_rows``; None when not
+    known before reading) and ``frames``, an iterator of frames laid out as :func:`read_frame`'s (consumed once)."""
+
+    schema: Schema
+    rows: Optional[int]
+    frames: Iterator[pd.DataFrame]
+
+
+class ChunkReader(Protocol):
+    """How :func:`~lightfmp.data.formats.iter_frames` calls a streaming format (arguments as :class:`Reader`;
+    ``engine``: ``"pandas"`` or ``"arrow"``, the parser)."""
+
+    def __call__(
+        self,
+        path: Any,
+        *,
+        columns: Optional[list[str]],
+        chunksize: int,
+        max_rows: Optional[int],
+        schema: Optional[Schema],
+        engine: Any,
+    ) -> Chunks: ...
+
+
+CHUNK_READERS: dict[str, ChunkReader] = {}
+C = TypeVar("C", bound=Callable[..., Chunks])
+
+
+def register_chunk_reader(name: str) -> Callable[[C], C]:
+    """Decorator: register the decorated function as the streaming reader of format ``name``."""
+
+    def register(read: C) -> C:
+        if name in CHUNK_READERS:
+            raise ValueError(f"format {name!r} already has a chunk reader")
+        CHUNK_READERS[name] = read
         return read
 
     return register
