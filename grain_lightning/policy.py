@@ -101,6 +101,21 @@ class StepPolicy:
         self.collapsed = 0
 
     # ------------------------------------------------------------------ the decision
+
+    @classmethod
+    def across_ranks(
+        cls, strategy: str, name: str, values: dict[str, Any], warn: Callable[..., Any] = warnings.warn
+    ) -> StepPolicy:
+        """The policy of a multi-rank strategy: ``values`` validated as the options of class ``strategy`` (errors
+        name it), diagnostics and messages under its registered ``name``, warnings through ``warn`` (rank 0's), and
+        a non-finite error that says every rank raises and how to skip instead."""
+        return cls(
+            PolicyOptions.from_values(strategy, values),
+            owner=name,
+            warn=warn,
+            nonfinite_hint=f"every rank raises; {strategy}(on_nonfinite='skip') skips such steps on every rank",
+        )
+
     def solve(self, gram: Tensor, *, init: Optional[Tensor] = None) -> MinNormResult:
         """Min-norm weights of one ``(k, k)`` Gram; warns when the solver stops short of ``solver_tol``."""
         res = solve_min_norm(gram, init=init, tol=self.options.solver_tol)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
-from grain_lightning.config import PolicyOptions, check_choices
+from grain_lightning.config import check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
@@ -158,8 +158,9 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
             )
         check_choices(owner, {"mixin_groups": mixin_groups}, {"mixin_groups": ("hierarchical",)})
         self.mixin_groups = mixin_groups
-        options = PolicyOptions.from_values(
+        self.policy = StepPolicy.across_ranks(
             owner,
+            "grain_fsdp",
             dict(
                 on_nonfinite=on_nonfinite,
                 collapse_eps=collapse_eps,
@@ -170,12 +171,7 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
                 step_norm=step_norm,
                 log_every_n_steps=log_every_n_steps,
             ),
-        )
-        self.policy = StepPolicy(
-            options,
-            owner="grain_fsdp",
-            warn=rank_zero_warn,
-            nonfinite_hint="every rank raises; GrainFSDPStrategy(on_nonfinite='skip') skips such steps on every rank",
+            rank_zero_warn,
         )
         self.mode, self.wrap, self.reshard_after_forward = mode, _wrap_names(wrap), reshard_after_forward
         self.comm = CommCounter()

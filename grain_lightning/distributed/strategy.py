@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from grain_lightning.config import PolicyOptions, check_choices
+from grain_lightning.config import check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
 from grain_lightning.distributed.cross_rank import MODES, CrossRankMinNorm, CrossRankResult
@@ -159,8 +159,9 @@ class GrainDDPStrategy(FaultHooks, DDPStrategy):
             raise ValueError(f"{owner}: bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         if block_size_mb is not None and not block_size_mb > 0:
             raise ValueError(f"{owner}: block_size_mb must be > 0 or None, got {block_size_mb!r}")
-        options = PolicyOptions.from_values(
+        self.policy = StepPolicy.across_ranks(
             owner,
+            "grain_ddp",
             dict(
                 on_nonfinite=on_nonfinite,
                 collapse_eps=collapse_eps,
@@ -171,12 +172,7 @@ class GrainDDPStrategy(FaultHooks, DDPStrategy):
                 step_norm=step_norm,
                 log_every_n_steps=log_every_n_steps,
             ),
-        )
-        self.policy = StepPolicy(
-            options,
-            owner="grain_ddp",
-            warn=rank_zero_warn,
-            nonfinite_hint="every rank raises; GrainDDPStrategy(on_nonfinite='skip') skips such steps on every rank",
+            rank_zero_warn,
         )
         self.mode, self.block_size_mb, self.mixin_groups = mode, block_size_mb, mixin_groups
         self.bucket_cap_mb, self.broadcast_buffers = bucket_cap_mb, broadcast_buffers
