@@ -1,9 +1,10 @@
 """A stage's outputs appear all at once, or not at all.
 
 A stage writes its files (:data:`~lightfmp.outputs.STAGE_FILES`) into a staging directory inside the output
-directory, ``.staging-<stage>-XXXX/``; the output directory itself is not touched while the stage runs, so a
-stage that fails or is killed (even by SIGKILL) leaves the previous run's files and ``metrics.json`` as they
-were. When the stage has succeeded, :meth:`StagedOutputs.commit` writes ``commit.json`` (the stage and its
+directory, ``.staging-<stage>-<random suffix>/`` (``tempfile.mkdtemp``), after its fit; no stage file and not
+``metrics.json`` is touched while the stage runs (only its logger writes, under ``logs/<stage>``), so a stage
+that fails or is killed (even by SIGKILL) leaves the previous run's files and ``metrics.json`` as they were.
+When the stage has succeeded, :meth:`StagedOutputs.commit` writes ``commit.json`` (the stage and its
 ``metrics.json`` entry) into the staging directory, atomically and last; from then on the stage counts as done
 and :func:`apply_commit` makes it visible:
 
