@@ -169,7 +169,8 @@ class Curve(L.Callback):
 
 def grain_config(method: Method) -> GrainConfig:
     """The ``GrainConfig`` of a sweep method, from its ``--model.grain.*`` overrides."""
-    args, options = list(method.overrides), {}
+    args = list(method.overrides)
+    options: dict[str, Any] = {}
     if len(args) % 2 or any(not a.startswith(_OPTION) for a in args[::2]):
         raise ValueError(f"method {method.name!r}: only '{_OPTION}<option> <value>' pairs are supported, got {args}")
     for key, value in zip(args[::2], args[1::2]):
