@@ -16,7 +16,13 @@ and no full gradient is gathered anywhere:
 With :class:`~grain_lightning.GrainMixin` (hierarchical): the mixin's one-backward engine computes its
 within-rank Gram with FSDP's gradient sync off (layer inputs and output gradients only), decides its weights
 ``w*`` and hands over ``sum_j w*_j L_j`` (:meth:`combine_mixin_cycle`); that loss's backward is reduced by FSDP,
-unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Faults as
+unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Where that
+is not the step (``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches, a
+self-checked step), :meth:`exchange_group_losses` runs one backward per group instead: each group's gradient
+goes through step 2, rank ``s`` keeps shard ``s`` of every (rank, group) gradient, the ``K x K`` Gram over all
+``K`` groups comes from the shards (one all-reduce) and the module's policy decides over all groups (global) or
+each rank's over its own, then this strategy's over the ranks' directions (hierarchical); ``k`` times a
+reduce-scatter's bytes and about ``k`` gradients of memory per rank for ``k`` groups per rank. Faults as
 ``grain_ddp``'s (:mod:`grain_lightning.distributed.faults`).
 
 Cost per step over FSDP: ``R^2`` float64 all-reduced; ``(R - 1)`` gradient shards of memory until the end of
@@ -97,14 +103,16 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         timeout: Lightning's name for the same, as a ``timedelta`` (give one of the two).
         process_group_backend: as for Lightning's ``ModelParallelStrategy``.
 
-        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (the only one): each rank's
+        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (default): each rank's
             vector is its own GRAIN direction ``d_r = sum_j w*_j g_j`` (within-rank groups, the module's step policy),
             formed by one weighted backward that FSDP reduces to shards; then the min-norm over the ``d_r`` as for
-            plain gradients. ``"global"`` (grain_ddp's: every group of every rank in one problem) needs every
-            group's full gradient and is refused.
+            plain gradients. ``"global"`` (as grain_ddp's): one min-norm problem over every group of every rank,
+            decided by the module's step policy; every group's gradient is exchanged as shards
+            (:meth:`exchange_group_losses`: ``k`` backwards and ``k`` times a reduce-scatter's bytes for ``k``
+            groups per rank).
 
-    :class:`~grain_lightning.GrainMixin` modules (hierarchical, ``accumulate_grad_batches=1``, the one-backward
-    engine for every parameter, ``self_check=False``; other settings are refused naming the alternative).
+    :class:`~grain_lightning.GrainMixin` modules: ``GrainConfig(blockwise=True)`` is refused naming the
+    alternative (its per-module solve writes each module's full gradient).
     Attributes ``comm`` (bytes this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count
     what happened.
     """
