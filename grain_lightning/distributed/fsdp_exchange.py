@@ -132,8 +132,8 @@ class AllToAllComm(ReduceScatter):
         if self.world != 1:
             raise RuntimeError(f"local_piece is for one rank; this group spans {self.world}")
         trainable, numels = self.trainable(), self.shard_numels()
-        first = trainable[0].sharded_param
-        flat = torch.zeros(sum(numels), dtype=first.dtype, device=first.device)
+        like = (trainable or self.fsdp_params)[0].sharded_param
+        flat = torch.zeros(sum(numels), dtype=like.dtype, device=like.device)
         offset = 0
         for fp, n in zip(trainable, numels):
             grad = fp.sharded_param.grad
