@@ -58,6 +58,16 @@ class _Cycle:
             self.buffer.release()
 
 
+@dataclass
+class _ExchangedGroups:
+    """A ``combines_in_backward`` strategy holds this cycle's group gradients (``exchange_group_losses``)."""
+
+    num_groups: int
+
+    def cat(self, other: _ExchangedGroups) -> _ExchangedGroups:
+        return _ExchangedGroups(self.num_groups + other.num_groups)
+
+
 class GrainMixin(_MixinBase):
     """Mixin for ``LightningModule``: train with the min-norm combination of group gradients.
 
@@ -152,7 +162,10 @@ class GrainMixin(_MixinBase):
             return None
         params = self._grain_params()
         engine = self._grain_engine
-        if self._grain_backward_strategy() is not None:
+        in_backward = self._grain_backward_strategy()
+        if in_backward is not None:
+            if self._grain_by_groups(in_backward) and SelfCheckSchedule(cfg.self_check).when == 0:
+                return None  # every step exchanges its groups one backward each: nothing to record
             return self._grain_engine_in_backward(params)
         if (
             engine is None
@@ -213,8 +226,11 @@ class GrainMixin(_MixinBase):
                 losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
         if not finite and not in_backward:
             pass  # nothing to compute: the cycle is skipped (or combined as invalid by the strategy)
+        elif cfg.aggregation == "mean" and in_backward and last:
+            cycle.loss = losses.mean() / n_acc  # the strategy runs its backward, reducing what was accumulated
         elif cfg.aggregation == "mean" and in_backward:
-            cycle.loss = losses.mean()  # the strategy runs its backward (accumulation is refused there)
+            with self._grain_sync_blocked():  # FSDP accumulates the unsharded gradients until the last micro-batch
+                self.manual_backward(losses.mean() / n_acc)
         elif cfg.aggregation == "mean":
             self.manual_backward(losses.mean() / n_acc)  # a GRAIN strategy does not synchronise a GrainModule
         else:
@@ -274,40 +290,25 @@ class GrainMixin(_MixinBase):
         """Refuse what a ``combines_in_backward`` strategy (FSDP) cannot run exactly, naming the alternative."""
         cfg = self.grain_config
         name = type(self.trainer.strategy).__name__
-        if cfg.accumulate_grad_batches > 1:
+        if cfg.aggregation == "grain" and cfg.blockwise:
             raise raised_on_every_rank(  # the same settings on every rank
                 ValueError(
-                    f"GrainMixin under {name}: GrainConfig(accumulate_grad_batches={cfg.accumulate_grad_batches}) "
-                    "needs every micro-batch's group gradients at once, which FSDP never materialises; use "
-                    "accumulate_grad_batches=1 (a larger batch per rank), or strategy='grain_ddp'"
+                    f"GrainMixin under {name}: GrainConfig(blockwise=True) solves one problem per module from that "
+                    "module's group gradients and writes its full gradient, which FSDP never holds on one rank; use "
+                    "blockwise=False (the strategy's mode='blockwise' solves one problem per parameter across ranks), "
+                    "or strategy='grain_ddp'"
                 )
             )
-        if cfg.aggregation != "grain":
-            return
-        if cfg.engine == "reference":
-            raise raised_on_every_rank(  # the same settings on every rank
-                ValueError(
-                    f"GrainMixin under {name}: GrainConfig(engine='reference') takes one backward per group with "
-                    "torch.autograd.grad on the parameters, which bypasses FSDP's gradient reduction; use "
-                    "engine='auto' or 'ghost' (the one-backward engine), or strategy='grain_ddp'"
-                )
-            )
-        if cfg.blockwise:
-            raise raised_on_every_rank(  # the same settings on every rank
-                ValueError(
-                    f"GrainMixin under {name}: GrainConfig(blockwise=True) writes every layer's full gradient itself; "
-                    "use blockwise=False (the strategy's mode='blockwise' solves per parameter across ranks), or "
-                    "strategy='grain_ddp'"
-                )
-            )
-        if SelfCheckSchedule(cfg.self_check).when != 0:
-            raise raised_on_every_rank(  # the same settings on every rank
-                ValueError(
-                    f"GrainMixin under {name}: GrainConfig(self_check={cfg.self_check!r}) compares the engine with "
-                    "autograd's full per-parameter gradients, which FSDP does not materialise; set self_check=False "
-                    "(and check the model once under grain_ddp or in one process, where the self-check runs)"
-                )
-            )
+
+    def _grain_by_groups(self, strategy: GrainStrategy) -> bool:
+        """Under a ``combines_in_backward`` strategy: whether every micro-batch's groups are exchanged one backward
+        each (global groups, the reference engine, accumulation), rather than one weighted backward per step."""
+        cfg = self.grain_config
+        return strategy.needs_group_gradients or cfg.engine == "reference" or cfg.accumulate_grad_batches > 1
+
+    def _grain_sync_blocked(self) -> contextlib.AbstractContextManager:
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
 
     def _grain_engine_in_backward(self, params: list[torch.Tensor]) -> GhostEngine:
         """The one-backward engine under a ``combines_in_backward`` strategy: every parameter handled by a rule
@@ -345,24 +346,8 @@ class GrainMixin(_MixinBase):
         cfg = self.grain_config
         engine = self.grain_engine
         in_backward = self._grain_backward_strategy()
-        if in_backward is not None and engine is not None:
-            if not engine.captured:
-                raise RuntimeError(
-                    f"GrainMixin under {type(in_backward).__name__} needs the forward recorded: compute the losses "
-                    "inside `with self.grain_capture():` when you override training_step"
-                )
-            lightning_strategy = self.trainer.strategy
-            sync_blocked = (
-                lightning_strategy.block_backward_sync() if isinstance(lightning_strategy, ParallelStrategy) else None
-            )
-            try:
-                with sync_blocked or contextlib.nullcontext():  # the engine's own backward: nothing exchanged
-                    return engine.backward(losses, assignment)
-            except UnsupportedModuleError as err:
-                raise UnsupportedModuleError(
-                    f"GrainMixin under {type(in_backward).__name__} needs the one-backward engine for every "
-                    f"parameter: {err}"
-                ) from None
+        if in_backward is not None:
+            return self._grain_groups_in_backward(losses, assignment, in_backward, engine)
         if engine is not None and not engine.captured:
             if cfg.engine == "ghost" or cfg.blockwise:
                 raise RuntimeError(
@@ -391,6 +376,57 @@ class GrainMixin(_MixinBase):
                 log_diagnostics(self, {"grain/self_check_error": float(engine.last_self_check.worst)})
         return grads
 
+    def _grain_groups_in_backward(
+        self, losses: torch.Tensor, assignment: GroupAssignment, strategy: GrainStrategy, engine: Optional[GhostEngine]
+    ) -> Any:
+        """Under a ``combines_in_backward`` strategy (``grain_fsdp``): the one-backward engine's Gram (FSDP's sync
+        off; the step is then one weighted backward), or this micro-batch's group losses handed to the strategy,
+        which exchanges every group's gradient one backward each (:meth:`_grain_by_groups`, or a self-checked step:
+        the engine's Gram is then compared with that reference's by the strategy)."""
+        name = type(strategy).__name__
+        if engine is not None and not engine.captured:
+            raise RuntimeError(
+                f"GrainMixin under {name} needs the forward recorded: compute the losses inside "
+                "`with self.grain_capture():` when you override training_step"
+            )
+        cfg = self.grain_config
+        if self._grain_self_check.given != cfg.self_check:
+            self._grain_self_check = SelfCheckSchedule(cfg.self_check)
+        schedule, check, signature = self._grain_self_check, False, None
+        if engine is not None and schedule.when != 0:
+            signature = engine.call_signature() if schedule.when == "first" else None
+            check = schedule.due(self.grain_policy.steps, signature)
+            if schedule.when == "first" and self.trainer.world_size > 1:  # call signatures may differ by rank
+                check = bool(self.trainer.strategy.reduce_boolean_decision(check, all=False))
+        by_groups = check or self._grain_by_groups(strategy)
+        gram: Optional[torch.Tensor] = None
+        if engine is not None and (check or not by_groups):
+            try:
+                with self._grain_sync_blocked():  # the engine's own backward: nothing exchanged
+                    ghost = engine.backward(losses, assignment)
+            except UnsupportedModuleError as err:
+                raise UnsupportedModuleError(
+                    f"GrainMixin under {name} needs the one-backward engine for every parameter: {err}"
+                ) from None
+            if not by_groups:
+                return ghost
+            gram = ghost.gram()
+        elif engine is not None:
+            engine.discard()  # recorded for a self-check that is not due
+        exchange = getattr(strategy, "exchange_group_losses", None)
+        if exchange is None:
+            raise TypeError(f"{name} combines in its backward but has no exchange_group_losses (see protocol.py)")
+        try:
+            error = exchange(assignment.group_means(losses), check_gram=gram)
+        finally:
+            if engine is not None:
+                engine.release()
+        if check:
+            schedule.checked(signature)
+            if cfg.log_every_n_steps and error is not None:
+                log_diagnostics(self, {"grain/self_check_error": float(error)})
+        return _ExchangedGroups(assignment.num_groups)
+
     def _grain_accumulate(self, losses: torch.Tensor, batch: Any, groups: Optional[torch.Tensor]) -> None:
         cfg, cycle = self.grain_config, self._grain_cycle
         grouping = as_grouping(cfg.grouping)
@@ -415,6 +451,17 @@ class GrainMixin(_MixinBase):
         """End of a cycle: ``.grad`` set to the step's gradient (``True``) or the step is skipped (``False``)."""
         cfg, cycle = self.grain_config, self._grain_cycle
         in_backward = self._grain_backward_strategy()
+        if in_backward is not None and isinstance(cycle.buffer, _ExchangedGroups):  # grain_fsdp, group by group
+            return in_backward.combine_mixin_cycle(
+                MixinCycle(
+                    self._grain_params(),
+                    invalid=cycle.invalid,
+                    mean_weights=torch.cat(cycle.fractions),
+                    policy=self.grain_policy,
+                    groups_exchanged=True,
+                    keys=torch.cat(cycle.keys),
+                )
+            )
         if in_backward is not None:  # grain_fsdp: every rank hands over the loss of its direction
             loss, vote_skip = self._grain_cycle_loss()
             return in_backward.combine_mixin_cycle(

@@ -20,7 +20,11 @@ parameter group's gradient to shards as its backward finishes, so no full ``.gra
 ``combines_in_backward``: the mixin then writes no ``.grad`` itself but hands over ``cycle.loss``, the loss whose
 backward gives this rank's direction (``sum_j w_j L_j`` for its GRAIN weights), and the strategy runs that
 backward and the combination. Every rank hands one over, even an invalid or skipping one, so that every rank
-runs the same collectives.
+runs the same collectives. Where the one-backward engine's weighted loss does not give the step exactly (global
+groups, the reference engine, accumulation over micro-batches, a self-checked step), the mixin instead hands over
+each micro-batch's group losses to the strategy's ``exchange_group_losses(losses, check_gram=None)`` (one backward
+per group, each group's gradient reduced to shards) and ends the cycle with ``cycle.groups_exchanged`` set: the
+strategy then combines those groups, globally or hierarchically, deciding with ``cycle.policy`` (the module's).
 
 A module that runs GRAIN itself is a :class:`GrainModule`; a GRAIN strategy must not synchronise that module's
 backward passes (its cycle is combined once, at the end).
@@ -63,6 +67,9 @@ class MixinCycle:
         mean_weights: global: ``(k_r,)`` plain-mean weights of those groups (summing to 1 on this rank).
         policy: global: the module's step policy (its collapse options decide for every group).
         loss: ``combines_in_backward`` strategies: the loss whose backward gives this rank's direction.
+        groups_exchanged: ``combines_in_backward`` strategies: this cycle's groups went through the strategy's
+            ``exchange_group_losses``; ``mean_weights``, ``policy`` and ``keys`` describe them.
+        keys: ``(k_r, 2)`` group keys ``[micro-batch, key]`` (``-1``: unknown) for the policy's warm start.
     """
 
     params: list[Tensor]
@@ -72,6 +79,8 @@ class MixinCycle:
     mean_weights: Optional[Tensor] = None
     policy: Optional[StepPolicy] = None
     loss: Optional[Tensor] = None
+    groups_exchanged: bool = False
+    keys: Optional[Tensor] = None
 
 
 @runtime_checkable

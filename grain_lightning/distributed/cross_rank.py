@@ -315,14 +315,19 @@ class CrossRankMinNorm:
         num_blocks: int,
         extras: Optional[torch.Tensor] = None,
         decide: Optional[Decide] = None,
+        counts: Optional[Sequence[int]] = None,
     ) -> CrossRankResult:
         """Gram and decision from shards received by :meth:`send_shards`, without gathering anything.
 
-        ``shards``: ``(rows, segments)`` per piece, ``rows`` the ``(R, S)`` received view and ``segments``
-        ``[(block, start, end), ...]`` of ``[0, S)``. Each rank adds its partial ``(B, R, R)`` Gram; one
-        all-reduce of ``B R^2`` numbers (plus ``extras``) gives every rank the same Gram and decision.
+        ``shards``: ``(rows, segments)`` per piece, ``rows`` the ``(K, S)`` received rows (``K = R``: the
+        ``(R, S)`` view of one exchange; ``counts``: ``k_r`` rows of each rank, rank 0's first, e.g. one per
+        group) and ``segments`` ``[(block, start, end), ...]`` of ``[0, S)``. Each rank adds its partial
+        ``(B, K, K)`` Gram; one all-reduce of ``B K^2`` numbers (plus ``extras``) gives every rank the same Gram
+        and decision.
         """
-        gram = torch.zeros(num_blocks, self.world, self.world, dtype=torch.float64)
+        counts = [1] * self.world if counts is None else [int(c) for c in counts]
+        k = sum(counts)
+        gram = torch.zeros(num_blocks, k, k, dtype=torch.float64)
         for rows, segments in shards:
             gram += self._partial_gram(rows, segments, num_blocks).to(gram.device)
         extras = self._extras(extras)
@@ -332,14 +337,21 @@ class CrossRankMinNorm:
         self.counter.all_reduce(packed, self.world, self.group)
         packed = packed.cpu()
         n = gram.numel()
-        return self._decide(packed[:n].view_as(gram), packed[n:], [1] * self.world, decide)
+        return self._decide(packed[:n].view_as(gram), packed[n:], counts, decide)
 
     @classmethod
     def combine_shard(
         cls, rows: torch.Tensor, weights: torch.Tensor, segments: list[tuple[int, int, int]], out: torch.Tensor
     ) -> None:
-        """``out[s:e] = sum_r w_{b,r} rows[r, s:e]`` per segment; ``out`` may be ``rows[0]`` (read first)."""
+        """``out[s:e] = sum_i w_{b,i} rows[i, s:e]`` per segment; ``out`` may be ``rows[0]`` (read first)."""
         cls._combine_rows(rows, weights, segments, out)
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of a small float64 vector over the ranks (counted), on the CPU."""
+        device = torch.device("cuda", torch.cuda.current_device()) if self._nccl else torch.device("cpu")
+        packed = values.detach().double().reshape(-1).to(device)
+        self.counter.all_reduce(packed, self.world, self.group)
+        return packed.cpu()
 
     def combine(
         self,

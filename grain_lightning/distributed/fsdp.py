@@ -16,7 +16,13 @@ and no full gradient is gathered anywhere:
 With :class:`~grain_lightning.GrainMixin` (hierarchical): the mixin's one-backward engine computes its
 within-rank Gram with FSDP's gradient sync off (layer inputs and output gradients only), decides its weights
 ``w*`` and hands over ``sum_j w*_j L_j`` (:meth:`combine_mixin_cycle`); that loss's backward is reduced by FSDP,
-unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Faults as
+unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Where that
+is not the step (``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches, a
+self-checked step), :meth:`exchange_group_losses` runs one backward per group instead: each group's gradient
+goes through step 2, rank ``s`` keeps shard ``s`` of every (rank, group) gradient, the ``K x K`` Gram over all
+``K`` groups comes from the shards (one all-reduce) and the module's policy decides over all groups (global) or
+each rank's over its own, then this strategy's over the ranks' directions (hierarchical); ``k`` times a
+reduce-scatter's bytes and about ``k`` gradients of memory per rank for ``k`` groups per rank. Faults as
 ``grain_ddp``'s (:mod:`grain_lightning.distributed.faults`).
 
 Cost per step over FSDP: ``R^2`` float64 all-reduced; ``(R - 1)`` gradient shards of memory until the end of
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -47,7 +54,7 @@ from typing_extensions import override
 from grain_lightning.config import check_choices
 from grain_lightning.diagnostics import log_diagnostics
 from grain_lightning.distributed.collectives import CommCounter
-from grain_lightning.distributed.cross_rank import CrossRankMinNorm, CrossRankResult
+from grain_lightning.distributed.cross_rank import CrossRankMinNorm
 from grain_lightning.distributed.fault_hooks import FaultHooks
 from grain_lightning.distributed.faults import (
     DEFAULT_FAULT_TIMEOUT,
@@ -96,14 +103,16 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         timeout: Lightning's name for the same, as a ``timedelta`` (give one of the two).
         process_group_backend: as for Lightning's ``ModelParallelStrategy``.
 
-        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (the only one): each rank's
+        mixin_groups: with :class:`~grain_lightning.GrainMixin`: ``"hierarchical"`` (default): each rank's
             vector is its own GRAIN direction ``d_r = sum_j w*_j g_j`` (within-rank groups, the module's step policy),
             formed by one weighted backward that FSDP reduces to shards; then the min-norm over the ``d_r`` as for
-            plain gradients. ``"global"`` (grain_ddp's: every group of every rank in one problem) needs every
-            group's full gradient and is refused.
+            plain gradients. ``"global"`` (as grain_ddp's): one min-norm problem over every group of every rank,
+            decided by the module's step policy; every group's gradient is exchanged as shards
+            (:meth:`exchange_group_losses`: ``k`` backwards and ``k`` times a reduce-scatter's bytes for ``k``
+            groups per rank).
 
-    :class:`~grain_lightning.GrainMixin` modules (hierarchical, ``accumulate_grad_batches=1``, the one-backward
-    engine for every parameter, ``self_check=False``; other settings are refused naming the alternative).
+    :class:`~grain_lightning.GrainMixin` modules: ``GrainConfig(blockwise=True)`` is refused naming the
+    alternative (its per-module solve writes each module's full gradient).
     Attributes ``comm`` (bytes this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count
     what happened.
     """
@@ -150,13 +159,7 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
                 "mode='sharded' or 'blockwise' (or grain_ddp's mode='allgather' as a reference)"
             )
         check_choices(owner, {"mode": mode}, {"mode": FSDP_MODES})
-        if mixin_groups == "global":
-            raise ValueError(
-                f"{owner}: mixin_groups='global' solves over every group of every rank, which needs each group's full "
-                "gradient on its rank (FSDP only ever holds shards of one combination); use "
-                "mixin_groups='hierarchical', or grain_ddp's mixin_groups='global'"
-            )
-        check_choices(owner, {"mixin_groups": mixin_groups}, {"mixin_groups": ("hierarchical",)})
+        check_choices(owner, {"mixin_groups": mixin_groups}, {"mixin_groups": ("hierarchical", "global")})
         self.mixin_groups = mixin_groups
         self.policy = StepPolicy.across_ranks(
             owner,
@@ -183,6 +186,7 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         self._comms: list[AllToAllComm] = []
         self._pieces: list[Piece] = []
         self._cycle_flags: Optional[tuple[bool, bool]] = None  # (invalid, vote_skip) of this rank's mixin cycle
+        self._groups: list[_GroupBackward] = []  # GrainMixin groups exchanged one backward each, this cycle
         self._combined = True
 
     # ------------------------------------------------------------------ counters
@@ -193,8 +197,9 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
 
     @property
     def needs_group_gradients(self) -> bool:
-        """Always ``False``: the mixin's cycle is combined hierarchically (``mixin_groups="global"`` is refused)."""
-        return False
+        """``mixin_groups="global"`` with several ranks: every group's gradient is exchanged
+        (:meth:`exchange_group_losses`)."""
+        return self.mixin_groups == "global" and self.world_size > 1
 
     @property
     def fault_timeout(self) -> float:
@@ -324,7 +329,7 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
     @override
     def teardown(self) -> None:
         self.faults.stop()
-        self._aggregator, self._comms, self._pieces = None, [], []
+        self._aggregator, self._comms, self._pieces, self._groups = None, [], [], []
         super().teardown()
 
     # ------------------------------------------------------------------ backward
@@ -425,19 +430,25 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         for piece, (_rows, segments) in zip(pieces, shards):
             piece.write(res.weights, segments)
         if res.decision is not None:
-            self._log(res, res.decision, pi)
+            self._log(res.gram, res.decision, pi, [1] * world, self.policy)
         self.policy.record_step()
         return True
 
     # ------------------------------------------------------------------ GrainMixin (grain_lightning.protocol)
     def combine_mixin_cycle(self, cycle: MixinCycle) -> bool:
-        """End of a GrainMixin cycle: the backward of ``cycle.loss`` (this rank's direction ``d_r``, reduced by FSDP
-        into the all-to-all), then the min-norm over the ranks' ``d_r`` into the sharded ``.grad``. ``False``: every
-        rank skips the step (``.grad`` set to ``None``)."""
-        if cycle.policy is not None:
-            raise ValueError(
-                "grain_fsdp combines GrainMixin cycles hierarchically only (mixin_groups='global' is refused)"
-            )
+        """End of a GrainMixin cycle into the sharded ``.grad``; ``False``: every rank skips the step (``.grad`` set
+        to ``None``).
+
+        ``cycle.groups_exchanged``: the groups' gradients were exchanged by :meth:`exchange_group_losses`; the
+        combination of :meth:`_combine_groups` (global or hierarchical). Otherwise the backward of ``cycle.loss``
+        (this rank's direction ``d_r``, reduced by FSDP into the all-to-all), then the min-norm over the ranks'
+        ``d_r``.
+        """
+        if cycle.groups_exchanged:
+            with self.faults.collective():
+                return self._combine_groups(cycle)
+        if self._groups:
+            raise RuntimeError("grain_fsdp: groups were exchanged this cycle but the cycle does not combine them")
         if cycle.loss is None:
             raise RuntimeError("grain_fsdp needs the loss of this rank's direction (MixinCycle.loss) from the mixin")
         if self.world_size == 1:
@@ -452,6 +463,203 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
             self._cycle_flags = None
         return self._combined
 
+    # ------------------------------------------------------------------ GrainMixin, one backward per group
+    def exchange_group_losses(self, losses: Tensor, check_gram: Optional[Tensor] = None) -> Optional[float]:
+        r"""One backward per group loss ``L_j`` (``(k,)`` ``losses``, one graph) with FSDP's gradient sync on, so
+        that each group's gradient goes through the all-to-all and rank ``s`` keeps shard ``s`` of every (rank, group)
+        gradient until :meth:`combine_mixin_cycle` (``cycle.groups_exchanged``). Used by GrainMixin for
+        ``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches and self-checked steps.
+
+        Every rank runs ``max_r k_r`` backwards (one all-gather of the ``k_r`` first): a rank with fewer groups
+        backwards ``0 * sum_j L_j``, a row that is dropped. Cost per micro-batch: ``max_r k_r`` backwards and as
+        many times a reduce-scatter's bytes; memory until the step: the received shards, ``R`` per backward
+        (``(R-1)/R P`` numbers each beyond the one FSDP keeps), i.e. about ``k`` gradients per rank (grain_ddp's
+        global groups hold ``k P`` too). No full gradient is gathered.
+
+        ``check_gram``: this rank's ``(k, k)`` one-backward Gram of the same losses (self-check; given on every
+        rank alike). This micro-batch's reference Gram (from the shards, one all-reduce of it and of every rank's
+        ``check_gram``) is compared block by block with every rank's; a relative difference (to the block's
+        largest diagonal entry) above twice the self-check tolerance raises ``SelfCheckError`` on every rank.
+        Returns the largest relative difference over the ranks (``None`` without a check, or when the Gram is not
+        finite: the combination then takes ``on_nonfinite``).
+        """
+        module = self.lightning_module
+        assert module is not None and self._aggregator is not None
+        losses = losses.reshape(-1)
+        k, world = losses.numel(), self.world_size
+        params = self._trainable()
+        with self.faults.collective():
+            counts = self._aggregator.exchange_counts([k])[:, 0].tolist() if world > 1 else [k]
+            rounds = max(counts)
+            first = len(self._groups)
+            for j in range(rounds):
+                for p in params:
+                    p.grad = None
+                self._pieces.clear()
+                loss = losses[j] if j < k else losses.sum() * 0.0
+                self.precision_plugin.backward(loss, module, None, retain_graph=j < rounds - 1)
+                pieces = list(self._pieces) if world > 1 else [comm.local_piece() for comm in self._comms]
+                by_comm = {id(piece.comm): piece for piece in pieces}
+                if len(by_comm) != len(pieces) or set(by_comm) != {id(comm) for comm in self._comms}:
+                    raise RuntimeError(
+                        f"grain_fsdp: the backward of group {j} exchanged {len(pieces)} FSDP parameter groups, "
+                        f"expected each of the {len(self._comms)} once (a unit the loss does not reach?)"
+                    )
+                self._groups.append(_GroupBackward(counts, j, by_comm))
+            self._pieces.clear()
+            for p in params:
+                p.grad = None
+            if check_gram is None:
+                return None
+            return self._check_groups(self._groups[first:], check_gram, losses.dtype)
+
+    def _group_counts(self, entries: Sequence[_GroupBackward]) -> list[int]:
+        """Groups of each rank among the exchanged backwards."""
+        return [sum(1 for e in entries if e.index < e.counts[r]) for r in range(self.world_size)]
+
+    def _group_rows(self, entries: Sequence[_GroupBackward], comm: AllToAllComm) -> Tensor:
+        """``(K, S)``: this rank's shard of every (rank, group) gradient of ``comm``'s parameters, rank 0's first,
+        each rank's in the order of its groups."""
+        rows = [e.pieces[id(comm)].wait()[r] for r in range(self.world_size) for e in entries if e.index < e.counts[r]]
+        return torch.stack(rows)
+
+    def _check_groups(
+        self, entries: Sequence[_GroupBackward], check_gram: Tensor, dtype: torch.dtype
+    ) -> Optional[float]:
+        from grain_lightning.ghost.self_check import SelfCheckError, tolerance
+
+        assert self._aggregator is not None
+        counts = self._group_counts(entries)
+        starts = [sum(counts[:r]) for r in range(self.world_size + 1)]
+        slots = [sum(c * c for c in counts[:r]) for r in range(self.world_size + 1)]
+        packed = torch.zeros(slots[-1], dtype=torch.float64)
+        mine = check_gram.detach().double().cpu()
+        if mine.shape != (counts[self.global_rank],) * 2:
+            raise ValueError(f"check_gram of shape {tuple(mine.shape)} for {counts[self.global_rank]} groups")
+        packed[slots[self.global_rank] : slots[self.global_rank + 1]] = mine.reshape(-1)
+        shards = [(self._group_rows(entries, comm), comm.segments(None)) for comm in self._comms]
+        res = self._aggregator.solve_shards(shards, 1, packed, lambda gram, ext: None, counts=counts)
+        if res.bad_ranks:
+            return None
+        errors = []
+        for r, c in enumerate(counts):
+            ref = res.gram[0, starts[r] : starts[r + 1], starts[r] : starts[r + 1]]
+            engine = res.extras[slots[r] : slots[r + 1]].view(c, c)
+            scale = max(float(torch.diagonal(ref).max()), 1e-300)
+            errors.append(float((engine - ref).abs().max()) / scale)
+        limit = 2 * tolerance(dtype)
+        bad = [r for r, e in enumerate(errors) if not e <= limit]
+        if bad:
+            raise on_every_rank(  # every rank compares the same numbers
+                SelfCheckError(
+                    f"grain_fsdp self-check: the one-backward engine's group Gram differs from the reference "
+                    f"(one backward per group) on rank(s) {bad}: relative differences {[f'{e:.2e}' for e in errors]} "
+                    f"> {limit:.0e}; use GrainConfig(engine='reference')"
+                )
+            )
+        return max(errors)
+
+    def _combine_groups(self, cycle: MixinCycle) -> bool:
+        """The exchanged groups of this cycle: their ``(B, K, K)`` Gram from the shards (one all-reduce), then
+
+        - ``mixin_groups="global"``: the module's step policy (``cycle.policy``) over all ``K`` groups of all ranks
+          (weights ``w``, ``d = sum_i w_i g_i``), as grain_ddp's global groups and single-process GRAIN over them;
+        - ``"hierarchical"``: each rank's policy on its own ``k_r x k_r`` block gives ``d_r = sum_j w_{rj} g_{rj}``
+          (its GRAIN direction), the weights go round in one all-reduce of ``K`` numbers, and this strategy's
+          policy solves over ``M G M^T`` (``M``: ``R x K``, row ``r`` holding ``w_r``), the ``R x R`` Gram of
+          the ``d_r``: ``d = sum_r v_r d_r``, as grain_ddp's hierarchical groups.
+
+        Each rank writes its shard of ``d`` into the sharded ``.grad``.
+        """
+        assert self._aggregator is not None and cycle.policy is not None
+        entries, self._groups = self._groups, []
+        world, rank = self.world_size, self.global_rank
+        if world == 1 and (cycle.invalid or cycle.vote_skip):
+            return False
+        counts = self._group_counts(entries)
+        starts = [sum(counts[:r]) for r in range(world + 1)]
+        total = starts[-1]
+        firsts, blocks = {}, 0
+        for comm in self._comms:
+            firsts[id(comm)] = blocks
+            blocks += len(comm.trainable())
+        blockwise = self.mode == "blockwise"
+        shards = [
+            (self._group_rows(entries, comm), comm.segments(firsts[id(comm)] if blockwise else None))
+            for comm in self._comms
+        ]
+        targets = [entries[0].pieces[id(comm)].rows[0] for comm in self._comms]  # the .grad storage FSDP made
+        del entries  # the other received buffers
+        is_global = self.mixin_groups == "global"
+        policy = cycle.policy
+        mine = slice(starts[rank], starts[rank + 1])
+        pi_local = cycle.mean_weights.detach().double().cpu().reshape(-1) if cycle.mean_weights is not None else None
+        if pi_local is None or pi_local.numel() != counts[rank]:
+            raise ValueError(f"grain_fsdp: {counts[rank]} exchanged groups on rank {rank} but mean weights {pi_local}")
+        pi_local = pi_local / pi_local.sum()
+        extras = torch.zeros(world + total, dtype=torch.float64)  # [invalid, one-hot by rank | mean weights / R]
+        extras[rank] = float(cycle.invalid)
+        extras[world + starts[rank] : world + starts[rank + 1]] = pi_local / world
+
+        def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
+            if (ext[:world] > 0).any() or not is_global:
+                return None
+            return policy.decide(gram, ext[world:])
+
+        res = self._aggregator.solve_shards(shards, blocks if blockwise else 1, extras, decide, counts=counts)
+        self.num_combines += 1
+        invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
+        with raised_on_every_rank():  # every rank raises here alike: nothing to post
+            if invalid_ranks:
+                self.policy.nonfinite(f"non-finite loss on rank(s) {invalid_ranks}", self._global_step())
+            elif res.bad_ranks:
+                self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
+        if invalid_ranks or res.bad_ranks:
+            return self._skip_groups()
+        gram, num_blocks = res.gram, res.gram.shape[0]
+        if is_global:
+            if res.weights is None or res.decision is None:
+                return self._skip_groups()
+            weights = res.weights.reshape(num_blocks, total)
+            decision, log_gram, log_pi, log_counts, log_policy = res.decision, gram, res.extras[world:], counts, policy
+        else:
+            local_gram = gram.sum(0)[mine, mine]
+            local = policy.decide(local_gram, pi_local, keys=cycle.keys)
+            module = self.lightning_module
+            if policy.log_now and module is not None:
+                log_diagnostics(module, policy.diagnostics(local_gram, local, pi_local))
+            vote = torch.zeros(total + 1, dtype=torch.float64)  # [local weights in rank r's slots | skip votes]
+            if local.weights is None:
+                vote[total] = 1.0
+            else:
+                vote[mine] = local.weights.double().reshape(-1)
+            vote = self._aggregator.all_reduce(vote)
+            if vote[total] > 0:
+                return self._skip_groups()
+            m = torch.zeros(world, total, dtype=torch.float64)
+            for r in range(world):
+                m[r, starts[r] : starts[r + 1]] = vote[starts[r] : starts[r + 1]]
+            ranks_gram = m @ gram @ m.T  # (B, R, R): the Gram of the ranks' directions d_r
+            pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
+            decision = self.policy.decide(ranks_gram, pi, keys=torch.arange(world))
+            if decision.weights is None:
+                return self._skip_groups()
+            owner = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
+            weights = decision.weights.reshape(num_blocks, world)[:, owner] * vote[:total]
+            log_gram, log_pi, log_counts, log_policy = ranks_gram, pi, [1] * world, self.policy
+        for (rows, segments), comm, out in zip(shards, self._comms, targets):
+            CrossRankMinNorm.combine_shard(rows, weights, segments, out)
+            comm.assign_grads(out)
+        self._log(log_gram, decision, log_pi, log_counts, log_policy)
+        self.policy.record_step()
+        return True
+
+    def _skip_groups(self) -> bool:
+        for p in self._trainable():
+            p.grad = None
+        self.policy.record_skip()
+        return False
+
     def _trainable(self) -> list[Tensor]:
         module = self.lightning_module
         return [] if module is None else [p for p in module.parameters() if p.requires_grad]
@@ -460,18 +668,32 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         module = self.lightning_module
         return module.trainer.global_step if module is not None and module._trainer is not None else -1
 
-    def _log(self, res: CrossRankResult, decision: Decision, pi: Tensor) -> None:
+    def _log(self, gram: Tensor, decision: Decision, pi: Tensor, counts: list[int], policy: StepPolicy) -> None:
+        """``grain_fsdp/*`` diagnostics of a ``(B, K, K)`` Gram whose rows are ``counts[r]`` per rank."""
         module = self.lightning_module
         if not self.policy.log_now or module is None or module._trainer is None:
             return
-        diag = self.policy.diagnostics(res.gram, decision, pi)
-        traces = torch.diagonal(res.gram, dim1=1, dim2=2).sum(1)
-        w = decision.solved.reshape(res.gram.shape[0], -1)
+        diag = policy.diagnostics(gram, decision, pi)
+        traces = torch.diagonal(gram, dim1=1, dim2=2).sum(1)
+        w = decision.solved.reshape(gram.shape[0], -1)
         avg = (traces[:, None] * w).sum(0) / traces.sum() if float(traces.sum()) > 0 else w.mean(0)
         out = {k.replace("grain/", "grain_fsdp/"): v for k, v in diag.items()}
-        out.update({f"grain_fsdp/weight_rank{r}": float(avg[r]) for r in range(self.world_size)})
+        start = 0
+        for r, c in enumerate(counts):
+            out[f"grain_fsdp/weight_rank{r}"] = float(avg[start : start + c].sum())
+            start += c
         out["grain_fsdp/skipped_steps"] = float(self.skipped_steps)
         log_diagnostics(module, out)
+
+
+@dataclass
+class _GroupBackward:
+    """One backward of :meth:`GrainFSDPStrategy.exchange_group_losses`: group ``index`` of every rank that has
+    ``counts[r] > index`` groups in its micro-batch; ``pieces``: the exchange of each FSDP parameter group."""
+
+    counts: list[int]
+    index: int
+    pieces: dict[int, Piece]
 
 
 def _wrap_names(wrap: Wrap) -> Optional[tuple[str, ...]]:

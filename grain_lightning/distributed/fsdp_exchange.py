@@ -126,6 +126,22 @@ class AllToAllComm(ReduceScatter):
         self.pieces.append(Piece(self, recv, input_tensor, work))
         return None
 
+    def local_piece(self) -> Piece:
+        """One rank (no exchange, FSDP copies the gradient into ``.grad``): a :class:`Piece` of one row holding the
+        trainable parameters' ``.grad`` (zeros where ``None``), as an exchange over one rank would."""
+        if self.world != 1:
+            raise RuntimeError(f"local_piece is for one rank; this group spans {self.world}")
+        trainable, numels = self.trainable(), self.shard_numels()
+        like = (trainable or self.fsdp_params)[0].sharded_param
+        flat = torch.zeros(sum(numels), dtype=like.dtype, device=like.device)
+        offset = 0
+        for fp, n in zip(trainable, numels):
+            grad = fp.sharded_param.grad
+            if grad is not None:
+                flat[offset : offset + n].view(fp.sharded_size).copy_(grad.to_local())
+            offset += n
+        return Piece(self, flat, flat[:0], None)
+
     def assign_grads(self, flat: Tensor) -> None:
         """``.grad`` of each trainable parameter: a sharded DTensor viewing its slice of ``flat`` ``(S,)``."""
         offset = 0

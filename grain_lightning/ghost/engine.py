@@ -764,6 +764,11 @@ class GhostEngine:
         """Drop the activations (or the graph) kept for the combined gradient."""
         self._terms, self._state, self._second = [], None, None
 
+    def discard(self) -> None:
+        """Drop a recorded forward that will not be differentiated by this engine (and anything kept)."""
+        self.release()
+        self._reset()
+
     def group_gradients(
         self, losses: torch.Tensor, assignment: GroupAssignment, *, self_check: bool = False
     ) -> GroupGradients:

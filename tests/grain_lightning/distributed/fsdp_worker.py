@@ -85,11 +85,15 @@ class TinyGPT2(L.LightningModule):
 
 class Mixin(W.WithMixin):
     """ddp_worker's GrainMixin module (two chunks of each rank's batch are its groups), without the self-check
-    (refused under grain_fsdp) unless ``self_check`` is given."""
+    unless ``self_check`` is given."""
 
-    def __init__(self, self_check=False, accumulate: int = 1, **kw) -> None:
+    def __init__(
+        self, self_check=False, accumulate: int = 1, engine: str = "auto", blockwise: bool = False, **kw
+    ) -> None:
         super().__init__(accumulate=accumulate, **kw)
         self.grain_config.self_check = self_check
+        self.grain_config.engine = engine
+        self.grain_config.blockwise = blockwise
 
 
 class GPT2Mixin(GrainMixin, L.LightningModule):
@@ -148,8 +152,19 @@ SCENARIOS = {
     "mixin_ddp": dict(ddp=True, mixin=True),
     "mixin_mean": dict(strategy=dict(**LINEAR), mixin=True, module=dict(aggregation="mean")),
     "mixin_nonfinite_skip": dict(strategy=dict(on_nonfinite="skip", **LINEAR), mixin=True, module=dict(nan_at=(1, 1))),
-    "mixin_self_check_refused": dict(strategy=dict(), mixin=True, module=dict(self_check="first")),
-    "mixin_accumulate_refused": dict(strategy=dict(), mixin=True, module=dict(accumulate=2)),
+    # one backward per group, every group's gradient exchanged (global groups, reference engine, accumulation)
+    "mixin_global": dict(strategy=dict(mixin_groups="global", **LINEAR), mixin=True),
+    "mixin_global_ddp": dict(ddp=True, strategy=dict(mixin_groups="global"), mixin=True),
+    "mixin_global_accumulate": dict(
+        strategy=dict(mixin_groups="global", **LINEAR), mixin=True, batch_size=W.BATCH // 2, module=dict(accumulate=2)
+    ),
+    "mixin_accumulate": dict(strategy=dict(**LINEAR), mixin=True, batch_size=W.BATCH // 2, module=dict(accumulate=2)),
+    "mixin_mean_accumulate": dict(
+        strategy=dict(**LINEAR), mixin=True, batch_size=W.BATCH // 2, module=dict(accumulate=2, aggregation="mean")
+    ),
+    "mixin_reference": dict(strategy=dict(), mixin=True, module=dict(engine="reference")),
+    "mixin_self_check": dict(strategy=dict(**LINEAR), mixin=True, module=dict(self_check="first")),
+    "mixin_blockwise_refused": dict(strategy=dict(), mixin=True, module=dict(blockwise=True)),
     "gpt2_mixin": dict(strategy=dict(), gpt2_mixin=True),
     "gpt2_mixin_ddp": dict(ddp=True, gpt2_mixin=True),
     "gpt2": dict(strategy=dict(), gpt2=True),
@@ -172,7 +187,7 @@ def run_scenario(name: str, out: Path) -> None:
         cls = Mixin if spec.get("mixin") else ShardsItself if spec.get("shards_itself") else W.Plain
         module = cls(**spec.get("module", {}))
         data = W.make_loader(spec.get("batch_size", W.BATCH))
-    strat = W.strategy() if spec.get("ddp") else fsdp(**spec["strategy"])
+    strat = W.strategy(**spec.get("strategy", {})) if spec.get("ddp") else fsdp(**spec["strategy"])
     rec = Recorder()
     trainer = W.make_trainer(strat, [rec], **spec.get("trainer", {}))
     error = None

@@ -172,11 +172,79 @@ def test_grain_mixin_mean_aggregation_and_nonfinite_loss_on_one_rank(records):
 
 
 @pytest.mark.slow
-def test_grain_mixin_refusals_name_the_alternative(records):
-    for rec in records["mixin_self_check_refused"]:
-        assert rec["error"].startswith("ValueError") and "self_check=False" in rec["error"]
-    for rec in records["mixin_accumulate_refused"]:
-        assert "accumulate_grad_batches=1" in rec["error"] and "grain_ddp" in rec["error"]
+def test_grain_mixin_blockwise_is_refused_naming_the_alternative(records):
+    for rec in records["mixin_blockwise_refused"]:
+        assert (
+            rec["error"].startswith("ValueError") and "blockwise=False" in rec["error"] and "grain_ddp" in rec["error"]
+        )
+
+
+@pytest.mark.slow
+def test_grain_mixin_global_groups_equal_single_process_grain_and_grain_ddp(records):
+    """``mixin_groups="global"``: one backward per group, each group's gradient exchanged as shards; the min-norm
+    over the 4 chunk gradients of both ranks (exact), and grain_ddp's global groups."""
+    a, b = records["mixin_global"]
+    params, ddp = a["params"], records["mixin_global_ddp"][0]["params"]
+    assert a["error"] is None and len(params) == len(ddp) == 4
+    assert all(torch.equal(x, y) for x, y in zip(params, b["params"]))
+    for step in range(3):
+        groups = torch.cat([chunk_grads(params[step], r, step) for r in range(2)])
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(groups), atol=TOL, rtol=0), (d - min_norm_point(groups)).abs().max()
+        assert (groups @ d >= (d @ d) - 1e-9).all()
+        assert torch.allclose(params[step + 1], ddp[step + 1], atol=TOL, rtol=0)
+    # per step: one count all-gather, two backwards x two FSDP units of all-to-all, one Gram all-reduce
+    assert a["calls"] == {"all_gather": 3, "all_to_all": 12, "all_reduce": 3}
+
+
+def micro_batch_groups(theta: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """The 4 groups of one accumulated step of a rank: two micro-batches of 4, two chunks of 2 each."""
+    rows = []
+    for micro in range(2):
+        x, y = rank_batch(rank, 2 * step + micro, batch=4)
+        rows += [grad_at(theta, x[:2], y[:2]), grad_at(theta, x[2:], y[2:])]
+    return torch.stack(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixin_global_accumulate", "mixin_accumulate", "mixin_mean_accumulate"])
+def test_grain_mixin_accumulation_uses_every_group_of_every_micro_batch(records, name):
+    """GrainConfig(accumulate_grad_batches=2): global (min-norm over the 8 groups of both ranks), hierarchical
+    (each rank's GRAIN over its 4 groups, then the min-norm over the ranks), mean (the ranks' mean gradients)."""
+    a, b = records[name]
+    params = a["params"]  # before, then after each of 6 micro-batches: steps after micro-batches 2, 4, 6
+    assert a["error"] is None and a["num_combines"] == 3
+    assert all(torch.equal(x, y) for x, y in zip(params, b["params"]))
+    for step in range(3):
+        theta = params[2 * step]
+        groups = [micro_batch_groups(theta, r, step) for r in range(2)]
+        if name == "mixin_global_accumulate":
+            expected = min_norm_point(torch.cat(groups))
+        elif name == "mixin_accumulate":
+            expected = min_norm_point(torch.stack([min_norm_point(g) for g in groups]))
+        else:
+            expected = min_norm_point(torch.stack([g.mean(0) for g in groups]))
+        assert torch.equal(params[2 * step], params[2 * step + 1])
+        d = applied_direction(params, 2 * step, 2 * step + 2)
+        assert torch.allclose(d, expected, atol=TOL, rtol=0), (d - expected).abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixin_reference", "mixin_self_check"])
+def test_grain_mixin_reference_engine_and_self_check_equal_grain_ddp(records, name):
+    """``engine="reference"`` (one backward per group) and ``self_check="first"`` (step 0 by groups, its Gram
+    compared with the one-backward engine's; steps 1-2 one weighted backward): grain_ddp's hierarchical steps."""
+    a, b = records[name]
+    params, ddp = a["params"], records["mixin_ddp"][0]["params"]
+    assert a["error"] is None and len(params) == len(ddp) == 4
+    assert all(torch.equal(x, y) for x, y in zip(params, b["params"]))
+    for step in range(3):
+        local = torch.stack([min_norm_point(chunk_grads(params[step], r, step)) for r in range(2)])
+        assert torch.allclose(applied_direction(params, step, step + 1), min_norm_point(local), atol=TOL, rtol=0)
+        assert torch.allclose(params[step + 1], ddp[step + 1], atol=TOL, rtol=0)
+    if name == "mixin_self_check":  # the group exchange on the checked step only: 2 groups + 2 single steps
+        assert 0 <= a["metrics"]["grain/self_check_error"] < 1e-12
+        assert a["calls"]["all_to_all"] == 2 * 2 + 2 * 2 and a["calls"]["all_gather"] == 1
 
 
 @pytest.mark.slow
@@ -221,10 +289,12 @@ def test_sharded_checkpoint_resume_equals_uninterrupted_fit(records):
 
 
 @pytest.mark.slow
-def test_three_ranks_match_the_reference_and_load_the_two_rank_checkpoint(run_dir, tmp_path):
+def test_three_ranks_match_the_reference_global_groups_and_load_the_two_rank_checkpoint(run_dir, tmp_path):
     os.environ["GRAIN_TEST_CKPT"] = str(run_dir / "final.ckpt")
     try:
-        proc = launch_worker(tmp_path, ["sharded", "blockwise", "load"], devices=3, timeout=300, worker=WORKER)
+        proc = launch_worker(
+            tmp_path, ["sharded", "blockwise", "mixin_global", "load"], devices=3, timeout=300, worker=WORKER
+        )
     finally:
         os.environ.pop("GRAIN_TEST_CKPT")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -239,6 +309,19 @@ def test_three_ranks_match_the_reference_and_load_the_two_rank_checkpoint(run_di
             d = applied_direction(params, step, step + 1)
             assert torch.allclose(d, combine(g), atol=TOL, rtol=0)
             assert (g @ d >= (d @ d) - 1e-9).all()
+    recs = [torch.load(tmp_path / f"mixin_global_rank{r}.pt") for r in range(3)]
+    params = recs[0]["params"]
+    assert recs[0]["error"] is None and len(params) == 3
+    assert all(torch.equal(a, b) for rec in recs[1:] for a, b in zip(params, rec["params"]))
+    for step in range(2):  # global groups: the min-norm over the 6 chunks of the 3 ranks
+        chunks = []
+        for r in range(3):
+            x, y = rank_batch(r, step, world=3)
+            chunks += [grad_at(params[step], x[:4], y[:4]), grad_at(params[step], x[4:], y[4:])]
+        groups = torch.stack(chunks)
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, min_norm_point(groups), atol=TOL, rtol=0)
+        assert (groups @ d >= (d @ d) - 1e-9).all()
     saved = torch.load(run_dir / "resume_rank0.pt")["straight"][-1]  # 2 ranks, after two epochs
     loaded = [torch.load(tmp_path / f"load_rank{r}.pt")["params"] for r in range(3)]
     assert all(torch.equal(rec[0], saved) for rec in loaded)  # resharded 2 -> 3 ranks, bit for bit
@@ -271,7 +354,6 @@ def test_registry_and_cli_name():
         (dict(mode="mean"), "mode must be one of"),
         (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
         (dict(wrap=[3]), "wrap must name module classes"),
-        (dict(mixin_groups="global"), "mixin_groups='hierarchical', or grain_ddp's mixin_groups='global'"),
         (dict(mixin_groups="local"), "mixin_groups must be one of"),
     ],
 )
@@ -298,6 +380,33 @@ def test_one_device_is_plain_training(restore_environ):
     for a, b in zip(runs["auto"][0], runs["grain_fsdp"][0]):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert runs["grain_fsdp"][1].bytes_sent == 0 and runs["grain_fsdp"][1].num_combines == 0
+
+
+def test_one_device_self_check_catches_a_wrong_engine_gram(restore_environ, monkeypatch):
+    """``devices=1``: a self-checked step exchanges its groups one backward each; an engine Gram off by 1% raises
+    SelfCheckError naming the rank and the alternative; with the engine intact, the steps equal the single-process
+    mixin's reference engine."""
+    from grain_lightning import GrainFSDPStrategy
+    from grain_lightning.ghost.engine import GhostGradients
+    from grain_lightning.ghost.self_check import SelfCheckError
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    runs = {}
+    for name, strat, kw in (
+        ("auto", "auto", dict(engine="reference")),
+        ("grain_fsdp", GrainFSDPStrategy(timeout=timedelta(seconds=30)), dict(self_check=1)),
+    ):
+        rec = FW.Recorder()
+        W.make_trainer(strat, [rec], devices=1, max_steps=2).fit(FW.Mixin(**kw), W.make_loader())
+        runs[name] = rec.params
+    for a, b in zip(runs["auto"], runs["grain_fsdp"]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    gram = GhostGradients.gram
+    monkeypatch.setattr(GhostGradients, "gram", lambda self: gram(self) * 1.01)
+    trainer = W.make_trainer(GrainFSDPStrategy(timeout=timedelta(seconds=30)), [], devices=1, max_steps=1)
+    with pytest.raises(SelfCheckError, match=r"rank\(s\) \[0\].*engine='reference'"):
+        trainer.fit(FW.Mixin(self_check="first"), W.make_loader())
 
 
 def test_one_device_grain_mixin_equals_the_single_process_mixin(restore_environ):
