@@ -37,12 +37,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lightfmp.data.cache import DataCache, RawColumns, build_once, write_json
+from lightfmp.data.cache import DataCache, RawColumns, build_once
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, adult_path, iter_frames, read_frame
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.schema import Schema
 from lightfmp.data.splits import Split, SplitKind, split_indices, train_subsets
-from lightfmp.data.streaming import encode_streaming, fit_streaming, ingest, open_encoded
+from lightfmp.data.streaming import encode_streaming, fit_streaming, ingest, load_fit, open_encoded, save_fit
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.inputs import CTRBatch, ModelInputs
 
@@ -346,9 +346,11 @@ class CTRDataModule(L.LightningDataModule):
         cache = self.data_cache()
 
         def build_raw(out: Path) -> None:
-            # pandas' parser: pyarrow's (engine="arrow") is no faster here and reads far ahead (memory grows
-            # with the file: about 1 GB on a 933 MB one)
-            chunks = iter_frames(self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows)
+            # pyarrow's multithreaded parser, one block of records at a time (formats/base.arrow_chunks); a file
+            # Arrow cannot read is read by the pandas path, which names the bad line
+            chunks = iter_frames(
+                self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows, engine="arrow"
+            )
             ingest(chunks, out, self.progress)
 
         raw = cache.raw(build_raw)
@@ -374,7 +376,8 @@ class CTRDataModule(L.LightningDataModule):
     def _fit_cached(
         self, cache: DataCache, raw: RawColumns, schema: Schema, train: np.ndarray, luts: dict[str, np.ndarray]
     ) -> Preprocessor:
-        """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>.json``)."""
+        """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>/``); the
+        lookup tables of its vocabularies go into ``luts``."""
         options = {
             "fields": schema.to_dict(),
             "split": self.split,
@@ -384,16 +387,17 @@ class CTRDataModule(L.LightningDataModule):
             "min_count": self.min_count,
             "hash_threshold": self.hash_threshold,
         }
-        path = cache.fit_path(options)
-        if not path.is_file():
-            with cache.lock:
-                if not path.is_file():
-                    fitted = fit_streaming(
-                        raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts
-                    )
-                    write_json(path, fitted.state_dict())
-                    return fitted
-        return Preprocessor.load(path)
+        directory = cache.fit_dir(options)
+        fitted: list[Preprocessor] = []
+
+        def build(out: Path) -> None:
+            fitted.append(
+                fit_streaming(raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts)
+            )
+            save_fit(fitted[0], raw, luts, out)
+
+        build_once(directory, build, cache.lock)
+        return fitted[0] if fitted else load_fit(raw, directory, luts)
 
     def _require_setup(self) -> EncodedFrame:
         if self.encoded is None:
