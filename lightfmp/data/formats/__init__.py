@@ -121,7 +121,7 @@ def iter_frames(
     cols = None if columns is None else list(columns)
     stream = CHUNK_READERS.get(format)
     if stream is not None:
-        if path is None:
+        if path is None and READERS[format].needs_path:
             raise ValueError(f"format {format!r} needs a path")
         return stream(path, columns=cols, chunksize=chunksize, max_rows=max_rows, schema=schema, engine=engine)
     frame, full = read_frame(format, path, schema, cols, chunksize, max_rows)

@@ -368,6 +368,8 @@ def arrow_chunks(
     threads = max(1, pa.cpu_count())
     left = max_rows
     for block, position in record_blocks(path, block_bytes, skip_rows, b'"' if quote else None):
+        if block.startswith((b"\n", b"\r\n")) or b"\n\n" in block or b"\n\r\n" in block:
+            raise pa.ArrowInvalid("a blank line")  # Arrow would read it as a row of nulls
         read = pv.ReadOptions(
             column_names=list(names), use_threads=True, block_size=max(1 << 20, len(block) // threads + 1)
         )
@@ -497,12 +499,11 @@ def binary_labels(
 
 
 def check_positive_labels(
-    labels: pd.Series, seen: Iterable[Any], positive: Sequence[Any], path: PathLike, name: str
+    ones: int, rows: int, seen: Iterable[Any], positive: Sequence[Any], path: PathLike, name: str
 ) -> None:
     """With a schema's ``positive`` values: raise when they match none (or all) of the raw labels ``seen``, which
-    would leave every row with label 0 (or 1); ``labels``: the 0/1 labels of the whole file."""
-    ones = int(labels.sum())
-    if 0 < ones < len(labels):
+    would leave every row with label 0 (or 1); ``ones`` of the file's ``rows`` labels are 1."""
+    if 0 < ones < rows:
         return
     values = sorted({str(v) for v in seen})
     shown = values[:20] + (["..."] if len(values) > 20 else [])
