@@ -197,6 +197,7 @@ class CTRDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self._given_preprocessor: Optional[Preprocessor] = None
+        self._shared_cache: Optional[str] = None  # share_across_processes' cache directory
         self.preprocessor: Optional[Preprocessor] = None
         self.schema: Optional[Schema] = None
         self.encoded: Optional[EncodedFrame] = None
@@ -299,7 +300,7 @@ class CTRDataModule(L.LightningDataModule):
         if reuse is not None and self.fields is not None:
             reuse = reuse.select(self.fields)
         columns = list(self.fields) if self.fields is not None else (list(reuse.schema.names) if reuse else None)
-        if self.cache_dir is not None:
+        if self.cache_dir is not None or self._shared_cache is not None:
             self._encode_cached(reuse, columns)
             return
         frame, schema = self._read(columns)
@@ -333,12 +334,24 @@ class CTRDataModule(L.LightningDataModule):
         self.splits, self.pretrain_indices, self.finetune_indices = splits, pretrain, finetune
         return splits
 
+    def share_across_processes(self, world_size: int, directory: Union[str, Path]) -> None:
+        """Under ``world_size > 1`` processes (DDP) without ``cache_dir``: read and encode the file once, into the
+        on-disk cache under ``directory`` (the stages pass ``<output_dir>/data_cache``), instead of every process
+        reading and encoding the whole table in its own memory. The first process to set up builds it (under
+        Lightning's DDP launcher, rank 0 before it starts the others) and the others wait on its file lock, then
+        map the same files: one encoding's work and one copy in the page cache, whatever the number of ranks.
+        The rows are those of the in-memory path (:mod:`lightfmp.data.streaming`). Nothing changes for one
+        process, with ``cache_dir`` given, or for synthetic data (generated, not read: each rank makes it)."""
+        if world_size > 1 and self.cache_dir is None and self.format != "synthetic":
+            self._shared_cache = str(directory)
+
     def data_cache(self) -> DataCache:
-        """The cache directory of this datamodule's file (``cache_dir`` must be set)."""
-        if self.cache_dir is None:
+        """The cache directory of this datamodule's file (``cache_dir``, or :meth:`share_across_processes`')."""
+        where = self.cache_dir if self.cache_dir is not None else self._shared_cache
+        if where is None:
             raise ValueError("this datamodule has no cache_dir")
         path = adult_path() if self.format == "adult" and self.path is None else self.path
-        return DataCache(self.cache_dir, self.format, path, self.schema_path, self.max_rows)
+        return DataCache(where, self.format, path, self.schema_path, self.max_rows)
 
     def _encode_cached(self, reuse: Optional[Preprocessor], columns: Optional[list[str]]) -> None:
         """:meth:`_encode` from the on-disk cache: build what is missing (one process; the others wait on its
@@ -504,6 +517,7 @@ class CTRDataModule(L.LightningDataModule):
         if isinstance(preprocessor, str):
             kwargs["preprocessor"] = preprocessor
         out = CTRDataModule(**kwargs)
+        out._shared_cache = self._shared_cache
         if isinstance(preprocessor, Preprocessor):
             out._given_preprocessor = preprocessor
         elif preprocessor is None and self.preprocessor is not None:
