@@ -5,9 +5,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
 
 1. :func:`ingest` (the only pass over the text): each chunk's labels, dense numbers (float64) and time are
    appended to their column files; a categorical value becomes a *raw id* (its position among the distinct
-   values in order of first appearance, one dict per field), so that the vocabulary can be fitted later on
-   whichever rows are training rows. Memory: one chunk plus a hash table per field (about 30 bytes per
-   distinct value, :class:`_RawIds`); the distinct values themselves are written out as they appear.
+   values in order of first appearance, one hash table per field), so that the vocabulary can be fitted later
+   on whichever rows are training rows. Memory: one chunk plus a hash table per field (about 30 bytes per
+   distinct value, :class:`_RawIds`); the distinct values themselves are written out as they appear. With the
+   Arrow reader a chunk's categorical values arrive as dictionary arrays and are hashed from their buffers
+   (:mod:`lightfmp.data.strings`), never as Python strings.
 2. :func:`fit_streaming`, once the row count (and so the split) is known: per field, the training count of each
    raw id is a sum of ``bincount``\ s over row blocks; ``min_count``, ``hash_threshold`` and the vocabulary
    order (count descending, then value) are :class:`Preprocessor`'s. Dense ``log`` / ``none`` fields: mean of
@@ -16,9 +18,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
    the training values, exact when a field has at most ``quantile_values`` of them (default 4,194,304); above,
    of a seeded Bernoulli sample of about that many (rank error about ``1 / sqrt(quantile_values)``, 5e-4).
    Memory: a row block, the counts (8 bytes per distinct value) and the quantile sample.
+   The fit is stored by :func:`save_fit` (each vocabulary as the raw ids in id order) and read back by
+   :func:`load_fit`.
 3. :func:`encode_streaming`: row blocks of the raw columns through the fitted state: a categorical raw id
-   maps through a lookup table ``lut[raw id]`` built once from the distinct values
-   (:meth:`Preprocessor.encode_ids`), so ids equal the in-memory path's exactly; dense values are
+   maps through a lookup table ``lut[raw id]`` (the fit's, or built once from the distinct values by
+   :meth:`Preprocessor.encode_ids`), so ids equal the in-memory path's exactly; dense values are
    ``(t(x) - mean) / std`` as there.
 
 So the cached rows equal :meth:`Preprocessor.transform` of the whole frame, bit for bit, for categorical and
