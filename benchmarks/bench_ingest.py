@@ -12,10 +12,11 @@ and 25 % positive labels. Then, each in a fresh child process (the figure is the
 
 * ``pandas``: ``pd.read_csv`` in chunks of ``--chunksize`` rows with the dtypes of the Criteo reader (numbers as
   float64, categories as strings), each chunk dropped: the C parser alone.
-* ``preprocess``: ``CTRDataModule(format="criteo", cache_dir=..., min_count=...).setup()``: file check, read,
-  raw columns, fit on the training split (80 %), encoding (:mod:`lightfmp.data.streaming`), from an empty
-  cache. With ``min_count`` 1 every distinct value gets an id, so the vocabulary (held in memory as strings)
-  grows with the file; ``configs/criteo.yaml`` uses 10.
+* ``preprocess``: ``CTRDataModule(format="criteo", cache_dir=..., min_count=...).setup()``: read (pyarrow's
+  parser, one block of records at a time, field counts checked while parsing), raw columns, fit on the training
+  split (80 %), encoding (:mod:`lightfmp.data.streaming`), from an empty cache. With ``min_count`` 1 every
+  distinct value gets an id, so the vocabulary (held in memory as strings) grows with the file;
+  ``configs/criteo.yaml`` uses 10.
 
 Prints one line per measurement and a summary with the goals of issue 15 (RSS at the largest size within 1.2x
 of the smallest; preprocessing at least 0.5x pandas' rows/s) and the estimate for the full 45,840,617-row

@@ -120,6 +120,11 @@ def timed_fit(
     return throughput
 
 
+#: under several processes without ``--data.cache_dir``, the data is encoded once into this cache directory of
+#: the output directory (:meth:`CTRDataModule.share_across_processes`)
+SHARED_CACHE = "data_cache"
+
+
 def pretrain(
     trainer: L.Trainer,
     module: LightFMPModule,
@@ -137,6 +142,7 @@ def pretrain(
     check_trainer_length(trainer, "pretrain")
     if not module.field_mask:
         raise ValueError("pretrain needs a model with field_mask=True")
+    datamodule.share_across_processes(trainer.world_size, Path(output_dir) / SHARED_CACHE)
     if datamodule.subset != "pretrain":
         datamodule = datamodule.for_subset("pretrain")
     datamodule.setup("fit")  # reads the data; refuses training labels of one class
@@ -303,6 +309,7 @@ def finetune(
         raise ValueError(f"{ckpt_path} is not a pruned checkpoint (stage {extra.get('stage')!r})")
     _check_stage1_data(datamodule, ckpt, ckpt_path, allow_data_mismatch)
     module = LightFMPModule.from_checkpoint(ckpt, **(overrides or {}))
+    datamodule.share_across_processes(trainer.world_size, out / SHARED_CACHE)
     dm = datamodule.for_subset("finetune", fields=extra["kept_fields"], preprocessor=read_preprocessor(ckpt, ckpt_path))
     dm.setup("fit")  # reads the data; refuses training labels of one class
     warn_small_training(dm, "finetune")

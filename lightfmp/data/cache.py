@@ -2,7 +2,8 @@ r"""The on-disk cache of a data file: typed column files, built once, complete o
 
 Layout under ``cache_dir`` (one directory per source, named by :func:`source_key`)::
 
-    <key>/meta.json            rows, the file's schema, each field's column file and distinct values
+    <key>/meta.json            the cache version, rows, the file's schema, each field's column file and
+                               distinct values
     <key>/label.npy            int8 (N,) labels 0/1
     <key>/time.npy             float64 (N,) the time column (when the schema has one)
     <key>/dense.npy            float64 (N, n_dense) raw numbers of the dense fields, NaN = missing
@@ -10,7 +11,9 @@ Layout under ``cache_dir`` (one directory per source, named by :func:`source_key
                                distinct values (UTF-8, NUL-separated) in order of first appearance (raw id =
                                position)
     <key>/offsets_<j>.npy      int64 (N + 1,), values_<j>.npy int32 (nnz,): multi-valued field j in CSR
-    <key>/fit-<options>.json   a preprocessor fitted on a training split (:func:`fit_key`)
+    <key>/fit-<options>/       a preprocessor fitted on a training split (:func:`fit_key`): state.json (its
+                               state without the vocabularies) and vocab_<j>.npy (int32, field j's vocabulary
+                               as raw ids in id order: a binary file, not millions of JSON strings)
     <key>/encoded-<state>/     the rows encoded by one fitted preprocessor (:func:`state_key`): dense.npy
                                float32 (N, n_dense_inputs), sparse.npy int32 (N, n_single), values_<j>.npy int32
     <key>.lock                 the build lock (``filelock``)
@@ -47,8 +50,9 @@ from filelock import FileLock
 
 from lightfmp.data.fingerprint import content_digest
 from lightfmp.data.schema import Schema
+from lightfmp.data.strings import read_nul_joined
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: fits stored as fit-<options>/ (vocabularies as raw-id arrays), meta.json versioned
 _HEADER = 128  # bytes of an .npy v1.0 header for the shapes written here (numpy pads room for a 21-digit length)
 
 
@@ -172,6 +176,11 @@ class RawColumns:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{str(root)!r} is not a data cache (no meta.json)")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"{str(root)!r} is a data cache of version {self.meta.get('version', 'before 3')}; this lightfmp "
+                f"reads version {CACHE_VERSION} (a current run builds it under another name): remove the directory"
+            )
         self.schema = Schema.from_dict(self.meta["schema"])
         self.rows = int(self.meta["rows"])
 
@@ -204,6 +213,10 @@ class RawColumns:
     def multi(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         j = self.field_file(name)
         return load_column(self.root / f"offsets_{j}.npy"), load_column(self.root / f"values_{j}.npy")
+
+    def key_array(self, name: str) -> Any:
+        """The distinct values of a categorical field as an Arrow large string array (no Python strings)."""
+        return read_nul_joined(self.root / f"keys_{self.field_file(name)}.txt", int(self.meta["distinct"][name]))
 
     def keys(self, name: str) -> list[str]:
         """The distinct values of a categorical field; raw id ``i`` is ``keys[i]``. Read from disk at each call
@@ -244,8 +257,8 @@ class DataCache:
         """The raw columns, built by ``build(directory)`` unless present."""
         return RawColumns(build_once(self.root, build, self.lock))
 
-    def fit_path(self, options: dict[str, Any]) -> Path:
-        return self.root / f"fit-{fit_key(options)}.json"
+    def fit_dir(self, options: dict[str, Any]) -> Path:
+        return self.root / f"fit-{fit_key(options)}"
 
     def encoded_dir(self, state: dict[str, Any]) -> Path:
         return self.root / f"encoded-{state_key(state)}"

@@ -37,12 +37,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lightfmp.data.cache import DataCache, RawColumns, build_once, write_json
+from lightfmp.data.cache import DataCache, RawColumns, build_once
 from lightfmp.data.formats import DEFAULT_CHUNKSIZE, FORMATS, adult_path, iter_frames, read_frame
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor
 from lightfmp.data.schema import Schema
 from lightfmp.data.splits import Split, SplitKind, split_indices, train_subsets
-from lightfmp.data.streaming import encode_streaming, fit_streaming, ingest, open_encoded
+from lightfmp.data.streaming import encode_streaming, fit_streaming, ingest, load_fit, open_encoded, save_fit
 from lightfmp.data.synthetic import SyntheticCTR
 from lightfmp.inputs import CTRBatch, ModelInputs
 
@@ -197,6 +197,7 @@ class CTRDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self._given_preprocessor: Optional[Preprocessor] = None
+        self._shared_cache: Optional[str] = None  # share_across_processes' cache directory
         self.preprocessor: Optional[Preprocessor] = None
         self.schema: Optional[Schema] = None
         self.encoded: Optional[EncodedFrame] = None
@@ -299,7 +300,7 @@ class CTRDataModule(L.LightningDataModule):
         if reuse is not None and self.fields is not None:
             reuse = reuse.select(self.fields)
         columns = list(self.fields) if self.fields is not None else (list(reuse.schema.names) if reuse else None)
-        if self.cache_dir is not None:
+        if self.cache_dir is not None or self._shared_cache is not None:
             self._encode_cached(reuse, columns)
             return
         frame, schema = self._read(columns)
@@ -333,12 +334,24 @@ class CTRDataModule(L.LightningDataModule):
         self.splits, self.pretrain_indices, self.finetune_indices = splits, pretrain, finetune
         return splits
 
+    def share_across_processes(self, world_size: int, directory: Union[str, Path]) -> None:
+        """Under ``world_size > 1`` processes (DDP) without ``cache_dir``: read and encode the file once, into the
+        on-disk cache under ``directory`` (the stages pass ``<output_dir>/data_cache``), instead of every process
+        reading and encoding the whole table in its own memory. The first process to set up builds it (under
+        Lightning's DDP launcher, rank 0 before it starts the others) and the others wait on its file lock, then
+        map the same files: one encoding's work and one copy in the page cache, whatever the number of ranks.
+        The rows are those of the in-memory path (:mod:`lightfmp.data.streaming`). Nothing changes for one
+        process, with ``cache_dir`` given, or for synthetic data (generated, not read: each rank makes it)."""
+        if world_size > 1 and self.cache_dir is None and self.format != "synthetic":
+            self._shared_cache = str(directory)
+
     def data_cache(self) -> DataCache:
-        """The cache directory of this datamodule's file (``cache_dir`` must be set)."""
-        if self.cache_dir is None:
+        """The cache directory of this datamodule's file (``cache_dir``, or :meth:`share_across_processes`')."""
+        where = self.cache_dir if self.cache_dir is not None else self._shared_cache
+        if where is None:
             raise ValueError("this datamodule has no cache_dir")
         path = adult_path() if self.format == "adult" and self.path is None else self.path
-        return DataCache(self.cache_dir, self.format, path, self.schema_path, self.max_rows)
+        return DataCache(where, self.format, path, self.schema_path, self.max_rows)
 
     def _encode_cached(self, reuse: Optional[Preprocessor], columns: Optional[list[str]]) -> None:
         """:meth:`_encode` from the on-disk cache: build what is missing (one process; the others wait on its
@@ -346,9 +359,11 @@ class CTRDataModule(L.LightningDataModule):
         cache = self.data_cache()
 
         def build_raw(out: Path) -> None:
-            # pandas' parser: pyarrow's (engine="arrow") is no faster here and reads far ahead (memory grows
-            # with the file: about 1 GB on a 933 MB one)
-            chunks = iter_frames(self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows)
+            # pyarrow's multithreaded parser, one block of records at a time (formats/base.arrow_chunks); a file
+            # Arrow cannot read is read by the pandas path, which names the bad line
+            chunks = iter_frames(
+                self.format, self.path, self.schema_path, None, self.chunksize, self.max_rows, engine="arrow"
+            )
             ingest(chunks, out, self.progress)
 
         raw = cache.raw(build_raw)
@@ -374,7 +389,8 @@ class CTRDataModule(L.LightningDataModule):
     def _fit_cached(
         self, cache: DataCache, raw: RawColumns, schema: Schema, train: np.ndarray, luts: dict[str, np.ndarray]
     ) -> Preprocessor:
-        """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>.json``)."""
+        """The preprocessor fitted on the training rows of the cache, itself cached (``fit-<options>/``); the
+        lookup tables of its vocabularies go into ``luts``."""
         options = {
             "fields": schema.to_dict(),
             "split": self.split,
@@ -384,16 +400,17 @@ class CTRDataModule(L.LightningDataModule):
             "min_count": self.min_count,
             "hash_threshold": self.hash_threshold,
         }
-        path = cache.fit_path(options)
-        if not path.is_file():
-            with cache.lock:
-                if not path.is_file():
-                    fitted = fit_streaming(
-                        raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts
-                    )
-                    write_json(path, fitted.state_dict())
-                    return fitted
-        return Preprocessor.load(path)
+        directory = cache.fit_dir(options)
+        fitted: list[Preprocessor] = []
+
+        def build(out: Path) -> None:
+            fitted.append(
+                fit_streaming(raw, schema, train, self.min_count, self.hash_threshold, seed=self.seed, luts=luts)
+            )
+            save_fit(fitted[0], raw, luts, out)
+
+        build_once(directory, build, cache.lock)
+        return fitted[0] if fitted else load_fit(raw, directory, luts)
 
     def _require_setup(self) -> EncodedFrame:
         if self.encoded is None:
@@ -500,6 +517,7 @@ class CTRDataModule(L.LightningDataModule):
         if isinstance(preprocessor, str):
             kwargs["preprocessor"] = preprocessor
         out = CTRDataModule(**kwargs)
+        out._shared_cache = self._shared_cache
         if isinstance(preprocessor, Preprocessor):
             out._given_preprocessor = preprocessor
         elif preprocessor is None and self.preprocessor is not None:

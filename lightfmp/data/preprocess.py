@@ -29,6 +29,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -184,6 +186,25 @@ def multi_codes(col: pd.Series, separator: str) -> tuple[np.ndarray, np.ndarray,
     return np.repeat(np.arange(len(col), dtype=np.int64), lens), codes[gather], keys
 
 
+def rank_vocabulary(keys: Any, counts: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``(ranked, vocab)``: the positions ``kept`` of the distinct strings ``keys`` (an object array or an Arrow
+    string array) ordered by ``counts`` descending, then by value (code point order: Arrow compares UTF-8
+    bytes, which orders as code points), and their strings. Sorted by Arrow (numpy's ``lexsort`` of a string
+    array was most of a fit's time); a value UTF-8 cannot encode (a lone surrogate) falls back to it."""
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        sub = keys.take(pa.array(kept))
+    else:
+        try:
+            sub = pa.array(keys[kept], type=pa.string())
+        except (pa.ArrowException, UnicodeEncodeError):
+            ranked = kept[np.lexsort((keys[kept].astype(str), -counts[kept]))]
+            return ranked, keys[ranked].tolist()
+    order = pc.sort_indices(
+        pa.table({"count": counts[kept], "value": sub}), sort_keys=[("count", "descending"), ("value", "ascending")]
+    ).to_numpy()
+    return kept[order], sub.take(pa.array(order)).to_pylist()
+
+
 # ------------------------------------------------------------------------------------------ preprocessor
 class Preprocessor:
     """Vocabularies, hashes and dense transforms of a :class:`Schema`, fitted on the training split.
@@ -260,12 +281,12 @@ class Preprocessor:
         kept = np.flatnonzero(counts >= min_count)
         if self.hash_threshold is not None and len(kept) > self.hash_threshold:
             return {"type": "hash", "buckets": int(self.hash_threshold)}, None
-        ranked = kept[np.lexsort((keys[kept].astype(str), -counts[kept]))]  # count descending, then value
+        ranked, vocab = rank_vocabulary(keys, counts, kept)
         lut = None
         if unique:
             lut = np.zeros(len(keys), dtype=np.int64)
             lut[ranked] = np.arange(1, len(ranked) + 1)
-        return {"type": "vocab", "vocab": keys[ranked].tolist()}, lut  # keys are strings
+        return {"type": "vocab", "vocab": vocab}, lut
 
     @staticmethod
     def numeric(f: FieldSpec, col: pd.Series) -> np.ndarray:

@@ -5,9 +5,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
 
 1. :func:`ingest` (the only pass over the text): each chunk's labels, dense numbers (float64) and time are
    appended to their column files; a categorical value becomes a *raw id* (its position among the distinct
-   values in order of first appearance, one dict per field), so that the vocabulary can be fitted later on
-   whichever rows are training rows. Memory: one chunk plus a hash table per field (about 30 bytes per
-   distinct value, :class:`_RawIds`); the distinct values themselves are written out as they appear.
+   values in order of first appearance, one hash table per field), so that the vocabulary can be fitted later
+   on whichever rows are training rows. Memory: one chunk plus a hash table per field (about 30 bytes per
+   distinct value, :class:`_RawIds`); the distinct values themselves are written out as they appear. With the
+   Arrow reader a chunk's categorical values arrive as dictionary arrays and are hashed from their buffers
+   (:mod:`lightfmp.data.strings`), never as Python strings.
 2. :func:`fit_streaming`, once the row count (and so the split) is known: per field, the training count of each
    raw id is a sum of ``bincount``\ s over row blocks; ``min_count``, ``hash_threshold`` and the vocabulary
    order (count descending, then value) are :class:`Preprocessor`'s. Dense ``log`` / ``none`` fields: mean of
@@ -16,9 +18,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
    the training values, exact when a field has at most ``quantile_values`` of them (default 4,194,304); above,
    of a seeded Bernoulli sample of about that many (rank error about ``1 / sqrt(quantile_values)``, 5e-4).
    Memory: a row block, the counts (8 bytes per distinct value) and the quantile sample.
+   The fit is stored by :func:`save_fit` (each vocabulary as the raw ids in id order) and read back by
+   :func:`load_fit`.
 3. :func:`encode_streaming`: row blocks of the raw columns through the fitted state: a categorical raw id
-   maps through a lookup table ``lut[raw id]`` built once from the distinct values
-   (:meth:`Preprocessor.encode_ids`), so ids equal the in-memory path's exactly; dense values are
+   maps through a lookup table ``lut[raw id]`` (the fit's, or built once from the distinct values by
+   :meth:`Preprocessor.encode_ids`), so ids equal the in-memory path's exactly; dense values are
    ``(t(x) - mean) / std`` as there.
 
 So the cached rows equal :meth:`Preprocessor.transform` of the whole frame, bit for bit, for categorical and
@@ -33,6 +37,7 @@ row range of a 2-D ``.npy``, memory-mapped) does fit and reads the dense blocks 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,15 +45,18 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pandas._libs.hashtable import Int64HashTable
 from torchrec.datasets.criteo import BinaryCriteoUtils
 from tqdm import tqdm
 
-from lightfmp.data.cache import NpyWriter, RawColumns, load_column, write_json
+from lightfmp.data.cache import CACHE_VERSION, NpyWriter, RawColumns, load_column, write_json
 from lightfmp.data.formats import Chunks
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor, category_codes, dense_transform, multi_codes
 from lightfmp.data.schema import Schema
+from lightfmp.data.strings import TabulationHash, nul_joined
 
 QUANTILE_VALUES = 1 << 22
 BLOCK_ROWS = 1 << 20
@@ -70,44 +78,61 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool) -> tqdm:
 class _RawIds:
     """Raw ids of one categorical field: distinct value -> its rank in order of first appearance.
 
-    A value is known by its 64-bit hash (pandas' keyed ``hash_array``) in pandas' khash ``Int64HashTable``
-    (about 30 bytes per distinct value; a dict of strings takes about 130); the values themselves are
-    appended to ``keys_<j>.txt`` (NUL-separated) as they first appear, so the file lists each once. Two values
-    with one hash would share a raw id (probability about ``n^2 / 2^65`` for ``n`` distinct values: 3e-6 for
-    Criteo's largest field, 10 million).
+    A value is known by its 64-bit tabulation hash (:class:`~lightfmp.data.strings.TabulationHash`, computed on
+    the Arrow string buffers, no Python string per value) in pandas' khash ``Int64HashTable`` (about 30 bytes
+    per distinct value); the values themselves are appended to ``keys_<j>.txt`` (NUL-separated) as they first
+    appear, so the file lists each once. Two values with one hash would share a raw id (probability about
+    ``n^2 / 2^65`` for ``n`` distinct values: 3e-6 for Criteo's largest field, 10 million).
     """
 
-    def __init__(self, keys_path: Path) -> None:
+    def __init__(self, keys_path: Path, hasher: TabulationHash) -> None:
         self.table = Int64HashTable(1 << 10)
         self.count = 0
-        self._keys = open(keys_path, "w", encoding="utf-8")
+        self._hash = hasher
+        self._keys = open(keys_path, "wb")
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """int64 raw ids of the string ``keys`` of a chunk, adding the new ones."""
-        if len(keys) == 0:
+    def lookup(self, keys: pa.Array) -> np.ndarray:
+        """int64 raw ids of the strings ``keys`` (an Arrow string array, in order of first appearance in the
+        chunk), adding the new ones."""
+        n = len(keys)
+        if n == 0:
             return np.zeros(0, dtype=np.int64)
-        keys = np.asarray(keys, dtype=object)
-        hashes = pd.util.hash_array(keys, categorize=False).view(np.int64)
-        inverse, distinct = pd.factorize(hashes)  # distinct hashes in order of appearance
+        inverse, distinct = pd.factorize(self._hash(keys).view(np.int64))  # distinct hashes in order of appearance
         ids = np.asarray(self.table.lookup(distinct), dtype=np.int64)
         new = np.flatnonzero(ids < 0)
         if len(new):
             first = np.empty(len(distinct), dtype=np.int64)
-            first[inverse[::-1]] = np.arange(len(keys) - 1, -1, -1)  # first position of each distinct hash
+            first[inverse[::-1]] = np.arange(n - 1, -1, -1)  # first position of each distinct hash
+            text = nul_joined(keys.take(pa.array(first[new])))
             fresh = np.arange(self.count, self.count + len(new), dtype=np.int64)
             self.table.map_keys_to_values(distinct[new], fresh)
             ids[new] = fresh
-            added = keys[first[new]].tolist()  # strings (category_codes' keys)
-            text = "\0".join(added)
-            if text.count("\0") != len(added) - 1:
-                bad = next(k for k in added if "\0" in k)
-                raise ValueError(f"a categorical value holds a NUL character: {bad!r}")
-            self._keys.write(("\0" if self.count else "") + text)
+            self._keys.write((b"\0" if self.count else b"") + text)
             self.count += len(new)
         return ids[inverse]
 
     def close(self) -> None:
         self._keys.close()
+
+
+def category_pieces(col: pd.Series) -> Iterator[tuple[np.ndarray, pa.Array]]:
+    """``(codes, keys)`` pieces of a categorical column, in row order: piece row ``i`` holds ``keys[codes[i]]``
+    or is missing (``codes[i] == -1``: null or the empty string); ``keys``: distinct strings (Arrow), in order
+    of first appearance. An Arrow dictionary column (:func:`~lightfmp.data.formats.base.arrow_chunks`) gives
+    its pieces as parsed; another column goes through :func:`category_codes` (one piece)."""
+    if isinstance(col.dtype, pd.ArrowDtype):
+        for piece in col.array.__arrow_array__().chunks:
+            if not pa.types.is_dictionary(piece.type):
+                piece = piece.dictionary_encode()
+            codes = piece.indices.fill_null(-1).to_numpy().astype(np.int64)
+            keys = piece.dictionary
+            empty = np.flatnonzero(pc.binary_length(keys).to_numpy(zero_copy_only=False) == 0)
+            if len(empty):
+                codes[np.isin(codes, empty)] = -1
+            yield codes, keys
+        return
+    codes, keys = category_codes(col)
+    yield codes, pa.array(keys, type=pa.string())
 
 
 def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
@@ -122,7 +147,8 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
     ids: dict[str, NpyWriter] = {}
     offsets: dict[str, NpyWriter] = {}
     values: dict[str, NpyWriter] = {}
-    raw = {f.name: _RawIds(out / f"keys_{files[f.name]}.txt") for f in schema.fields if f.kind != "dense"}
+    hasher = TabulationHash()
+    raw = {f.name: _RawIds(out / f"keys_{files[f.name]}.txt", hasher) for f in schema.fields if f.kind != "dense"}
     nnz = {f.name: 0 for f in schema.fields if f.kind == "multi"}
     for f in schema.fields:
         j = files[f.name]
@@ -133,7 +159,8 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
             offsets[f.name].append(np.zeros(1, dtype=np.int64))
             values[f.name] = NpyWriter(out / f"values_{j}.npy", np.int32)
     rows = 0
-    with progress_bar(chunks.rows, "read", progress) as bar:
+    by_bytes = chunks.rows is None and chunks.size is not None and chunks.position is not None
+    with _read_bar(chunks, progress) as bar:
         for chunk in chunks.frames:
             n = len(chunk)
             label.append(chunk[schema.label].to_numpy(dtype=np.int8))
@@ -145,20 +172,27 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
             dense_out.append(block)
             for f in schema.fields:
                 if f.kind == "sparse":
-                    codes, keys = category_codes(chunk[f.name])
-                    glob = raw[f.name].lookup(keys)
-                    ids[f.name].append(np.where(codes >= 0, glob[np.maximum(codes, 0)], -1))
+                    parts = []
+                    for codes, keys in category_pieces(chunk[f.name]):
+                        glob = raw[f.name].lookup(keys)
+                        parts.append(np.where(codes >= 0, glob[np.maximum(codes, 0)], -1))
+                    ids[f.name].append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
                 elif f.kind == "multi":
                     owner, codes, keys = multi_codes(chunk[f.name], f.separator)
                     counts = np.bincount(owner, minlength=n)
                     offsets[f.name].append(nnz[f.name] + np.cumsum(counts))
                     nnz[f.name] += len(codes)
-                    values[f.name].append(raw[f.name].lookup(keys)[codes])
+                    values[f.name].append(raw[f.name].lookup(pa.array(keys, type=pa.string()))[codes])
             for name, r in raw.items():
                 if r.count >= 2**31:
                     raise ValueError(f"field {name!r} has more than 2^31 distinct values; hash it (hash_buckets)")
             rows += n
-            bar.update(n)
+            if by_bytes:
+                assert chunks.position is not None
+                bar.update(chunks.position() - bar.n)
+                bar.set_postfix_str(f"{rows:,} rows", refresh=False)
+            else:
+                bar.update(n)
     if rows == 0:
         raise ValueError("the data file has no data rows")
     for writer in [label, dense_out, *ids.values(), *offsets.values(), *values.values()] + ([time] if time else []):
@@ -166,8 +200,31 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
     for r in raw.values():
         r.close()
     distinct = {name: r.count for name, r in raw.items()}
-    meta = {"rows": rows, "schema": schema.to_dict(), "dense": dense, "files": files, "distinct": distinct}
+    meta = {
+        "version": CACHE_VERSION,
+        "rows": rows,
+        "schema": schema.to_dict(),
+        "dense": dense,
+        "files": files,
+        "distinct": distinct,
+    }
     write_json(out / "meta.json", meta)
+
+
+def _read_bar(chunks: Chunks, enabled: bool) -> tqdm:
+    """The read bar: in rows when the reader knows the row count, else in bytes of the file."""
+    if chunks.rows is None and chunks.size is not None:
+        return tqdm(
+            total=chunks.size,
+            desc="read",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not (enabled and sys.stderr.isatty()),
+            file=sys.stderr,
+            smoothing=0.1,
+        )
+    return progress_bar(chunks.rows, "read", enabled)
 
 
 def _time_values(col: pd.Series, name: str) -> np.ndarray:
@@ -219,7 +276,7 @@ def fit_streaming(
         if f.hash_buckets is not None:
             states[f.name] = {"type": "hash", "buckets": int(f.hash_buckets)}
             continue
-        keys = raw.keys(f.name)
+        keys = raw.key_array(f.name)
         counts = np.zeros(len(keys), dtype=np.int64)
         if f.kind == "sparse":
             ids = raw.ids(f.name)
@@ -232,11 +289,42 @@ def fit_streaming(
                 lens = np.diff(offsets[start : stop + 1])
                 tokens = values[offsets[start] : offsets[stop]]
                 counts += np.bincount(tokens[np.repeat(mask[start:stop], lens)], minlength=len(keys))
-        states[f.name], lut = pre.fit_vocabulary(f, np.asarray(keys, dtype=object), counts, unique=True)
+        states[f.name], lut = pre.fit_vocabulary(f, keys, counts, unique=True)
         if luts is not None and lut is not None:
             luts[f.name] = lut
     pre.states = {f.name: states[f.name] for f in schema.fields}
     return pre
+
+
+def save_fit(pre: Preprocessor, raw: RawColumns, luts: dict[str, np.ndarray], out: Path) -> None:
+    """Write the fitted ``pre`` into the directory ``out`` (``fit-<options>/`` of :mod:`lightfmp.data.cache`):
+    ``state.json`` without the vocabularies, and each vocabulary field's raw ids in id order from its lookup
+    table ``luts[name]`` (:func:`fit_streaming`'s) as ``vocab_<j>.npy``."""
+    state = pre.state_dict()
+    for name, st in state["fields"].items():
+        if st["type"] == "vocab":
+            lut = luts[name]
+            present = np.flatnonzero(lut)
+            ranked = np.empty(len(present), dtype=np.int32)
+            ranked[lut[present] - 1] = present
+            np.save(out / f"vocab_{raw.field_file(name)}.npy", ranked)
+            state["fields"][name] = {"type": "vocab", "vocab_file": f"vocab_{raw.field_file(name)}.npy"}
+    write_json(out / "state.json", state)
+
+
+def load_fit(raw: RawColumns, directory: Path, luts: dict[str, np.ndarray]) -> Preprocessor:
+    """The preprocessor :func:`save_fit` wrote into ``directory``; each vocabulary field's lookup table (raw id
+    -> id) goes into ``luts``."""
+    state = json.loads((directory / "state.json").read_text())
+    for name, st in state["fields"].items():
+        if st["type"] == "vocab" and "vocab_file" in st:
+            ranked = np.load(directory / st["vocab_file"])
+            keys = raw.key_array(name)
+            lut = np.zeros(len(keys), dtype=np.int64)
+            lut[ranked] = np.arange(1, len(ranked) + 1)
+            luts[name] = lut
+            state["fields"][name] = {"type": "vocab", "vocab": keys.take(pa.array(ranked)).to_pylist()}
+    return Preprocessor.from_state_dict(state)
 
 
 def _fit_dense(

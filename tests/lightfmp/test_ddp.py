@@ -88,3 +88,38 @@ def test_work_on_rank_zero_is_shared_and_its_failure_raised_on_every_rank():
         results[1]["error"]
         == "RankZeroFailed: rank 0 failed in writing the report: ZeroDivisionError: division by zero"
     )
+
+
+@pytest.mark.slow
+def test_ranks_share_one_encoding_of_a_file_without_cache_dir(tmp_path):
+    """A file read under 2 ranks without --data.cache_dir is encoded once, into <output_dir>/data_cache (rank 0
+    builds it before starting rank 1, which maps it), not once per rank in memory; the scores and the kept fields
+    equal one process's (in memory) at the same global batch."""
+    from tests.lightfmp.data.files import write
+    from tests.lightfmp.data.test_cache import criteo_rows
+
+    path = write(tmp_path / "train.txt", "\n".join(criteo_rows(600)) + "\n")
+    common = [
+        "pipeline", "--seed_everything", "0", "--data.format", "criteo", "--data.path", str(path),
+        "--data.pretrain_fraction", "0.5", "--data.progress", "false", "--model.backbone", "dlrm",
+        "--model.embedding_dim", "4", "--model.hidden", "[8]", "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--top_k", "4",
+    ]  # fmt: skip
+    lightfmp(*common, "--data.batch_size", "64", "--output_dir", str(tmp_path / "one"))
+    two = tmp_path / "two"
+    lightfmp(
+        *common, "--data.batch_size", "32", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--output_dir", str(two),
+    )  # fmt: skip
+    assert not (tmp_path / "one" / "data_cache").exists()  # one process: in memory, as before
+    built = [p for p in (two / "data_cache").iterdir() if p.is_dir()]
+    assert [p.name.split("-")[0] for p in built] == ["criteo"]  # one build, no leftover .tmp-*
+    encodings = sorted(p.name.split("-")[0] for p in built[0].iterdir() if p.is_dir())
+    assert encodings == ["encoded", "encoded", "fit"]  # stage 1's fields, then stage 3's kept ones
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    ranks = json.loads((two / "metrics.json").read_text())
+    assert ranks["prune"]["kept_fields"] == single["prune"]["kept_fields"]
+    for stage in ranks:
+        for key in ("auc", "logloss", "test_samples"):
+            if key in single[stage]:
+                assert ranks[stage][key] == pytest.approx(single[stage][key], rel=1e-5, abs=1e-6), (stage, key)

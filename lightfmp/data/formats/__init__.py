@@ -12,9 +12,9 @@ One module per format (its docstring describes the layout): :mod:`.criteo`, :mod
 ``FORMATS`` lists the registered names. Shared helpers live in :mod:`.base`.
 
 :func:`iter_frames` streams a file as :class:`~lightfmp.data.formats.registry.Chunks` (the same frames, a chunk
-at a time): Criteo and Avazu (gzip or not) are read a chunk at a time, so memory holds one chunk; the other
-formats are read whole by :func:`read_frame` and then cut into chunks (small files: MovieLens, Adult; csv and
-Parquet tables).
+at a time; memory holds one chunk): every format registers a chunk reader (gzip streamed too); MovieLens streams
+its ratings and reads its small users and movies tables whole. ``engine="arrow"`` parses Criteo and Avazu with
+pyarrow (what the data cache uses).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def iter_frames(
     cols = None if columns is None else list(columns)
     stream = CHUNK_READERS.get(format)
     if stream is not None:
-        if path is None:
+        if path is None and READERS[format].needs_path:
             raise ValueError(f"format {format!r} needs a path")
         return stream(path, columns=cols, chunksize=chunksize, max_rows=max_rows, schema=schema, engine=engine)
     frame, full = read_frame(format, path, schema, cols, chunksize, max_rows)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    ArrowKind,
     Engine,
     PathLike,
     arrow_chunks,
@@ -20,7 +21,7 @@ from lightfmp.data.formats.base import (
     check_engine,
     check_file,
     concat_chunks,
-    convert_fields,
+    finish_chunks,
     finish_frame,
     override_schema,
     read_chunks,
@@ -48,9 +49,9 @@ def iter_avazu(
     schema: Optional[Schema] = None,
     engine: Engine = "pandas",
 ) -> Chunks:
-    """Avazu CSV with header (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
-    checked (header, field counts, row count) before the first chunk. ``engine="arrow"``: parsed by pyarrow, as
-    :func:`~lightfmp.data.formats.criteo.iter_criteo`."""
+    """Avazu CSV with header (see the module docstring) streamed in chunks of ``chunksize`` rows; the header is
+    checked first, and with ``engine="pandas"`` the field counts and row count too. ``engine="arrow"``: one pass
+    parsed by pyarrow, as :func:`~lightfmp.data.formats.criteo.iter_criteo`."""
     check_engine(engine)
     path = check_file(path)
     header = read_header(path)
@@ -60,7 +61,7 @@ def iter_avazu(
             f"schema does not match {str(path)!r}: missing column(s) {missing} "
             f"(an Avazu file needs 'click' and 'hour'); the file has {header}"
         )
-    rows = scan_fields(path, ",", expected=len(header), skip_lines=1)[1]
+    rows = scan_fields(path, ",", expected=len(header), skip_lines=1)[1] if engine == "pandas" else None
     full = avazu_schema(header)
     full = override_schema(full, schema)
     schema = select_columns(full, columns)
@@ -68,40 +69,47 @@ def iter_avazu(
     usecols = ["click", "hour"] + [n for n in schema.names if n not in derived]
 
     def pandas_chunks() -> Iterator[pd.DataFrame]:
+        if engine == "arrow":
+            scan_fields(path, ",", expected=len(header), skip_lines=1)
         return read_chunks(path, chunksize, max_rows, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""])
+
+    read = [0]  # bytes of the file read by the Arrow path (its progress)
+
+    def advance(position: int) -> None:
+        read[0] = position
 
     def raw() -> Iterator[pd.DataFrame]:
         if engine == "pandas":
             return pandas_chunks()
+        kinds: dict[str, ArrowKind] = {c: ("text" if c in ("click", "hour") else "category") for c in usecols}
         return arrow_then_pandas(
             lambda: arrow_chunks(
-                path, header, {c: "text" for c in usecols}, ",", chunksize, max_rows, skip_rows=1, quote=True
+                path, header, kinds, ",", chunksize, max_rows, skip_rows=1, quote=True, progress=advance
             ),
             pandas_chunks,
         )
 
-    def frames() -> Iterator[pd.DataFrame]:
-        offset = 0
-        for chunk in raw():
-            lines = offset + 2 + np.arange(len(chunk))
-            chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
-            hour = chunk["hour"].astype(str)
-            when = pd.to_datetime(hour, format="%y%m%d%H", errors="coerce")
-            bad = when.isna().to_numpy()
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise ValueError(
-                    f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
-                    "expected YYMMDDHH"
-                )
-            chunk["hour"] = hour.astype(np.int64)
-            chunk["hour_of_day"] = when.dt.hour.astype(str)
-            chunk["weekday"] = when.dt.dayofweek.astype(str)
-            chunk["weekend"] = (when.dt.dayofweek >= 5).astype(int).astype(str)
-            yield convert_fields(chunk, schema, path, lines)
-            offset += len(chunk)
+    def prepare(chunk: pd.DataFrame, lines: np.ndarray) -> pd.DataFrame:
+        chunk["click"] = binary_labels(chunk["click"], path, lines, "click")
+        hour = chunk["hour"].astype(str)
+        when = pd.to_datetime(hour, format="%y%m%d%H", errors="coerce")
+        bad = when.isna().to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"malformed 'hour' {chunk['hour'].iloc[i]!r} in {str(path)!r} at line {int(lines[i])}: "
+                "expected YYMMDDHH"
+            )
+        chunk["hour"] = hour.astype(np.int64)
+        chunk["hour_of_day"] = when.dt.hour.astype(str)
+        chunk["weekday"] = when.dt.dayofweek.astype(str)
+        chunk["weekend"] = (when.dt.dayofweek >= 5).astype(int).astype(str)
+        return chunk
 
-    return Chunks(schema, rows if max_rows is None else min(rows, max_rows), frames())
+    frames = finish_chunks(raw(), schema, path, 2, prepare)
+    if rows is not None:
+        return Chunks(schema, rows if max_rows is None else min(rows, max_rows), frames)
+    return Chunks(schema, None, frames, size=path.stat().st_size, position=lambda: read[0])
 
 
 @register_reader("avazu")

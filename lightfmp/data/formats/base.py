@@ -273,65 +273,138 @@ def check_engine(engine: str) -> None:
         raise ValueError(f"engine must be 'pandas' or 'arrow', got {engine!r}")
 
 
+#: the kinds of column :func:`arrow_chunks` reads: float64 numbers, pandas categoricals of text (labels, times:
+#: a few values), or categorical fields kept as Arrow dictionary arrays (``pd.ArrowDtype``, no Python strings)
+ArrowKind = Literal["number", "text", "category"]
+
+
+def record_blocks(
+    path: Path, block_bytes: int, skip_lines: int = 0, quote: Optional[bytes] = None
+) -> Iterator[tuple[bytes, int]]:
+    """``(block, position)``: the file (decompressed when its name ends in ``.gz``, by Arrow's zlib) in blocks of
+    whole records of about ``block_bytes`` bytes each, ending in a newline, after ``skip_lines`` header lines;
+    ``position``: the bytes of the file (compressed) read so far. With ``quote``, a newline between quotes does
+    not end a record (the quote parity of the block is counted with numpy when it holds a quote).
+    Memory: one block. A truncated or corrupt gzip file raises ``ValueError`` as :func:`gzip_errors`."""
+    import pyarrow as pa
+
+    raw = pa.OSFile(str(path))
+    stream = pa.CompressedInputStream(raw, "gzip") if path.suffix == ".gz" else raw
+    carry, skip = b"", skip_lines
+    with raw, gzip_errors(path):
+        while True:
+            try:
+                piece = stream.read(block_bytes)
+            except OSError as e:  # Arrow's zlib errors
+                raise gzip.BadGzipFile(str(e)) from e
+            data, carry = (carry + piece if carry else piece), b""
+            while skip and (newline := data.find(b"\n")) >= 0:
+                data, skip = data[newline + 1 :], skip - 1
+            if skip and piece:  # the header goes on in the next piece
+                carry = data
+                continue
+            if not piece:  # end of the file: the last record may lack its newline
+                if data and not skip:
+                    yield (data if data.endswith(b"\n") else data + b"\n"), raw.tell()
+                return
+            cut = _last_record_end(data, quote)
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 1 :]
+            yield data[: cut + 1], raw.tell()
+
+
+def _last_record_end(data: bytes, quote: Optional[bytes]) -> int:
+    """Index of the last newline of ``data`` that ends a record (outside quotes), -1 when none does."""
+    if quote is None or quote not in data:
+        return data.rfind(b"\n")
+    arr = np.frombuffer(data, dtype=np.uint8)
+    outside = (np.cumsum(arr == quote[0]) % 2) == 0
+    ends = np.flatnonzero((arr == 10) & outside)
+    return int(ends[-1]) if len(ends) else -1
+
+
 def arrow_chunks(
     path: Path,
     names: Sequence[str],
-    columns: dict[str, str],
+    columns: dict[str, ArrowKind],
     delimiter: str,
     chunksize: int,
     max_rows: Optional[int],
     skip_rows: int = 0,
     quote: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> Iterator[pd.DataFrame]:
-    """Raw chunks of a delimited file read by pyarrow's streaming CSV reader (gzip by the ``.gz`` name):
-    ``columns`` maps each wanted column to ``"number"`` (float64, NaN for an empty value) or ``"text"`` (a pandas
-    categorical of the strings, empty = missing). Arrow makes one string object per distinct value of a chunk
-    where pandas' C parser with ``dtype=str`` makes one per cell, which is most of its time on Criteo.
+    """Raw chunks of a delimited file parsed by pyarrow's multithreaded CSV parser: ``columns`` maps each wanted
+    column to an :data:`ArrowKind` (``"number"``: float64, NaN for an empty value; ``"text"``: a pandas
+    categorical of the strings; ``"category"``: a ``pd.ArrowDtype`` column of Arrow dictionary arrays, one
+    dictionary per parsed block, in order of first appearance; empty = missing in both).
 
-    Chunks hold about ``chunksize`` rows (Arrow cuts by bytes: ``chunksize`` times the mean line length of the
-    first MiB). A value Arrow cannot convert raises ``pyarrow.ArrowInvalid`` (see :func:`arrow_then_pandas`).
-    Measured on a 4M-row Criteo-layout file (``benchmarks/bench_ingest.py``'s): no faster than pandas on two
-    busy cores, and Arrow's reader runs ahead of the consumer, so its memory grows with the file (about 1 GB
-    on 933 MB) where pandas' holds a chunk; the data cache therefore reads with pandas.
+    The file is cut into blocks of whole records here (:func:`record_blocks`, about ``chunksize`` times the
+    mean line length of the first MiB) and each block is parsed by ``pyarrow.csv.read_csv`` on all cores; so
+    memory holds one block (Arrow's own streaming reader reads the whole file ahead: memory grew with the file).
+    A chunk is one block's rows. ``progress(bytes)`` is called with the file bytes read so far before each chunk.
+    A value Arrow cannot convert, a record with another field count or a blank line raises
+    ``pyarrow.ArrowInvalid`` (see :func:`arrow_then_pandas`, which lets the pandas reader name the line).
     """
     import pyarrow as pa
     import pyarrow.csv as pv
 
-    with open_binary(path) as fh:
+    with gzip_errors(path), open_binary(path) as fh:
         head = fh.read(1 << 20)
     line = max(1, len(head) // max(1, head.count(b"\n")))
+    block_bytes = max(1 << 12, chunksize * line)
     text = pa.dictionary(pa.int32(), pa.string())
-    reader = pv.open_csv(
-        str(path),
-        read_options=pv.ReadOptions(
-            column_names=list(names), skip_rows=skip_rows, block_size=max(1 << 14, chunksize * line)
-        ),
-        parse_options=pv.ParseOptions(delimiter=delimiter, quote_char='"' if quote else False),
-        convert_options=pv.ConvertOptions(
-            column_types={c: (pa.float64() if kind == "number" else text) for c, kind in columns.items()},
-            include_columns=list(columns),
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        ),
+    types = {c: (pa.float64() if kind == "number" else text) for c, kind in columns.items()}
+    parse = pv.ParseOptions(delimiter=delimiter, quote_char='"' if quote else False, ignore_empty_lines=False)
+    convert = pv.ConvertOptions(
+        column_types=types,
+        include_columns=list(columns),
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
     )
+    threads = max(1, pa.cpu_count())
     left = max_rows
-    for batch in reader:
-        frame = batch.to_pandas()
+    for block, position in record_blocks(path, block_bytes, skip_rows, b'"' if quote else None):
+        if block.startswith((b"\n", b"\r\n")) or b"\n\n" in block or b"\n\r\n" in block:
+            raise pa.ArrowInvalid("a blank line")  # Arrow would read it as a row of nulls
+        read = pv.ReadOptions(
+            column_names=list(names), use_threads=True, block_size=max(1 << 20, len(block) // threads + 1)
+        )
+        table = pv.read_csv(pa.BufferReader(block), read_options=read, parse_options=parse, convert_options=convert)
+        del block
         if left is not None:
-            frame = frame.iloc[:left]
-            left -= len(frame)
-        if len(frame):
-            yield frame
+            table = table.slice(0, left)
+            left -= table.num_rows
+        if progress is not None:
+            progress(position)
+        if table.num_rows:
+            yield _arrow_frame(table, columns)
         if left is not None and left <= 0:
-            break
+            return
+
+
+def _arrow_frame(table: Any, columns: dict[str, ArrowKind]) -> pd.DataFrame:
+    """The columns of an Arrow table as :func:`arrow_chunks` describes."""
+    out: dict[str, Any] = {}
+    for name, kind in columns.items():
+        col = table.column(name)
+        if kind == "number":
+            out[name] = col.to_numpy()
+        elif kind == "text":
+            out[name] = col.to_pandas()
+        else:
+            out[name] = pd.arrays.ArrowExtensionArray(col)
+    return pd.DataFrame(out)
 
 
 def arrow_then_pandas(
     arrow: Callable[[], Iterator[pd.DataFrame]], pandas: Callable[[], Iterator[pd.DataFrame]]
 ) -> Iterator[pd.DataFrame]:
-    """The chunks of ``arrow()``; when Arrow cannot convert a value, the rest from ``pandas()`` (its first rows,
-    already yielded, skipped), whose checks name the bad value and its line."""
+    """The chunks of ``arrow()``; when Arrow cannot parse or convert the file, the rest from ``pandas()`` (its
+    first rows, already yielded, skipped), whose checks name the bad value or record and its line."""
     import pyarrow as pa
 
     done = 0
@@ -346,6 +419,36 @@ def arrow_then_pandas(
                 continue
             yield frame.iloc[done:]
             done = 0
+
+
+def first_record_fields(path: Path, sep: str) -> int:
+    """The number of ``sep``-separated fields of the first line of ``path`` (gzip by its name); the streaming
+    Arrow reader checks the others while parsing (:func:`arrow_chunks`)."""
+    with gzip_errors(path), open_binary(path) as fh:
+        first = fh.readline()
+    if not first.strip(b"\r\n"):
+        raise ValueError(
+            f"data file {str(path)!r} has no data rows" if not first else f"line 1 of {str(path)!r} is blank"
+        )
+    return first.count(sep.encode()) + 1
+
+
+def finish_chunks(
+    raw: Iterator[pd.DataFrame],
+    schema: Schema,
+    path: Path,
+    first_line: int,
+    prepare: Callable[[pd.DataFrame, np.ndarray], pd.DataFrame],
+) -> Iterator[pd.DataFrame]:
+    """The chunk loop every streaming reader shares: each chunk of ``raw`` with its rows' line numbers
+    (``first_line`` for the file's first data row) passed to ``prepare(chunk, lines)`` (the label and derived
+    columns), then its dense fields converted (:func:`convert_fields`)."""
+    offset = 0
+    for chunk in raw:
+        n = len(chunk)
+        lines = offset + first_line + np.arange(n)
+        yield convert_fields(prepare(chunk, lines), schema, path, lines)
+        offset += n
 
 
 def to_numeric(col: pd.Series, path: Path, first_line: np.ndarray, name: str) -> pd.Series:
@@ -396,12 +499,11 @@ def binary_labels(
 
 
 def check_positive_labels(
-    labels: pd.Series, seen: Iterable[Any], positive: Sequence[Any], path: PathLike, name: str
+    ones: int, rows: int, seen: Iterable[Any], positive: Sequence[Any], path: PathLike, name: str
 ) -> None:
     """With a schema's ``positive`` values: raise when they match none (or all) of the raw labels ``seen``, which
-    would leave every row with label 0 (or 1); ``labels``: the 0/1 labels of the whole file."""
-    ones = int(labels.sum())
-    if 0 < ones < len(labels):
+    would leave every row with label 0 (or 1); ``ones`` of the file's ``rows`` labels are 1."""
+    if 0 < ones < rows:
         return
     values = sorted({str(v) for v in seen})
     shown = values[:20] + (["..."] if len(values) > 20 else [])

@@ -12,6 +12,7 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    ArrowKind,
     Engine,
     PathLike,
     arrow_chunks,
@@ -20,8 +21,9 @@ from lightfmp.data.formats.base import (
     check_engine,
     check_file,
     concat_chunks,
-    convert_fields,
+    finish_chunks,
     finish_frame,
+    first_record_fields,
     override_schema,
     read_chunks,
     scan_fields,
@@ -53,13 +55,16 @@ def iter_criteo(
     schema: Optional[Schema] = None,
     engine: Engine = "pandas",
 ) -> Chunks:
-    """Criteo Kaggle/DAC TSV (see the module docstring) streamed in chunks of ``chunksize`` rows; the file is
-    checked (field counts, row count) before the first chunk. ``engine="arrow"`` parses with pyarrow
-    (:func:`~lightfmp.data.formats.base.arrow_chunks`: categorical fields as pandas categoricals of the same
-    strings, about ``chunksize`` rows a chunk), falling back to pandas for the error of a malformed value."""
+    """Criteo Kaggle/DAC TSV (see the module docstring) streamed in chunks of ``chunksize`` rows.
+
+    ``engine="pandas"``: the file is checked first (field counts, row count: ``Chunks.rows``), then read by
+    pandas' C parser. ``engine="arrow"``: one pass, parsed by pyarrow (:func:`~lightfmp.data.formats.base.
+    arrow_chunks`: categorical fields as Arrow dictionary arrays of the same strings, a chunk per block of about
+    ``chunksize`` rows, progress in bytes); Arrow checks the field counts while parsing, and at its first error
+    the file is checked and read by the pandas path, which names the bad line."""
     check_engine(engine)
     path = check_file(path)
-    n, rows = scan_fields(path, "\t")
+    n, rows = scan_fields(path, "\t") if engine == "pandas" else (first_record_fields(path, "\t"), None)
     if n < 1 + CRITEO_NUM_DENSE + 1:
         raise ValueError(
             f"{str(path)!r} has {n} tab-separated fields; the Criteo layout needs label, "
@@ -92,25 +97,35 @@ def iter_criteo(
             quoting=3,
         )
 
+    def checked_pandas() -> Iterator[pd.DataFrame]:
+        if engine == "arrow":
+            scan_fields(path, "\t", expected=n)
+        return stream_fast_then_exact(pandas_chunks)
+
+    read = [0]  # bytes of the file read by the Arrow path (its progress)
+
+    def advance(position: int) -> None:
+        read[0] = position
+
     def raw() -> Iterator[pd.DataFrame]:
         if engine == "pandas":
-            return stream_fast_then_exact(pandas_chunks)
-        kinds = {c: ("number" if c in dense else "text") for c in usecols}
+            return checked_pandas()
+        kinds: dict[str, ArrowKind] = {
+            c: ("number" if c in dense else "text" if c == "label" else "category") for c in usecols
+        }
         return arrow_then_pandas(
-            lambda: arrow_chunks(path, names, kinds, "\t", chunksize, max_rows),
-            lambda: stream_fast_then_exact(pandas_chunks),
+            lambda: arrow_chunks(path, names, kinds, "\t", chunksize, max_rows, progress=advance),
+            checked_pandas,
         )
 
-    def frames() -> Iterator[pd.DataFrame]:
-        offset = 0
-        for chunk in raw():
-            lines = offset + 1 + np.arange(len(chunk))
-            chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
-            yield convert_fields(chunk, schema, path, lines)
-            offset += len(chunk)
+    def label(chunk: pd.DataFrame, lines: np.ndarray) -> pd.DataFrame:
+        chunk["label"] = binary_labels(chunk["label"], path, lines, "label")
+        return chunk
 
-    total = rows if max_rows is None else min(rows, max_rows)
-    return Chunks(schema, total, frames())
+    frames = finish_chunks(raw(), schema, path, 1, label)
+    if rows is not None:
+        return Chunks(schema, rows if max_rows is None else min(rows, max_rows), frames)
+    return Chunks(schema, None, frames, size=path.stat().st_size, position=lambda: read[0])
 
 
 @register_reader("criteo")

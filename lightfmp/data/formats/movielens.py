@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,14 +14,19 @@ import pandas as pd
 
 from lightfmp.data.formats.base import (
     DEFAULT_CHUNKSIZE,
+    Engine,
     PathLike,
+    check_engine,
     check_field_counts,
     check_file,
+    concat_chunks,
+    finish_chunks,
     finish_frame,
     override_schema,
+    scan_fields,
     select_columns,
 )
-from lightfmp.data.formats.registry import register_reader
+from lightfmp.data.formats.registry import Chunks, register_chunk_reader, register_reader
 from lightfmp.data.schema import FieldSpec, Schema
 
 ML100K_GENRES = (
@@ -67,9 +72,7 @@ def movielens_schema() -> Schema:
     )
 
 
-def _ml_table(path: Path, sep: str, names: Sequence[str], encoding: str) -> pd.DataFrame:
-    check_file(path)
-    check_field_counts(path, sep, expected=len(names))
+def _ml_options(sep: str, names: Sequence[str], encoding: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         sep=sep,
         header=None,
@@ -83,40 +86,51 @@ def _ml_table(path: Path, sep: str, names: Sequence[str], encoding: str) -> pd.D
     if len(sep) > 1:
         kwargs["engine"] = "python"
         kwargs["sep"] = sep.replace(":", "[:]")  # a literal multi-character separator, not a regex
+    return kwargs
+
+
+def _ml_table(path: Path, sep: str, names: Sequence[str], encoding: str) -> pd.DataFrame:
+    """A small MovieLens table (users, movies) read whole."""
+    check_file(path)
+    check_field_counts(path, sep, expected=len(names))
     try:
-        return pd.read_csv(path, **kwargs)
+        return pd.read_csv(path, **_ml_options(sep, names, encoding))
     except pd.errors.ParserError as e:
         raise ValueError(f"malformed row in {str(path)!r}: {e}") from None
 
 
-def _ml_int(col: pd.Series, path: Path, name: str, line_offset: int = 1) -> pd.Series:
+def _ml_int(col: pd.Series, path: Path, name: str, first_line: int = 1) -> pd.Series:
     num = pd.to_numeric(col, errors="coerce")
     bad = (num.isna() | (num != num.round())).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"malformed {name} {col.iloc[i]!r} in {str(path)!r} at line {i + line_offset}: expected an integer"
+            f"malformed {name} {col.iloc[i]!r} in {str(path)!r} at line {i + first_line}: expected an integer"
         )
     return num.astype(np.int64)
 
 
-@register_reader("movielens")
-def read_movielens(
+@register_chunk_reader("movielens")
+def iter_movielens(
     path: PathLike,
     columns: Optional[Iterable[str]] = None,
     chunksize: int = DEFAULT_CHUNKSIZE,
     max_rows: Optional[int] = None,
     schema: Optional[Schema] = None,
-) -> tuple[pd.DataFrame, Schema]:
-    """A GroupLens MovieLens directory (ml-100k or ml-1m layout; see the module docstring)."""
+    engine: Engine = "pandas",
+) -> Chunks:
+    """A GroupLens MovieLens directory (ml-100k or ml-1m layout; see the module docstring): the users and movies
+    tables read whole (thousands of rows), the ratings streamed in chunks of ``chunksize`` rows (pandas' parser,
+    any ``engine``) and joined to them chunk by chunk."""
+    check_engine(engine)
     root = Path(path)
     if root.is_file():
         root = root.parent
     if not root.is_dir():
         raise FileNotFoundError(f"MovieLens directory {str(root)!r} does not exist")
+    rating_names = ["user_id", "item_id", "rating", "timestamp"]
     if (root / "u.data").exists():
-        ratings_path = root / "u.data"
-        ratings = _ml_table(ratings_path, "\t", ["user_id", "item_id", "rating", "timestamp"], "latin-1")
+        ratings_path, sep = root / "u.data", "\t"
         users = _ml_table(root / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip"], "latin-1")
         item_cols = ["item_id", "title", "release_date", "video_release_date", "url"] + [f"g{i}" for i in range(19)]
         items = _ml_table(root / "u.item", "|", item_cols, "latin-1")
@@ -128,8 +142,7 @@ def read_movielens(
         items["genres"] = ["|".join(names[row]) for row in flags]  # once per movie, not per rating
         items["release_year"] = items["release_date"].str.extract(r"(\d{4})\s*$", expand=False)
     elif (root / "ratings.dat").exists():
-        ratings_path = root / "ratings.dat"
-        ratings = _ml_table(ratings_path, "::", ["user_id", "item_id", "rating", "timestamp"], "latin-1")
+        ratings_path, sep = root / "ratings.dat", "::"
         users = _ml_table(root / "users.dat", "::", ["user_id", "gender", "age", "occupation", "zip"], "latin-1")
         items = _ml_table(root / "movies.dat", "::", ["item_id", "title", "genres"], "latin-1")
         items["release_year"] = items["title"].str.extract(r"\((\d{4})\)\s*$", expand=False)
@@ -138,31 +151,62 @@ def read_movielens(
             f"{str(root)!r} is not a MovieLens directory: expected u.data, u.user, u.item (ml-100k) "
             "or ratings.dat, users.dat, movies.dat (ml-1m)"
         )
-    if len(ratings) == 0:
-        raise ValueError(f"data file {str(ratings_path)!r} has no data rows")
-    if max_rows is not None:
-        ratings = ratings.iloc[:max_rows]
-    rating = _ml_int(ratings["rating"], ratings_path, "rating")
-    out_of_range = ~rating.between(1, 5)
-    if out_of_range.any():
-        i = int(np.flatnonzero(out_of_range.to_numpy())[0])
-        raise ValueError(f"rating {rating.iloc[i]} in {str(ratings_path)!r} at line {i + 1}: expected 1..5")
-    ratings["timestamp"] = _ml_int(ratings["timestamp"], ratings_path, "timestamp")
+    check_file(ratings_path)
+    rows = scan_fields(ratings_path, sep, expected=len(rating_names))[1]
     for table, key, what in ((users, "user_id", "users"), (items, "item_id", "movies")):
         dupes = table[key].duplicated()
         if dupes.any():
             raise ValueError(f"MovieLens {what} table in {str(root)!r} lists {key} {table[key][dupes].iloc[0]!r} twice")
-        unknown = ~ratings[key].isin(table[key])
-        if unknown.any():
-            i = int(np.flatnonzero(unknown.to_numpy())[0])
-            raise ValueError(
-                f"rating at line {i + 1} of {str(ratings_path)!r} refers to {key} {ratings[key].iloc[i]!r} "
-                f"that the {what} table does not list"
-            )
     users["zip_prefix"] = users["zip"].str[:3]
-    frame = ratings.merge(users[["user_id", "age", "gender", "occupation", "zip_prefix"]], on="user_id", how="left")
-    frame = frame.merge(items[["item_id", "genres", "release_year"]], on="item_id", how="left")
-    frame["rating"] = (rating.to_numpy() >= 4).astype(np.int8)
-    full = movielens_schema()
-    full = override_schema(full, schema)
-    return finish_frame(frame, select_columns(full, columns), root)
+    users = users[["user_id", "age", "gender", "occupation", "zip_prefix"]]
+    items = items[["item_id", "genres", "release_year"]]
+    full = override_schema(movielens_schema(), schema)
+    schema = select_columns(full, columns)
+
+    def prepare(ratings: pd.DataFrame, lines: np.ndarray) -> pd.DataFrame:
+        first = int(lines[0]) if len(lines) else 1
+        rating = _ml_int(ratings["rating"], ratings_path, "rating", first)
+        out_of_range = ~rating.between(1, 5)
+        if out_of_range.any():
+            i = int(np.flatnonzero(out_of_range.to_numpy())[0])
+            raise ValueError(f"rating {rating.iloc[i]} in {str(ratings_path)!r} at line {i + first}: expected 1..5")
+        ratings["timestamp"] = _ml_int(ratings["timestamp"], ratings_path, "timestamp", first)
+        for table, key, what in ((users, "user_id", "users"), (items, "item_id", "movies")):
+            unknown = ~ratings[key].isin(table[key])
+            if unknown.any():
+                i = int(np.flatnonzero(unknown.to_numpy())[0])
+                raise ValueError(
+                    f"rating at line {i + first} of {str(ratings_path)!r} refers to {key} {ratings[key].iloc[i]!r} "
+                    f"that the {what} table does not list"
+                )
+        frame = (
+            ratings.reset_index(drop=True).merge(users, on="user_id", how="left").merge(items, on="item_id", how="left")
+        )
+        frame["rating"] = (rating.to_numpy() >= 4).astype(np.int8)
+        return frame
+
+    def raw() -> Iterator[pd.DataFrame]:
+        try:
+            yield from pd.read_csv(
+                ratings_path, chunksize=chunksize, nrows=max_rows, **_ml_options(sep, rating_names, "latin-1")
+            )
+        except pd.errors.ParserError as e:
+            raise ValueError(f"malformed row in {str(ratings_path)!r}: {e}") from None
+
+    frames = finish_chunks(raw(), schema, ratings_path, 1, prepare)
+    return Chunks(schema, rows if max_rows is None else min(rows, max_rows), frames)
+
+
+@register_reader("movielens")
+def read_movielens(
+    path: PathLike,
+    columns: Optional[Iterable[str]] = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    max_rows: Optional[int] = None,
+    schema: Optional[Schema] = None,
+) -> tuple[pd.DataFrame, Schema]:
+    """A GroupLens MovieLens directory (ml-100k or ml-1m layout; see the module docstring): :func:`iter_movielens`'s
+    chunks in one frame."""
+    chunks = iter_movielens(path, columns=columns, chunksize=chunksize, max_rows=max_rows, schema=schema)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    return finish_frame(concat_chunks(list(chunks.frames), root), chunks.schema, root)

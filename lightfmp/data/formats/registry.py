@@ -55,11 +55,14 @@ def register_reader(name: str, needs_path: bool = True) -> Callable[[R], R]:
 @dataclass
 class Chunks:
     """A file streamed in chunks: its ``schema``, its number of data ``rows`` (after ``max_rows``; None when not
-    known before reading) and ``frames``, an iterator of frames laid out as :func:`read_frame`'s (consumed once)."""
+    known before reading) and ``frames``, an iterator of frames laid out as :func:`read_frame`'s (consumed once).
+    When ``rows`` is None, ``size`` (bytes of the file) and ``position()`` (bytes read so far) may show progress."""
 
     schema: Schema
     rows: Optional[int]
     frames: Iterator[pd.DataFrame]
+    size: Optional[int] = None
+    position: Optional[Callable[[], int]] = None
 
 
 class ChunkReader(Protocol):

@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -164,17 +165,17 @@ def test_cache_rebuilt_when_file_or_options_change(tmp_path, big_criteo):
     sources = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert len(sources) == 1
     root = cache / sources[0]
-    assert len(list(root.glob("fit-*.json"))) == 1 and len(list(root.glob("encoded-*"))) == 1
+    assert len(list(root.glob("fit-*"))) == 1 and len(list(root.glob("encoded-*"))) == 1
     # other preprocessing options: same raw columns, a new fit and encoding
     CTRDataModule(**common, min_count=2).setup()
     CTRDataModule(**common, seed=3).setup()
-    assert len(list(root.glob("fit-*.json"))) == 3 and len(list(root.glob("encoded-*"))) == 3
+    assert len(list(root.glob("fit-*"))) == 3 and len(list(root.glob("encoded-*"))) == 3
     # fewer fields with the stage-1 vocabularies (the finetune stage): a new encoding, no new fit
     full = CTRDataModule(**common)
     full.setup()
     part = full.for_subset("finetune", fields=["I1", "C2"])
     part.setup()
-    assert len(list(root.glob("fit-*.json"))) == 3 and len(list(root.glob("encoded-*"))) == 4
+    assert len(list(root.glob("fit-*"))) == 3 and len(list(root.glob("encoded-*"))) == 4
     assert part.encoded is not None and part.feature_spec.names == ("I1", "C2")
     # another max_rows or a changed file: new raw columns
     CTRDataModule(**common, max_rows=300).setup()
@@ -344,11 +345,12 @@ def test_arrow_engine_falls_back_to_pandas_errors(tmp_path, bad):
 def test_arrow_engine_reads_the_same_frames(big_criteo):
     arrow = pd.concat(list(iter_frames("criteo", big_criteo, chunksize=100, engine="arrow").frames))
     pandas = pd.concat(list(iter_frames("criteo", big_criteo, chunksize=100).frames))
-    assert isinstance(arrow["C1"].dtype, pd.CategoricalDtype) or arrow["C1"].dtype == object
-    pd.testing.assert_frame_equal(
-        arrow.reset_index(drop=True).astype({c: object for c in arrow.columns if c.startswith("C")}),
-        pandas.reset_index(drop=True),
-    )
+    assert isinstance(arrow["C1"].dtype, pd.ArrowDtype)  # Arrow dictionary arrays: no Python string per value
+    arrow = arrow.reset_index(drop=True)
+    for c in arrow.columns:
+        if c.startswith("C"):
+            arrow[c] = arrow[c].astype(object).where(arrow[c].notna(), np.nan)
+    pd.testing.assert_frame_equal(arrow, pandas.reset_index(drop=True))
     with pytest.raises(ValueError, match="engine must be"):
         iter_frames("criteo", big_criteo, engine="spark")  # type: ignore[arg-type]
 
@@ -366,3 +368,94 @@ def test_fit_lookup_tables_equal_encode_ids(tmp_path, big_criteo):
     for name, lut in luts.items():
         assert np.array_equal(lut, pre.encode_ids(name, np.asarray(raw.keys(name), dtype=object)))
     assert len(raw.keys("C26")) == len(set(raw.keys("C26")))  # each value listed once
+
+
+def _small_table(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(3)
+    n = 250
+    frame = pd.DataFrame({"x": rng.normal(size=n), "u": rng.integers(0, 9, n).astype(str), "y": rng.integers(0, 2, n)})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet", index=False)
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress((tmp_path / "d.csv").read_bytes()))
+    schema = write(tmp_path / "s.yaml", "label: y\nfields:\n  - {name: x, kind: dense}\n  - {name: u}\n")
+    return tmp_path, schema
+
+
+@pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet", "adult", "movielens"])
+def test_every_reader_streams_chunks_equal_to_the_whole_read(tmp_path, fmt):
+    """csv (plain and gzip), Parquet, Adult and MovieLens stream their rows in chunks of ``chunksize`` (not read
+    whole and cut): more than one chunk, none larger, and together the whole read's frame."""
+    from lightfmp.data.formats import read_frame
+    from tests.lightfmp.data.files import ml100k_dir
+
+    schema: Any = None
+    if fmt.startswith("csv") or fmt == "parquet":
+        root, schema = _small_table(tmp_path)
+        path: Any = str(root / f"d.{fmt}")
+        name = "csv" if fmt.startswith("csv") else "parquet"
+    elif fmt == "adult":
+        path, name = None, "adult"
+    else:
+        path, name = str(ml100k_dir(tmp_path / "ml")), "movielens"
+    size = 3 if name == "movielens" else 37  # the MovieLens sample has 4 ratings
+    whole, _ = read_frame(name, path, schema=schema, max_rows=5000)
+    chunks = iter_frames(name, path, schema=schema, chunksize=size, max_rows=5000)
+    frames = list(chunks.frames)
+    assert len(frames) > 1 and max(len(f) for f in frames) <= size
+    streamed = pd.concat(frames, ignore_index=True)[list(whole.columns)]
+    pd.testing.assert_frame_equal(streamed, whole)
+    assert chunks.rows == len(whole)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda f: f[:-1], "line 204: it has 39 fields, expected 40"),
+        (lambda f: f + ["x"], "line 204: it has 41 fields, expected 40"),
+        (lambda f: [], "line 204: it is blank"),
+    ],
+    ids=["short", "long", "blank"],
+)
+def test_arrow_reader_names_a_malformed_record(tmp_path, edit, message):
+    """The Arrow path does not check the file first: a record with another field count (or a blank line) stops
+    Arrow, and the checked pandas path names the line, for the reader and for the cache build."""
+    rows = criteo_rows(300)
+    rows[203] = "\t".join(edit(rows[203].split("\t")))
+    path = write(tmp_path / "bad.txt", "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=message):
+        list(iter_frames("criteo", path, chunksize=64, engine="arrow").frames)
+    with pytest.raises(ValueError, match=message):
+        CTRDataModule(format="criteo", path=str(path), cache_dir=str(tmp_path / "c"), progress=False).setup()
+
+
+def test_arrow_reader_streams_gzip_and_reports_bytes(tmp_path, big_criteo):
+    """A gzip file is read by the Arrow path in blocks (several chunks), its progress in compressed bytes."""
+    path = tmp_path / "train.txt.gz"
+    path.write_bytes(gzip.compress(big_criteo.read_bytes()))
+    chunks = iter_frames("criteo", path, chunksize=100, engine="arrow")
+    assert chunks.rows is None and chunks.size == path.stat().st_size and chunks.position is not None
+    sizes, positions = [], []
+    for frame in chunks.frames:
+        sizes.append(len(frame))
+        positions.append(chunks.position())
+    assert len(sizes) > 2 and sum(sizes) == 600 and positions[-1] == path.stat().st_size
+    truncated = tmp_path / "cut.txt.gz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        list(iter_frames("criteo", truncated, chunksize=100, engine="arrow").frames)
+
+
+def test_tabulation_hash_and_nul_joined_round_trip(tmp_path):
+    import pyarrow as pa
+
+    from lightfmp.data.strings import TabulationHash, nul_joined, read_nul_joined
+
+    values = ["", "a", "ab", "ba", "é", "a" * 300, "x\u20acy", "ab"]
+    arr = pa.array(values)
+    h = TabulationHash()(arr)
+    assert h[2] == h[7] and len(set(h[:7].tolist())) == 7 and h[0] == 0
+    assert np.array_equal(TabulationHash()(arr.slice(2, 3)), h[2:5])  # an array's offset is honoured
+    (tmp_path / "k.txt").write_bytes(nul_joined(arr.slice(1)))
+    assert read_nul_joined(tmp_path / "k.txt", 7).to_pylist() == values[1:]
+    with pytest.raises(ValueError, match="NUL"):
+        nul_joined(pa.array(["ok", "a\0b"]))
