@@ -8,19 +8,25 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
+from torch.utils.data import DataLoader
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightfmp.torchrec_strategy import (  # importing lightfmp registers the strategy
+    FUSED_STATE_KEY,
     TorchRecStrategy,
+    fused_optimizer_state,
+    gather_fused_state,
     gather_state_dict,
     load_full_state_dict,
     load_sharded,
@@ -71,9 +77,9 @@ def _model(dim: int) -> nn.ModuleDict:
     return nn.ModuleDict({"ebc": _collection(dim), "head": nn.Linear(len(FEATURES) * dim, 1)})
 
 
-def _rows(batch: int, rows: list[int]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-    """Rows ``rows`` of a fixed random batch: ids (0-2 per field) and targets."""
-    g = torch.Generator().manual_seed(1)
+def _rows(batch: int, rows: list[int], seed: int = 1) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """Rows ``rows`` of a fixed random batch (``seed``): ids (0-2 per field) and targets."""
+    g = torch.Generator().manual_seed(seed)
     ids = [
         [torch.randint(0, 10, (int(n),), generator=g) for n in torch.randint(0, 3, (3,), generator=g)]
         for _ in range(batch)
@@ -305,3 +311,121 @@ def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path
     first = json.loads((tmp_path / "first" / "metrics.json").read_text())["pretrain"]
     assert entry["train_samples"] == first["train_samples"]  # one more epoch of the same rows
     assert (tmp_path / "resumed" / "pretrain.ckpt").is_file()
+
+
+class _Tiny(L.LightningModule):
+    """Three tables (``t_a`` table-wise, ``t_b`` column-wise in two shards, ``t_c`` data-parallel) and a linear
+    head; the dense part (head and ``t_c``) under Adagrad, the fused tables under row-wise Adagrad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ebc, self.head, self.lr = _collection(8), nn.Linear(len(FEATURES) * 8, 1), LR
+
+    def training_step(self, batch: tuple[KeyedJaggedTensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return _loss(self, *batch)  # type: ignore[arg-type]
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return getattr(self, name)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adagrad(self.parameters(), lr=LR)
+
+
+STEPS, BATCH = 4, 8  # steps per epoch, global batch
+
+
+def _rank_batch(step: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """This rank's rows of the global batch ``step`` (every world size splits the same global batches)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = BATCH // world
+    return _rows(BATCH, list(range(rank * per, (rank + 1) * per)), seed=100 + step)
+
+
+def _fit(world: int, epochs: int, fmt: str, ckpt_path: Optional[str]) -> L.Trainer:
+    strategy = TorchRecStrategy(
+        table_sharding={"b": "column_wise", "c": "data_parallel"},
+        column_shard_dim=4,
+        fused_optimizer="rowwise_adagrad",
+        fused_lr=LR,
+        checkpoint_format=fmt,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_epochs=epochs, use_distributed_sampler=False,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    data = DataLoader(range(STEPS), batch_size=None, collate_fn=_rank_batch)
+    trainer.fit(_Tiny(), train_dataloaders=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _resume_worker(rank: int, world: int, port: int, tasks: list, results: dict) -> None:
+    """Each task ``(name, epochs, ckpt_path, saves)``: a fresh module and trainer fit to ``epochs`` (resumed from
+    ``ckpt_path``), then ``saves`` (``[(format, path)]``) written; rank 0 records the whole tables and fused
+    optimizer state. A task ``("drop", path, out)``: rank 0 copies the file checkpoint without the fused state."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world)
+    )
+    for task in tasks:
+        if task[0] == "drop":
+            if rank == 0:
+                checkpoint = torch.load(task[1], weights_only=False)
+                del checkpoint[FUSED_STATE_KEY]
+                torch.save(checkpoint, task[2])
+            dist.barrier()
+            continue
+        name, epochs, ckpt_path, saves = task
+        trainer = _fit(world, epochs, "file", ckpt_path)
+        strategy = trainer.strategy
+        assert isinstance(strategy, TorchRecStrategy)
+        for fmt, path in saves:
+            strategy.checkpoint_format = fmt
+            trainer.save_checkpoint(path)
+        tables = gather_state_dict(trainer.lightning_module)
+        fused = gather_fused_state(fused_optimizer_state(strategy.fused_embedding_optimizer))
+        if rank == 0:
+            results[name] = ({k: v.clone() for k, v in tables.items()}, fused)
+    dist.destroy_process_group()
+
+
+def _spawn_resume(world: int, tasks: list) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(_resume_worker, args=(world, free_port(), tasks, results), nprocs=world, join=True)
+    return dict(results)
+
+
+def _max_difference(a: tuple[dict, dict], b: tuple[dict, dict]) -> float:
+    assert a[0].keys() == b[0].keys() and a[1].keys() == b[1].keys()
+    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.slow
+def test_resume_restores_the_fused_optimizer_state_at_any_world_size(tmp_path):
+    """2 ranks x 2 epochs uninterrupted equal 1 epoch + checkpoint + resume to 2 epochs: tables and the fused
+    row-wise Adagrad accumulators (table-wise and column-wise tables), from a single-file checkpoint on 2 ranks, a
+    2-rank DCP directory on 1 rank and a 1-rank DCP directory on 2 ranks. The same file without the fused state
+    resumes (with a warning) to different tables: the accumulators matter."""
+    f2, d2, d1, dropped = (str(tmp_path / n) for n in ("two.ckpt", "two-dcp", "one-dcp", "dropped.ckpt"))
+    two = _spawn_resume(
+        2,
+        [
+            ("straight", 2, None, []),
+            ("first", 1, None, [("file", f2), ("dcp", d2)]),
+            ("drop", f2, dropped),
+            ("file 2->2", 2, f2, []),
+            ("no fused state", 2, dropped, []),
+        ],
+    )
+    one = _spawn_resume(1, [("dcp 2->1", 2, d2, []), ("first on one", 1, None, [("dcp", d1)])])
+    again = _spawn_resume(2, [("dcp 1->2", 2, d1, [])])
+    straight = two["straight"]
+    assert set(straight[1]) == {
+        "ebc.embedding_bags.t_a.weight/t_a.momentum1",
+        "ebc.embedding_bags.t_b.weight/t_b.momentum1",
+    }
+    assert straight[1]["ebc.embedding_bags.t_b.weight/t_b.momentum1"].shape == (22,)  # 11 rows x 2 column shards
+    assert all(float(v.max()) > 0 for v in straight[1].values())  # accumulated squared gradients
+    assert _max_difference(one["first on one"], two["first"]) < 1e-5  # 1 rank x batch 8 == 2 ranks x batch 4
+    for resumed in (two["file 2->2"], one["dcp 2->1"], again["dcp 1->2"]):
+        assert _max_difference(resumed, straight) < 1e-5
+    assert _max_difference(two["no fused state"], straight) > 1e-3
