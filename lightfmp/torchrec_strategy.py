@@ -32,8 +32,10 @@ world size (and without this strategy); ``load_model_state_dict`` loads a whole-
 (each rank copies its shards). ``dcp`` writes a directory with ``torch.distributed.checkpoint``, each rank its
 own shards, plus ``lightning.pt`` (everything but the model's tensors, from rank 0); ``ckpt_path`` may name such
 a directory, written by any world size (a checkpoint is loaded before the module is sharded, so DCP reads whole
-tables into it, which are then copied into the new shards). Light-FMP's stage files (``pretrain.ckpt`` ...) are
-single files either way.
+tables into it, which are then copied into the new shards). Light-FMP's stage checkpoints (``pretrain.ckpt``,
+``pruned.ckpt``, ``finetune.ckpt``) follow ``checkpoint_format``: with ``dcp`` each is such a directory, written
+shard-wise by every rank into the stage's staging directory (:mod:`lightfmp.staging`), and the next stage reads
+it whole (:func:`read_sharded_whole`, no process group needed) at any world size.
 
 Fused optimizer state: a checkpoint with the optimizers' state (not ``weights_only``) also holds DMP's
 ``fused_optimizer`` state under ``FUSED_STATE_KEY`` (e.g. row-wise Adagrad's accumulator, one per row; per-row
@@ -51,8 +53,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -76,9 +77,11 @@ __all__ = [
     "fused_optimizer_state",
     "gather_fused_state",
     "gather_state_dict",
+    "is_sharded_checkpoint",
     "load_full_state_dict",
     "load_fused_sharded",
     "load_sharded",
+    "read_sharded_whole",
     "register_torchrec_strategy",
     "save_sharded",
     "shard_embeddings",
@@ -254,6 +257,35 @@ def load_sharded(module: nn.Module, directory: Path) -> dict[str, Any]:
     for key, value in state.items():  # DCP reads into the given tensors; make sure plain entries reached the module
         if not _is_sharded(value) and isinstance(value, torch.Tensor):
             _local_copy(own[key], value)
+    rest = read_dcp_metadata(directory)
+    rest["state_dict"] = state
+    return rest
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a complete ``torch.distributed.checkpoint`` directory (DCP writes ``.metadata`` last,
+    once every rank has written its shards)."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_sharded_whole(directory: Path) -> dict[str, Any]:
+    """A :func:`save_sharded` directory as one checkpoint dict with whole tensors: its ``DCP_METADATA`` dict plus
+    ``state_dict``, read by this process alone (no collective, no module needed; any world size wrote it). Each
+    tensor is allocated whole from DCP's metadata, so this costs the whole model's memory, as a single file would."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_sharded_checkpoint(directory):
+        raise ValueError(f"{str(directory)!r} is not a complete torch.distributed.checkpoint directory (no .metadata)")
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    prefix = "state_dict."
+    state: dict[str, Any] = {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if fqn.startswith(prefix):
+            if not isinstance(item, TensorStorageMetadata):
+                raise ValueError(f"{directory}: entry {fqn!r} is not a tensor; expected a module's state dict")
+            state[fqn[len(prefix) :]] = torch.empty(item.size, dtype=item.properties.dtype)
+    dcp.load({"state_dict": state}, checkpoint_id=str(directory), no_dist=True)
     rest = read_dcp_metadata(directory)
     rest["state_dict"] = state
     return rest
@@ -467,7 +499,7 @@ class TorchRecStrategy(DDPStrategy):
         checkpoint_format: ``file`` (default: one Lightning file, tables gathered whole on rank 0) or ``dcp``
             (a directory by ``torch.distributed.checkpoint``, each rank writing its shards, plus
             ``lightning.pt`` with the rest; loadable by any world size as ``ckpt_path``). Light-FMP's stage
-            files are written whole either way (:meth:`whole_tables`).
+            checkpoints (``pretrain.ckpt``, ``pruned.ckpt``, ``finetune.ckpt``) follow it.
         Other arguments: as Lightning's ``DDPStrategy`` (``timeout``, ``process_group_backend``, ...);
         ``static_graph`` / ``find_unused_parameters`` and other DDP keyword arguments go to the DDP around the
         dense part.
@@ -526,7 +558,6 @@ class TorchRecStrategy(DDPStrategy):
         self.fused_weight_decay = fused_weight_decay
         self.checkpoint_format = checkpoint_format
         self.sharding_plan: Optional[Any] = None
-        self._whole_tables = False
         self._fused: Optional[Any] = None  # DMP's fused_optimizer, kept past teardown (a checkpoint after fit)
 
     @classmethod
@@ -587,17 +618,8 @@ class TorchRecStrategy(DDPStrategy):
         sharded; None before, or without tables."""
         return self._fused
 
-    @contextmanager
-    def whole_tables(self) -> Iterator[None]:
-        """Checkpoints saved inside are single files with whole tables, whatever ``checkpoint_format``."""
-        self._whole_tables = True
-        try:
-            yield
-        finally:
-            self._whole_tables = False
-
     def _sharded_format(self) -> bool:
-        return self.checkpoint_format == "dcp" and not self._whole_tables
+        return self.checkpoint_format == "dcp"
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightfmp import staging
+from lightfmp.cli import run_cli
 from lightfmp.torchrec_strategy import (  # importing lightfmp registers the strategy
     FUSED_STATE_KEY,
     TorchRecStrategy,
@@ -184,39 +186,38 @@ def _same_scores(a: dict, b: dict, stages: tuple[str, ...]) -> None:
                 assert a[stage][key] == pytest.approx(b[stage][key], rel=1e-5, abs=1e-6), (stage, key)
 
 
+def _prune_worker(rank: int, port: int, argv: list[str]) -> None:
+    """``lightfmp prune ARGV`` on rank ``rank`` of 2 (a process group as the pipeline's prune has)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        run_cli(["prune", *argv])
+    finally:
+        dist.destroy_process_group()
+
+
+def _distcp(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.distcp"))
+
+
 @pytest.mark.slow
-def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_world_sizes(tmp_path):
-    """Tables table-wise, column-wise (two shards) and data-parallel in one model: 2 ranks x batch 32 give every
-    stage's scores and the kept fields of 1 process x batch 64 under the same strategy (same fused optimizer).
-    Then finetune again from the other run's pruned checkpoint with the other world size (2 -> 1, 1 -> 2): the
-    scores do not change."""
+def test_sharded_pipeline_on_two_ranks_equals_one_process_and_stage_checkpoints_cross_world_sizes(tmp_path):
+    """Tables table-wise, column-wise (two shards) and data-parallel in one model, ``checkpoint_format dcp``: 2 ranks
+    x batch 32 give every stage's scores and the kept fields of 1 process x batch 64 under the same strategy (same
+    fused optimizer); each stage checkpoint is a DCP directory, one shard file per rank. Then the stages read them
+    at the other world size and the scores do not change: prune on 1 process reads the 2-rank pretrain directory
+    (2 -> 1) and writes a single file, finetune on 2 ranks reads it and writes a gathered file; prune on 2 ranks
+    reads the 1-process pretrain directory (1 -> 2) and writes a 2-rank directory, which finetune on 1 process
+    reads (2 -> 1). Each replaces a directory by a file, or the reverse, in the output directory."""
     one, two = tmp_path / "one", tmp_path / "two"
-    lightfmp(
-        "pipeline",
-        *STAGE,
-        "--top_k",
-        "7",
-        *SHARDED,
-        "--data.batch_size",
-        "64",
-        "--trainer.devices",
-        "1",
-        "--output_dir",
-        str(one),
+    dcp = [*SHARDED, "--trainer.strategy.checkpoint_format", "dcp"]
+    file = [*SHARDED, "--trainer.strategy.checkpoint_format", "file"]
+    on_one, on_two = (
+        ["--data.batch_size", "64", "--trainer.devices", "1"],
+        ["--data.batch_size", "32", "--trainer.devices", "2"],
     )
-    done = lightfmp(
-        "pipeline",
-        *STAGE,
-        "--top_k",
-        "7",
-        *SHARDED,
-        "--data.batch_size",
-        "32",
-        "--trainer.devices",
-        "2",
-        "--output_dir",
-        str(two),
-    )
+    lightfmp("pipeline", *STAGE, "--top_k", "7", *dcp, *on_one, "--output_dir", str(one))
+    done = lightfmp("pipeline", *STAGE, "--top_k", "7", *dcp, *on_two, "--output_dir", str(two))
     plan = done.stdout + done.stderr
     assert "column_wise" in plan and "data_parallel" in plan and "rank:1/cpu" in plan
     single, ranks = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
@@ -224,22 +225,28 @@ def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_
     assert ranks["prune"]["kept_fields"] == single["prune"]["kept_fields"]
     _same_scores(ranks, single, ("pretrain", "prune", "finetune"))
     assert not list(two.glob(".staging-*"))
-    # the stage checkpoints hold whole tables: finetune the 2-rank run's pruned model on 1 process and vice versa
-    for source, devices, batch in ((two, "1", "64"), (one, "2", "32")):
-        again = tmp_path / f"again-{source.name}"
-        shutil.copytree(source, again)
-        lightfmp(
-            "finetune",
-            *STAGE,
-            *SHARDED,
-            "--data.batch_size",
-            batch,
-            "--trainer.devices",
-            devices,
-            "--output_dir",
-            str(again),
-        )
-        _same_scores(json.loads((again / "metrics.json").read_text()), single, ("finetune",))
+    assert _distcp(two / "pretrain.ckpt") == _distcp(two / "finetune.ckpt") == ["__0_0.distcp", "__1_0.distcp"]
+    assert _distcp(one / "pretrain.ckpt") == ["__0_0.distcp"] and (one / "pruned.ckpt").is_dir()
+    # 2 -> 1: prune on one process from the 2-rank directory, a single-file pruned.ckpt, finetuned on 2 ranks
+    down = tmp_path / "down"
+    shutil.copytree(two, down)
+    lightfmp("prune", *STAGE, "--top_k", "7", *file, *on_one, "--output_dir", str(down))
+    assert (down / "pruned.ckpt").is_file() and not (down / "finetune.ckpt").exists()
+    lightfmp("finetune", *STAGE, *file, *on_two, "--output_dir", str(down))
+    assert (down / "finetune.ckpt").is_file()
+    # 1 -> 2: prune on 2 ranks from the 1-process directory, a 2-rank pruned.ckpt, finetuned on one process
+    up = tmp_path / "up"
+    shutil.copytree(one, up)
+    argv = [*STAGE, "--top_k", "7", *dcp, *on_one, "--output_dir", str(up)]
+    mp.spawn(_prune_worker, args=(free_port(), argv), nprocs=2, join=True)
+    assert _distcp(up / "pruned.ckpt") == ["__0_0.distcp", "__1_0.distcp"]
+    lightfmp("finetune", *STAGE, *file, *on_one, "--output_dir", str(up))
+    assert (up / "finetune.ckpt").is_file()
+    for again in (down, up):
+        metrics = json.loads((again / "metrics.json").read_text())
+        assert metrics["prune"]["kept_fields"] == single["prune"]["kept_fields"]
+        _same_scores(metrics, single, ("pretrain", "prune", "finetune"))
+        assert not list(again.glob(".staging-*"))
 
 
 def _dcp_worker(rank: int, world: int, port: int, directory: str, save: bool, sharding: str, results: dict) -> None:
@@ -429,3 +436,56 @@ def test_resume_restores_the_fused_optimizer_state_at_any_world_size(tmp_path):
     for resumed in (two["file 2->2"], one["dcp 2->1"], again["dcp 1->2"]):
         assert _max_difference(resumed, straight) < 1e-5
     assert _max_difference(two["no fused state"], straight) > 1e-3
+
+
+def _entry(auc: float) -> dict:
+    return {"auc": auc, "logloss": 0.5, "fields": 3, "parameters": 10}
+
+
+def _checkpoint_directory(path: Path, text: str) -> None:
+    path.mkdir()
+    (path / "__0_0.distcp").write_text(text)
+    (path / ".metadata").write_text("written last")
+
+
+def test_a_committed_checkpoint_directory_replaces_a_file_and_the_reverse(tmp_path, monkeypatch):
+    """Staging with sharded (directory) stage checkpoints: a directory counts as written only with DCP's
+    ``.metadata``; committed, it replaces a file of that name (and a file replaces a directory), later stages'
+    directories are removed, and a commit cut short between the renames is finished by ``recover``."""
+    out = tmp_path / "out"
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").write_text("file")
+        staged.path("preprocessor.json").write_text("{}")
+        staged.commit(_entry(0.5))
+    _checkpoint_directory(out / "finetune.ckpt", "later stage")
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").mkdir()
+        staged.path("preprocessor.json").write_text("{}")
+        with pytest.raises(RuntimeError, match=r"did not write \['pretrain.ckpt'\]"):
+            staged.commit(_entry(0.6))  # no .metadata: a directory DCP has not finished
+    assert (out / "pretrain.ckpt").read_text() == "file"
+    real_replace = Path.replace
+
+    def cut_short(self: Path, target: Path) -> Path:
+        if self.name == "pretrain.ckpt" and self.is_dir():
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(self, target)
+
+    with staging.staged_outputs(out, "pretrain") as staged:
+        _checkpoint_directory(staged.path("pretrain.ckpt"), "shards")
+        staged.path("preprocessor.json").write_text("{}")
+        monkeypatch.setattr(staging.Path, "replace", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            staged.commit(_entry(0.7))
+        monkeypatch.undo()
+    assert not (out / "pretrain.ckpt").exists() and not (out / "finetune.ckpt").exists()
+    assert json.loads((out / "metrics.json").read_text()) == {}
+    with staging.locked(out):
+        assert staging.recover(out) == ["pretrain"]
+    assert (out / "pretrain.ckpt" / "__0_0.distcp").read_text() == "shards"
+    assert json.loads((out / "metrics.json").read_text()) == {"pretrain": _entry(0.7)}
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").write_text("file again")
+        staged.path("preprocessor.json").write_text("{}")
+        staged.commit(_entry(0.8))
+    assert (out / "pretrain.ckpt").read_text() == "file again" and not staging.staging_directories(out)
