@@ -298,8 +298,8 @@ def test_sharded_checkpoint_directories_load_with_another_world_size(tmp_path):
 @pytest.mark.slow
 def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path):
     """``checkpoint_format dcp``: a ModelCheckpoint of a 2-rank pretrain fit is a directory with one shard file per
-    rank; ``pretrain --ckpt_path`` on 1 process restores it and trains the remaining epoch; the stage file is still
-    one whole-table ``pretrain.ckpt``."""
+    rank; ``pretrain --ckpt_path`` on 1 process restores it and trains the remaining epoch; the stage checkpoint
+    ``pretrain.ckpt`` is a DCP directory too, of the resumed run's one rank."""
     dcp = [*SHARDED, "--trainer.strategy.checkpoint_format", "dcp"]
     ckpts = tmp_path / "ckpts"
     lightfmp(
@@ -317,7 +317,7 @@ def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path
     entry = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["pretrain"]
     first = json.loads((tmp_path / "first" / "metrics.json").read_text())["pretrain"]
     assert entry["train_samples"] == first["train_samples"]  # one more epoch of the same rows
-    assert (tmp_path / "resumed" / "pretrain.ckpt").is_file()
+    assert _distcp(tmp_path / "resumed" / "pretrain.ckpt") == ["__0_0.distcp"]
 
 
 class _Tiny(L.LightningModule):
