@@ -46,6 +46,23 @@ column shards: otherwise a ``ValueError`` names the difference). Its learning ra
 ``fused_lr``, not saved. A checkpoint without the state resumes with a warning and a fresh state. On the CPU FBGEMM
 runs ``sgd``, ``rowwise_adagrad`` and ``adagrad``; ``adam`` needs CUDA.
 
+TorchRec's ``TrainPipelineSparseDist`` (the next batch's input all-to-all started before the current forward) is
+not used. It runs on the CPU: it creates CUDA streams only for a ``cuda``/``mtia`` device and otherwise runs its
+stages in order in one stream; ``benchmarks/probe_train_pipeline.py`` (2 gloo ranks, table-wise, column-wise and
+data-parallel tables) shows it pipelining the sharded collection and giving the plain loop's weights exactly. It
+does not fit a Lightning training step: it owns the step, pulling batches from the iterator itself (two ahead of
+the one it trains), calling ``model(batch)`` for ``(loss, output)``, then backward, ``zero_grad`` and ``step``;
+Lightning's automatic optimization calls ``training_step(batch, batch_idx)`` with one batch and runs backward and
+the step itself. Driving it needs a LightningModule written for it (``automatic_optimization = False``,
+``training_step(self, dataloader_iter)`` calling ``pipeline.progress``, a ``torchrec.streamable.Pipelineable``
+batch, a forward returning ``(loss, output)`` that ``torch.fx`` can trace up to the sharded modules, whose input
+must be an attribute of the batch; the pipeline detached around evaluation, as it replaces the sharded modules'
+forward; and the epoch's last two batches drained, as Lightning ends the epoch once the iterator is exhausted).
+A strategy cannot impose that on a module, and Light-FMP's module trains with automatic optimization, so there is
+no ``pipeline`` option. Its overlap pays on a GPU (copy and input distribution on their own CUDA streams): there,
+write such a training step and build ``TrainPipelineSparseDist(dmp, CombinedOptimizer([fused, dense]), device)``
+once the strategy has sharded the module.
+
 Tested on CPU with gloo; ``row_wise`` and NCCL are untested here (no GPU).
 """
 
