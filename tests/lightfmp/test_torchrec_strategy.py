@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightfmp import staging
 from lightfmp.cli import run_cli
+from lightfmp.saved_run import load_run
 from lightfmp.torchrec_strategy import (  # importing lightfmp registers the strategy
     FUSED_STATE_KEY,
     TorchRecStrategy,
@@ -227,6 +228,8 @@ def test_sharded_pipeline_on_two_ranks_equals_one_process_and_stage_checkpoints_
     assert not list(two.glob(".staging-*"))
     assert _distcp(two / "pretrain.ckpt") == _distcp(two / "finetune.ckpt") == ["__0_0.distcp", "__1_0.distcp"]
     assert _distcp(one / "pretrain.ckpt") == ["__0_0.distcp"] and (one / "pruned.ckpt").is_dir()
+    saved = load_run(two)  # what predict and export read: the 2-rank finetune directory, whole
+    assert saved.stage == "finetune" and saved.module.num_parameters() == ranks["finetune"]["parameters"]
     # 2 -> 1: prune on one process from the 2-rank directory, a single-file pruned.ckpt, finetuned on 2 ranks
     down = tmp_path / "down"
     shutil.copytree(two, down)
