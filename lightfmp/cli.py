@@ -116,7 +116,15 @@ class LightFMPTrainer(L.Trainer):
         """
         check_selection(selection, top_k)
         _, report, entry = stages.prune(
-            output_dir, datamodule, checkpoint, threshold, top_k, selection, self.max_epochs, allow_data_mismatch
+            output_dir,
+            datamodule,
+            checkpoint,
+            threshold,
+            top_k,
+            selection,
+            self.max_epochs,
+            allow_data_mismatch,
+            getattr(self.strategy, "checkpoint_format", None),  # the torchrec strategy's; else as pretrain.ckpt
         )
         if is_rank_zero():
             print(report.to_string(index=False))

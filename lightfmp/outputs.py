@@ -29,7 +29,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,6 +40,7 @@ from lightfmp.callbacks import TrainingThroughput
 from lightfmp.data.datamodule import DATAMODULE_CHECKPOINT_KEY, preprocessor_from_state
 from lightfmp.data.preprocess import Preprocessor
 from lightfmp.lightning_module import LIGHTFMP_CHECKPOINT_KEY, LightFMPModule
+from lightfmp.torchrec_strategy import read_sharded_whole, save_sharded
 
 PathLike = Union[str, Path]
 STAGES = ("pretrain", "prune", "finetune")
@@ -214,34 +214,34 @@ def save_checkpoint(
     path: Path,
     extra: dict[str, Any],
     preprocessor: Optional[dict[str, Any]] = None,
+    sharded: bool = False,
 ) -> None:
     """A Lightning checkpoint (loadable by ``LightFMPModule.load_from_checkpoint``) plus ``extra`` under 'lightfmp'.
 
-    With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included. Without one,
-    ``preprocessor`` (a :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it.
+    With a ``trainer``, Lightning writes it, the fitted datamodule's preprocessor included: one file, or under the
+    ``torchrec`` strategy with ``checkpoint_format dcp`` a ``torch.distributed.checkpoint`` directory that each rank
+    writes its shards into (every rank calls this). Without one, ``preprocessor`` (a
+    :func:`~lightfmp.data.datamodule.preprocessor_state` dict) goes where Lightning would put it; ``sharded``: write
+    such a directory (a collective under DDP: every rank calls it), else one file (rank 0 calls it).
     """
     if trainer is not None:  # every rank calls it under DDP (Lightning writes on rank 0, then a barrier)
         module.checkpoint_extra = extra  # added by LightFMPModule.on_save_checkpoint
         try:
-            whole = getattr(trainer.strategy, "whole_tables", None)  # torchrec strategy: one file, whole tables
-            with whole() if whole is not None else nullcontext():
-                trainer.save_checkpoint(path, weights_only=True)  # into a staging directory: no temporary name needed
+            trainer.save_checkpoint(path, weights_only=True)  # into a staging directory: no temporary name needed
         finally:
             module.checkpoint_extra = None
         return
-
-    def write(tmp: Path) -> None:
-        checkpoint = {
-            "state_dict": module.state_dict(),
-            LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
-            "pytorch-lightning_version": L.__version__,
-            LIGHTFMP_CHECKPOINT_KEY: extra,
-        }
-        if preprocessor is not None:
-            checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
-        torch.save(checkpoint, tmp)
-
-    atomic_write(path, write)
+    checkpoint = {
+        LightFMPModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
+        "pytorch-lightning_version": L.__version__,
+        LIGHTFMP_CHECKPOINT_KEY: extra,
+    }
+    if preprocessor is not None:
+        checkpoint[DATAMODULE_CHECKPOINT_KEY] = preprocessor
+    if sharded:
+        save_sharded(module.state_dict(), path, checkpoint)
+        return
+    atomic_write(path, lambda tmp: torch.save({"state_dict": module.state_dict(), **checkpoint}, tmp))
 
 
 def stage_checkpoint(output_dir: Path, checkpoint: Optional[PathLike], default_name: str, previous_stage: str) -> Path:
@@ -256,7 +256,13 @@ def stage_checkpoint(output_dir: Path, checkpoint: Optional[PathLike], default_n
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A stage checkpoint, read once (on the CPU); it must have the Light-FMP entry. A file that ``torch.load``
-    cannot read raises ``ValueError`` naming it (the library's error as ``__cause__``)."""
+    cannot read raises ``ValueError`` naming it (the library's error as ``__cause__``). A directory (``torchrec``
+    strategy, ``checkpoint_format dcp``, written by any number of ranks) is read whole by this process alone."""
+    if path.is_dir():
+        checkpoint = read_sharded_whole(path)
+        if LIGHTFMP_CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(f"{path} is not a Light-FMP checkpoint (no {LIGHTFMP_CHECKPOINT_KEY!r} entry)")
+        return checkpoint
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch.load raises many types for a damaged file (UnpicklingError, RuntimeError, ...)

@@ -56,11 +56,11 @@ def stage_checkpoint_path(output_dir: PathLike, stage: Optional[str] = None) -> 
         if stage not in STAGE_CHECKPOINTS:
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_CHECKPOINTS)}")
         path = out / STAGE_CHECKPOINTS[stage]
-        if not path.is_file():
+        if not path.exists():  # a file, or a torchrec-strategy checkpoint directory (checkpoint_format dcp)
             raise FileNotFoundError(f"no {STAGE_CHECKPOINTS[stage]} in {str(out)!r}: stage {stage!r} has not run there")
         return stage, path
     for name, file in STAGE_CHECKPOINTS.items():
-        if (out / file).is_file():
+        if (out / file).exists():
             return name, out / file
     raise FileNotFoundError(
         f"{str(out)!r} holds no stage checkpoint (looked for {', '.join(STAGE_CHECKPOINTS.values())}); "
@@ -86,7 +86,7 @@ def load_run(output_dir: PathLike, stage: Optional[str] = None) -> SavedRun:
     full_file = Path(output_dir) / PREPROCESSOR_FILE
     full = Preprocessor.load(full_file) if full_file.is_file() else preprocessor
     data_format = _data_format(checkpoint)
-    if data_format is None and stage != "pretrain" and (Path(output_dir) / STAGE_CHECKPOINTS["pretrain"]).is_file():
+    if data_format is None and stage != "pretrain" and (Path(output_dir) / STAGE_CHECKPOINTS["pretrain"]).exists():
         data_format = _data_format(read_checkpoint(Path(output_dir) / STAGE_CHECKPOINTS["pretrain"]))
     extra = checkpoint.get(LIGHTFMP_CHECKPOINT_KEY, {})
     if extra.get("stage") not in (None, stage):

@@ -191,6 +191,7 @@ def prune(
     selection: str = DEFAULT_SELECTION,
     selection_epochs: Optional[int] = None,
     allow_data_mismatch: bool = False,
+    checkpoint_format: Optional[str] = None,
 ) -> tuple[LightFMPModule, pd.DataFrame, dict[str, Any]]:
     """Stage 2: keep the fields chosen by ``selection`` and build the smaller model from the stage-1 checkpoint.
 
@@ -199,6 +200,8 @@ def prune(
     fields from the stage-1 data and/or model and keeps its ``top_k`` best (``top_k`` is required).
     ``selection_epochs``: epochs of the methods that fit a model of their own (default 5).
     ``allow_data_mismatch``: go on (with a warning) when ``datamodule``'s data is not stage 1's.
+    ``checkpoint_format``: ``pruned.ckpt`` as one file (``file``) or a ``torch.distributed.checkpoint`` directory
+    (``dcp``, every rank writing its part under DDP); default: the format of the stage-1 checkpoint read.
 
     Writes ``pruned.ckpt``, ``feature_report.csv`` (a ``score`` column from the method, and ``selection``) and
     ``keep_probabilities.png``.
@@ -209,8 +212,11 @@ def prune(
     on a copy set up with stage 1's preprocessor.
     """
     check_selection(selection, top_k)
+    if checkpoint_format not in (None, "file", "dcp"):
+        raise ValueError(f"checkpoint_format must be 'file' or 'dcp', got {checkpoint_format!r}")
     out = check_output_dir(output_dir)
     ckpt_path = stage_checkpoint(out, checkpoint, "pretrain.ckpt", "pretrain")
+    sharded = ckpt_path.is_dir() if checkpoint_format is None else checkpoint_format == "dcp"
     ckpt = read_checkpoint(ckpt_path)
     masked = LightFMPModule.from_checkpoint(ckpt)
     if masked.gate is None:
@@ -275,13 +281,9 @@ def prune(
         if staged.writer:
             write_feature_report(staged.directory, report)
             plot_keep_probabilities(report, staged.path(KEEP_PROBABILITIES_FILE), line)
-            save_checkpoint(
-                None,
-                pruned_module,
-                staged.path("pruned.ckpt"),
-                extra,
-                preprocessor=checkpoint_preprocessor_state(ckpt, ckpt_path),
-            )
+        if staged.writer or sharded:  # a sharded checkpoint is written by every rank
+            preprocessor = checkpoint_preprocessor_state(ckpt, ckpt_path)
+            save_checkpoint(None, pruned_module, staged.path("pruned.ckpt"), extra, preprocessor, sharded)
         staged.commit(entry)
     return pruned_module, report, entry
 

@@ -1,6 +1,7 @@
 """A stage's outputs appear all at once, or not at all.
 
-A stage writes its files (:data:`~lightfmp.outputs.STAGE_FILES`) into a staging directory inside the output
+A stage writes its files (:data:`~lightfmp.outputs.STAGE_FILES`; a stage checkpoint may be a directory, a
+``torch.distributed.checkpoint`` that each rank writes its shards into) into a staging directory inside the output
 directory, ``.staging-<stage>-<random suffix>/`` (``tempfile.mkdtemp``), after its fit; no stage file and not
 ``metrics.json`` is touched while the stage runs (only its logger writes, under ``logs/<stage>``), so a stage
 that fails or is killed (even by SIGKILL) leaves the previous run's files and ``metrics.json`` as they were.
@@ -10,7 +11,8 @@ and :func:`apply_commit` makes it visible:
 
 1. ``metrics.json`` without the stage and the later ones (their files are about to change),
 2. the later stages' files removed (they were made from the outputs being replaced),
-3. each staged file renamed into the output directory,
+3. each staged file renamed into the output directory (an existing one that a rename cannot replace, a directory
+   or a file where a directory goes, is first renamed into the staging directory),
 4. ``metrics.json`` with the stage's entry,
 5. the staging directory removed.
 
@@ -19,7 +21,8 @@ Every step can be repeated, so a run killed inside these steps is finished by th
 moment, ``metrics.json`` lists only stages whose files are all in place.
 
 Under DDP, rank 0 prepares the staging directory, writes and commits; the other ranks get the same directory
-and wait for the commit (:mod:`lightfmp.distributed`).
+and wait for the commit (:mod:`lightfmp.distributed`). A sharded checkpoint directory is written by every rank
+into that staging directory, and counts as written once DCP's ``.metadata`` (its last file) is there.
 
 One run at a time per output directory: :func:`locked` holds an exclusive ``filelock`` on ``.lightfmp.lock``
 while a stage writes and commits (released by the operating system if the process dies); a second run gets an
@@ -47,6 +50,8 @@ __all__ = ["LOCK_FILE", "StagedOutputs", "apply_commit", "locked", "recover", "s
 LOCK_FILE = ".lightfmp.lock"
 STAGING_PREFIX = ".staging-"
 COMMIT_FILE = "commit.json"
+#: name, inside a staging directory, of an output that a committed directory replaces
+REPLACED_PREFIX = ".replaced-"
 
 
 @contextmanager
@@ -87,7 +92,7 @@ class StagedOutputs:
         on_rank_zero(lambda: self._commit(entry), f"committing stage {self.stage!r}")
 
     def _commit(self, entry: dict[str, Any]) -> None:
-        missing = [name for name in STAGE_FILES[self.stage] if not (self.directory / name).is_file()]
+        missing = [name for name in STAGE_FILES[self.stage] if not _written(self.directory / name)]
         if missing:
             raise RuntimeError(f"stage {self.stage!r} did not write {missing}; nothing was committed")
         text = json.dumps({"stage": self.stage, "entry": entry}, indent=2, allow_nan=False)
@@ -105,14 +110,33 @@ def apply_commit(output_dir: Path, staging: Path) -> None:
         write_metrics(output_dir, {s: m for s, m in metrics.items() if s not in replaced})
     for later in replaced[1:]:
         for name in STAGE_FILES[later]:
-            (output_dir / name).unlink(missing_ok=True)
+            _remove(output_dir / name)
     for name in STAGE_FILES[stage]:
         if (staging / name).exists():  # absent when an earlier, interrupted apply moved it already
-            (staging / name).replace(output_dir / name)
+            target = output_dir / name
+            if target.is_dir() or (staging / name).is_dir():  # os.replace would refuse: move the old one aside
+                old = staging / f"{REPLACED_PREFIX}{name}"
+                _remove(old)
+                if target.exists():
+                    target.replace(old)  # removed with the staging directory (step 5)
+            (staging / name).replace(target)
     metrics = read_metrics(output_dir)
     metrics[stage] = record["entry"]
     write_metrics(output_dir, metrics)
     shutil.rmtree(staging)
+
+
+def _written(path: Path) -> bool:
+    """A staged file, or a complete checkpoint directory (DCP's ``.metadata``, written last)."""
+    return path.is_file() or (path.is_dir() and (path / ".metadata").is_file())
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def recover(output_dir: Path) -> list[str]:

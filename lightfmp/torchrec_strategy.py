@@ -32,9 +32,36 @@ world size (and without this strategy); ``load_model_state_dict`` loads a whole-
 (each rank copies its shards). ``dcp`` writes a directory with ``torch.distributed.checkpoint``, each rank its
 own shards, plus ``lightning.pt`` (everything but the model's tensors, from rank 0); ``ckpt_path`` may name such
 a directory, written by any world size (a checkpoint is loaded before the module is sharded, so DCP reads whole
-tables into it, which are then copied into the new shards). Light-FMP's stage files (``pretrain.ckpt`` ...) are
-single files either way. The fused optimizers' state (e.g. Adagrad's accumulators) is not saved in either
-format: a resumed fit restarts it.
+tables into it, which are then copied into the new shards). Light-FMP's stage checkpoints (``pretrain.ckpt``,
+``pruned.ckpt``, ``finetune.ckpt``) follow ``checkpoint_format``: with ``dcp`` each is such a directory, written
+shard-wise by every rank into the stage's staging directory (:mod:`lightfmp.staging`), and the next stage reads
+it whole (:func:`read_sharded_whole`, no process group needed) at any world size.
+
+Fused optimizer state: a checkpoint with the optimizers' state (not ``weights_only``) also holds DMP's
+``fused_optimizer`` state under ``FUSED_STATE_KEY`` (e.g. row-wise Adagrad's accumulator, one per row; per-row
+per-column-shard for a column-wise table): ``file`` gathers it whole to rank 0, ``dcp`` writes each rank's shards
+into the directory. On resume it is loaded after sharding into this rank's shards, at any world size, provided
+the states have the same shapes (same ``fused_optimizer``; a column-wise table's row-wise state needs as many
+column shards: otherwise a ``ValueError`` names the difference). Its learning rate is the strategy's
+``fused_lr``, not saved. A checkpoint without the state resumes with a warning and a fresh state. On the CPU FBGEMM
+runs ``sgd``, ``rowwise_adagrad`` and ``adagrad``; ``adam`` needs CUDA.
+
+TorchRec's ``TrainPipelineSparseDist`` (the next batch's input all-to-all started before the current forward) is
+not used. It runs on the CPU: it creates CUDA streams only for a ``cuda``/``mtia`` device and otherwise runs its
+stages in order in one stream; ``benchmarks/probe_train_pipeline.py`` (2 gloo ranks, table-wise, column-wise and
+data-parallel tables) shows it pipelining the sharded collection and giving the plain loop's weights exactly. It
+does not fit a Lightning training step: it owns the step, pulling batches from the iterator itself (two ahead of
+the one it trains), calling ``model(batch)`` for ``(loss, output)``, then backward, ``zero_grad`` and ``step``;
+Lightning's automatic optimization calls ``training_step(batch, batch_idx)`` with one batch and runs backward and
+the step itself. Driving it needs a LightningModule written for it (``automatic_optimization = False``,
+``training_step(self, dataloader_iter)`` calling ``pipeline.progress``, a ``torchrec.streamable.Pipelineable``
+batch, a forward returning ``(loss, output)`` that ``torch.fx`` can trace up to the sharded modules, whose input
+must be an attribute of the batch; the pipeline detached around evaluation, as it replaces the sharded modules'
+forward; and the epoch's last two batches drained, as Lightning ends the epoch once the iterator is exhausted).
+A strategy cannot impose that on a module, and Light-FMP's module trains with automatic optimization, so there is
+no ``pipeline`` option. Its overlap pays on a GPU (copy and input distribution on their own CUDA streams): there,
+write such a training step and build ``TrainPipelineSparseDist(dmp, CombinedOptimizer([fused, dense]), device)``
+once the strategy has sharded the module.
 
 Tested on CPU with gloo; ``row_wise`` and NCCL are untested here (no GPU).
 """
@@ -43,8 +70,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -55,18 +81,24 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 __all__ = [
     "CPU_SHARDING_TYPES",
     "FUSED_OPTIMIZERS",
+    "FUSED_STATE_KEY",
     "TorchRecStrategy",
     "embedding_collections",
+    "fused_optimizer_state",
+    "gather_fused_state",
     "gather_state_dict",
+    "is_sharded_checkpoint",
     "load_full_state_dict",
+    "load_fused_sharded",
     "load_sharded",
+    "read_sharded_whole",
     "register_torchrec_strategy",
     "save_sharded",
     "shard_embeddings",
@@ -83,6 +115,8 @@ FUSED_OPTIMIZERS = {
     "adagrad": "EXACT_ADAGRAD",
     "adam": "ADAM",
 }
+#: fused optimizers FBGEMM runs on CUDA only ("Optimizer adam is not supported in CPU mode")
+GPU_ONLY_FUSED_OPTIMIZERS = ("adam",)
 
 
 def embedding_collections(module: nn.Module) -> dict[str, nn.Module]:
@@ -205,14 +239,23 @@ def gather_state_dict(module: nn.Module) -> dict[str, Any]:
 DCP_METADATA = "lightning.pt"
 
 
-def save_sharded(state: dict[str, Any], directory: Path, rest: Optional[dict[str, Any]] = None) -> None:
+def save_sharded(
+    state: dict[str, Any],
+    directory: Path,
+    rest: Optional[dict[str, Any]] = None,
+    fused_state: Optional[dict[str, Any]] = None,
+) -> None:
     """Write ``state`` (a module's state dict, sharded tables as they are) with ``torch.distributed.checkpoint``
-    into ``directory``: each rank writes its own shards (a collective: call it on every rank). ``rest``
-    (picklable, e.g. a Lightning checkpoint without its ``state_dict``) goes to ``DCP_METADATA`` from rank 0."""
+    into ``directory``: each rank writes its own shards (a collective: call it on every rank). ``fused_state``
+    (:func:`fused_optimizer_state`) is written beside it, shard-wise too. ``rest`` (picklable, e.g. a Lightning
+    checkpoint without its ``state_dict``) goes to ``DCP_METADATA`` from rank 0."""
     import torch.distributed.checkpoint as dcp
 
     directory.mkdir(parents=True, exist_ok=True)
-    dcp.save({"state_dict": state}, checkpoint_id=str(directory))
+    content: dict[str, Any] = {"state_dict": state}
+    if fused_state is not None:
+        content[DCP_FUSED_STATE] = fused_state
+    dcp.save(content, checkpoint_id=str(directory))
     if rest is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(rest, directory / DCP_METADATA)
     if dist.is_initialized():
@@ -231,10 +274,53 @@ def load_sharded(module: nn.Module, directory: Path) -> dict[str, Any]:
     for key, value in state.items():  # DCP reads into the given tensors; make sure plain entries reached the module
         if not _is_sharded(value) and isinstance(value, torch.Tensor):
             _local_copy(own[key], value)
-    meta = directory / DCP_METADATA
-    rest: dict[str, Any] = torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+    rest = read_dcp_metadata(directory)
     rest["state_dict"] = state
     return rest
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a complete ``torch.distributed.checkpoint`` directory (DCP writes ``.metadata`` last,
+    once every rank has written its shards)."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_sharded_whole(directory: Path) -> dict[str, Any]:
+    """A :func:`save_sharded` directory as one checkpoint dict with whole tensors: its ``DCP_METADATA`` dict plus
+    ``state_dict``, read by this process alone (no collective, no module needed; any world size wrote it). Each
+    tensor is allocated whole from DCP's metadata, so this costs the whole model's memory, as a single file would."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_sharded_checkpoint(directory):
+        raise ValueError(f"{str(directory)!r} is not a complete torch.distributed.checkpoint directory (no .metadata)")
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    prefix = "state_dict."
+    state: dict[str, Any] = {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if fqn.startswith(prefix):
+            if not isinstance(item, TensorStorageMetadata):
+                raise ValueError(f"{directory}: entry {fqn!r} is not a tensor; expected a module's state dict")
+            state[fqn[len(prefix) :]] = torch.empty(item.size, dtype=item.properties.dtype)
+    dcp.load({"state_dict": state}, checkpoint_id=str(directory), no_dist=True)
+    rest = read_dcp_metadata(directory)
+    rest["state_dict"] = state
+    return rest
+
+
+def read_dcp_metadata(directory: Path) -> dict[str, Any]:
+    """The ``DCP_METADATA`` dict of a :func:`save_sharded` directory (empty without one)."""
+    meta = directory / DCP_METADATA
+    return torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+
+
+def load_fused_sharded(fused_state: dict[str, Any], directory: Path) -> None:
+    """Read a :func:`save_sharded` directory's fused optimizer state into ``fused_state``
+    (:func:`fused_optimizer_state`, whose tensors are the optimizer's own: loaded in place), whatever world size
+    wrote it (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({DCP_FUSED_STATE: fused_state}, checkpoint_id=str(directory))
 
 
 def _is_sharded(value: Any) -> bool:
@@ -242,6 +328,89 @@ def _is_sharded(value: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, (ShardedTensor, DTensor))
+
+
+#: checkpoint entry of the fused embedding optimizer's state (:func:`fused_optimizer_state`)
+FUSED_STATE_KEY = "torchrec_fused_optimizer"
+#: name of the fused optimizer's state in a ``dcp`` directory, beside ``state_dict``
+DCP_FUSED_STATE = "fused_optimizer"
+
+
+def fused_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's part of a DMP ``fused_optimizer`` (TorchRec's ``CombinedOptimizer``) state, flat:
+    ``{"<parameter>/<state>": ShardedTensor}``, e.g. ``ebc.embedding_bags.t_C1.weight/t_C1.momentum1`` (row-wise
+    Adagrad: one accumulator per row, ``[rows]``; Adagrad: ``[rows, dim]``; SGD: none). A rank lists only the
+    tables it holds a shard of."""
+    return {
+        f"{param}/{name}": value
+        for param, states in optimizer.state_dict()["state"].items()
+        for name, value in states.items()
+    }
+
+
+def _local_pieces(key: str, value: Any) -> list[tuple[list[int], torch.Tensor]]:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not isinstance(value, ShardedTensor):
+        raise TypeError(
+            f"fused optimizer state {key!r} is a {type(value).__name__}; only ShardedTensor states (TorchRec's "
+            "default) are gathered into a single-file checkpoint: use checkpoint_format 'dcp'"
+        )
+    return [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in value.local_shards()]
+
+
+def gather_fused_state(state: Mapping[str, Any]) -> Optional[dict[str, torch.Tensor]]:
+    """Whole tensors of :func:`fused_optimizer_state` on rank 0 (None on the others): every rank sends its shards
+    (``gather_object``; a collective). Raises if the shards do not cover a state exactly once."""
+    mine = {k: (list(v.size()), v.dtype, _local_pieces(k, v)) for k, v in state.items()}
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    parts: list[Any] = [None] * world
+    if world > 1:
+        dist.gather_object(mine, parts if rank == 0 else None, dst=0)
+    else:
+        parts = [mine]
+    if rank != 0:
+        return None
+    whole: dict[str, torch.Tensor] = {}
+    covered: dict[str, int] = {}
+    for part in parts:
+        for key, (size, dtype, pieces) in part.items():
+            out = whole.setdefault(key, torch.zeros(size, dtype=dtype))
+            for offsets, tensor in pieces:
+                out[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
+                covered[key] = covered.get(key, 0) + tensor.numel()
+    wrong = {k: (covered.get(k, 0), v.numel()) for k, v in whole.items() if covered.get(k, 0) != v.numel()}
+    if wrong:
+        raise RuntimeError(f"fused optimizer shards do not cover their states exactly once: {wrong} (elements, size)")
+    return whole
+
+
+def _global_shapes(state: Mapping[str, Any]) -> dict[str, list[int]]:
+    """``{key: global shape}`` of a :func:`fused_optimizer_state` over all ranks (a collective)."""
+    mine = {k: list(v.size()) for k, v in state.items()}
+    found: list[Any] = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, mine)
+    return {k: v for part in found for k, v in sorted(part.items())}
+
+
+def _check_fused_state(saved: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
+    """Raise (on every rank) unless the saved states (``{key: shape}``) are exactly those of the fused optimizer
+    across ranks, with the same shapes. A row-wise Adagrad state of a column-wise table has one accumulator per
+    row and column shard (``rows * shards``), so it loads only where the table has as many column shards."""
+    expected = _global_shapes(state)
+    saved_shapes = {k: list(v) for k, v in saved.items()}
+    if saved_shapes != expected:
+        missing = sorted(set(expected) - set(saved_shapes))
+        unexpected = sorted(set(saved_shapes) - set(expected))
+        shapes = {
+            k: (saved_shapes[k], expected[k]) for k in expected if k in saved_shapes and saved_shapes[k] != expected[k]
+        }
+        raise ValueError(
+            f"{where}: the fused optimizer's state does not match this run's (same fused_optimizer, tables and "
+            f"column shards expected): missing {missing}, unexpected {unexpected}, shapes (saved, here) {shapes}"
+        )
 
 
 def shard_embeddings(
@@ -267,6 +436,11 @@ def shard_embeddings(
     from torchrec.distributed.types import ShardingEnv
 
     device = device or torch.device("cpu")
+    if device.type != "cuda" and fused_optimizer in GPU_ONLY_FUSED_OPTIMIZERS:
+        raise ValueError(
+            f"fused_optimizer {fused_optimizer!r} needs CUDA (FBGEMM's CPU kernels offer "
+            f"{sorted(set(FUSED_OPTIMIZERS) - set(GPU_ONLY_FUSED_OPTIMIZERS))})"
+        )
     pg = process_group or dist.group.WORLD
     assert pg is not None
     world = dist.get_world_size(pg)
@@ -342,7 +516,7 @@ class TorchRecStrategy(DDPStrategy):
         checkpoint_format: ``file`` (default: one Lightning file, tables gathered whole on rank 0) or ``dcp``
             (a directory by ``torch.distributed.checkpoint``, each rank writing its shards, plus
             ``lightning.pt`` with the rest; loadable by any world size as ``ckpt_path``). Light-FMP's stage
-            files are written whole either way (:meth:`whole_tables`).
+            checkpoints (``pretrain.ckpt``, ``pruned.ckpt``, ``finetune.ckpt``) follow it.
         Other arguments: as Lightning's ``DDPStrategy`` (``timeout``, ``process_group_backend``, ...);
         ``static_graph`` / ``find_unused_parameters`` and other DDP keyword arguments go to the DDP around the
         dense part.
@@ -401,7 +575,7 @@ class TorchRecStrategy(DDPStrategy):
         self.fused_weight_decay = fused_weight_decay
         self.checkpoint_format = checkpoint_format
         self.sharding_plan: Optional[Any] = None
-        self._whole_tables = False
+        self._fused: Optional[Any] = None  # DMP's fused_optimizer, kept past teardown (a checkpoint after fit)
 
     @classmethod
     @override
@@ -431,6 +605,7 @@ class TorchRecStrategy(DDPStrategy):
                 data_parallel_kwargs=dict(self._ddp_kwargs),
             )
             self.sharding_plan = self.model.sharding_plan
+            self._fused = self.model.fused_optimizer
             rank_zero_info(f"torchrec strategy: sharding plan\n{self.sharding_plan}")
         else:
             from torchrec.distributed.types import ShardedModule
@@ -451,18 +626,17 @@ class TorchRecStrategy(DDPStrategy):
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in fused]
+            for param in [p for p in optimizer.state if id(p) in fused]:  # e.g. Adagrad creates its state eagerly
+                del optimizer.state[param]
 
-    @contextmanager
-    def whole_tables(self) -> Iterator[None]:
-        """Checkpoints saved inside are single files with whole tables, whatever ``checkpoint_format``."""
-        self._whole_tables = True
-        try:
-            yield
-        finally:
-            self._whole_tables = False
+    @property
+    def fused_embedding_optimizer(self) -> Optional[Any]:
+        """DMP's ``fused_optimizer`` (TorchRec's ``CombinedOptimizer`` of the fused tables) once the tables are
+        sharded; None before, or without tables."""
+        return self._fused
 
     def _sharded_format(self) -> bool:
-        return self.checkpoint_format == "dcp" and not self._whole_tables
+        return self.checkpoint_format == "dcp"
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -475,19 +649,65 @@ class TorchRecStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        if not self._sharded_format():
+        """Every rank calls it (Lightning's ``Trainer.save_checkpoint``). A checkpoint with the optimizers' state
+        (not ``weights_only``) also gets the fused optimizer's (:data:`FUSED_STATE_KEY`): ``file`` gathers it whole
+        to rank 0, ``dcp`` writes each rank's shards into the directory."""
+        fused = (
+            fused_optimizer_state(self._fused) if self._fused is not None and "optimizer_states" in checkpoint else None
+        )
+        sharded = self._sharded_format()
+        if fused is not None:
+            shapes = _global_shapes(fused)
+            entry: dict[str, Any] = {"optimizer": self.fused_optimizer, "shapes": shapes}
+            if not sharded:
+                entry["state"] = gather_fused_state(fused)
+            checkpoint = {**checkpoint, FUSED_STATE_KEY: entry}
+        if not sharded:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        save_sharded(checkpoint["state_dict"], Path(filepath), rest)
+        save_sharded(checkpoint["state_dict"], Path(filepath), rest, fused)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """A ``dcp`` directory is read into the module directly (any world size wrote it); a file as usual."""
+        """A ``dcp`` directory is read into the module directly (any world size wrote it); a file as usual. The
+        fused optimizer's state is loaded later, once the tables are sharded (:meth:`load_optimizer_state_dict`)."""
         if Path(checkpoint_path).is_dir():
             assert self.lightning_module is not None
-            return load_sharded(self.lightning_module, Path(checkpoint_path))
+            checkpoint = load_sharded(self.lightning_module, Path(checkpoint_path))
+            if FUSED_STATE_KEY in checkpoint:
+                checkpoint[FUSED_STATE_KEY]["directory"] = str(checkpoint_path)
+            return checkpoint
         return super().load_checkpoint(checkpoint_path, weights_only)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """The dense optimizers' state as usual, then the fused optimizer's into this rank's shards (from the
+        whole tensors of a ``file`` checkpoint, or read from a ``dcp`` directory by DCP): any world size may have
+        written it. A checkpoint without it (written before it was saved) warns and leaves the state fresh."""
+        super().load_optimizer_state_dict(checkpoint)
+        if self._fused is None:
+            return
+        state = fused_optimizer_state(self._fused)
+        entry = checkpoint.get(FUSED_STATE_KEY)
+        if entry is None:
+            if _global_shapes(state):
+                rank_zero_warn(
+                    "torchrec strategy: the checkpoint holds no fused optimizer state; the fused embedding optimizer "
+                    f"({self.fused_optimizer}) starts from a fresh state"
+                )
+            return
+        if entry["optimizer"] != self.fused_optimizer:
+            raise ValueError(
+                f"the checkpoint's fused optimizer is {entry['optimizer']!r}, this run's fused_optimizer is "
+                f"{self.fused_optimizer!r}; resume with the same one"
+            )
+        _check_fused_state(entry["shapes"], state, "resuming")
+        if "state" in entry:
+            for key, target in state.items():  # every rank read the whole file
+                _local_copy(target, entry["state"][key])
+        else:
+            load_fused_sharded(state, Path(entry["directory"]))
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:

@@ -8,19 +8,28 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
+from torch.utils.data import DataLoader
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightfmp import staging
+from lightfmp.cli import run_cli
+from lightfmp.saved_run import load_run
 from lightfmp.torchrec_strategy import (  # importing lightfmp registers the strategy
+    FUSED_STATE_KEY,
     TorchRecStrategy,
+    fused_optimizer_state,
+    gather_fused_state,
     gather_state_dict,
     load_full_state_dict,
     load_sharded,
@@ -71,9 +80,9 @@ def _model(dim: int) -> nn.ModuleDict:
     return nn.ModuleDict({"ebc": _collection(dim), "head": nn.Linear(len(FEATURES) * dim, 1)})
 
 
-def _rows(batch: int, rows: list[int]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-    """Rows ``rows`` of a fixed random batch: ids (0-2 per field) and targets."""
-    g = torch.Generator().manual_seed(1)
+def _rows(batch: int, rows: list[int], seed: int = 1) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """Rows ``rows`` of a fixed random batch (``seed``): ids (0-2 per field) and targets."""
+    g = torch.Generator().manual_seed(seed)
     ids = [
         [torch.randint(0, 10, (int(n),), generator=g) for n in torch.randint(0, 3, (3,), generator=g)]
         for _ in range(batch)
@@ -178,39 +187,38 @@ def _same_scores(a: dict, b: dict, stages: tuple[str, ...]) -> None:
                 assert a[stage][key] == pytest.approx(b[stage][key], rel=1e-5, abs=1e-6), (stage, key)
 
 
+def _prune_worker(rank: int, port: int, argv: list[str]) -> None:
+    """``lightfmp prune ARGV`` on rank ``rank`` of 2 (a process group as the pipeline's prune has)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        run_cli(["prune", *argv])
+    finally:
+        dist.destroy_process_group()
+
+
+def _distcp(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.distcp"))
+
+
 @pytest.mark.slow
-def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_world_sizes(tmp_path):
-    """Tables table-wise, column-wise (two shards) and data-parallel in one model: 2 ranks x batch 32 give every
-    stage's scores and the kept fields of 1 process x batch 64 under the same strategy (same fused optimizer).
-    Then finetune again from the other run's pruned checkpoint with the other world size (2 -> 1, 1 -> 2): the
-    scores do not change."""
+def test_sharded_pipeline_on_two_ranks_equals_one_process_and_stage_checkpoints_cross_world_sizes(tmp_path):
+    """Tables table-wise, column-wise (two shards) and data-parallel in one model, ``checkpoint_format dcp``: 2 ranks
+    x batch 32 give every stage's scores and the kept fields of 1 process x batch 64 under the same strategy (same
+    fused optimizer); each stage checkpoint is a DCP directory, one shard file per rank. Then the stages read them
+    at the other world size and the scores do not change: prune on 1 process reads the 2-rank pretrain directory
+    (2 -> 1) and writes a single file, finetune on 2 ranks reads it and writes a gathered file; prune on 2 ranks
+    reads the 1-process pretrain directory (1 -> 2) and writes a 2-rank directory, which finetune on 1 process
+    reads (2 -> 1). Each replaces a directory by a file, or the reverse, in the output directory."""
     one, two = tmp_path / "one", tmp_path / "two"
-    lightfmp(
-        "pipeline",
-        *STAGE,
-        "--top_k",
-        "7",
-        *SHARDED,
-        "--data.batch_size",
-        "64",
-        "--trainer.devices",
-        "1",
-        "--output_dir",
-        str(one),
+    dcp = [*SHARDED, "--trainer.strategy.checkpoint_format", "dcp"]
+    file = [*SHARDED, "--trainer.strategy.checkpoint_format", "file"]
+    on_one, on_two = (
+        ["--data.batch_size", "64", "--trainer.devices", "1"],
+        ["--data.batch_size", "32", "--trainer.devices", "2"],
     )
-    done = lightfmp(
-        "pipeline",
-        *STAGE,
-        "--top_k",
-        "7",
-        *SHARDED,
-        "--data.batch_size",
-        "32",
-        "--trainer.devices",
-        "2",
-        "--output_dir",
-        str(two),
-    )
+    lightfmp("pipeline", *STAGE, "--top_k", "7", *dcp, *on_one, "--output_dir", str(one))
+    done = lightfmp("pipeline", *STAGE, "--top_k", "7", *dcp, *on_two, "--output_dir", str(two))
     plan = done.stdout + done.stderr
     assert "column_wise" in plan and "data_parallel" in plan and "rank:1/cpu" in plan
     single, ranks = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
@@ -218,22 +226,30 @@ def test_sharded_pipeline_on_two_ranks_equals_one_process_and_checkpoints_cross_
     assert ranks["prune"]["kept_fields"] == single["prune"]["kept_fields"]
     _same_scores(ranks, single, ("pretrain", "prune", "finetune"))
     assert not list(two.glob(".staging-*"))
-    # the stage checkpoints hold whole tables: finetune the 2-rank run's pruned model on 1 process and vice versa
-    for source, devices, batch in ((two, "1", "64"), (one, "2", "32")):
-        again = tmp_path / f"again-{source.name}"
-        shutil.copytree(source, again)
-        lightfmp(
-            "finetune",
-            *STAGE,
-            *SHARDED,
-            "--data.batch_size",
-            batch,
-            "--trainer.devices",
-            devices,
-            "--output_dir",
-            str(again),
-        )
-        _same_scores(json.loads((again / "metrics.json").read_text()), single, ("finetune",))
+    assert _distcp(two / "pretrain.ckpt") == _distcp(two / "finetune.ckpt") == ["__0_0.distcp", "__1_0.distcp"]
+    assert _distcp(one / "pretrain.ckpt") == ["__0_0.distcp"] and (one / "pruned.ckpt").is_dir()
+    saved = load_run(two)  # what predict and export read: the 2-rank finetune directory, whole
+    assert saved.stage == "finetune" and saved.module.num_parameters() == ranks["finetune"]["parameters"]
+    # 2 -> 1: prune on one process from the 2-rank directory, a single-file pruned.ckpt, finetuned on 2 ranks
+    down = tmp_path / "down"
+    shutil.copytree(two, down)
+    lightfmp("prune", *STAGE, "--top_k", "7", *file, *on_one, "--output_dir", str(down))
+    assert (down / "pruned.ckpt").is_file() and not (down / "finetune.ckpt").exists()
+    lightfmp("finetune", *STAGE, *file, *on_two, "--output_dir", str(down))
+    assert (down / "finetune.ckpt").is_file()
+    # 1 -> 2: prune on 2 ranks from the 1-process directory, a 2-rank pruned.ckpt, finetuned on one process
+    up = tmp_path / "up"
+    shutil.copytree(one, up)
+    argv = [*STAGE, "--top_k", "7", *dcp, *on_one, "--output_dir", str(up)]
+    mp.spawn(_prune_worker, args=(free_port(), argv), nprocs=2, join=True)
+    assert _distcp(up / "pruned.ckpt") == ["__0_0.distcp", "__1_0.distcp"]
+    lightfmp("finetune", *STAGE, *file, *on_one, "--output_dir", str(up))
+    assert (up / "finetune.ckpt").is_file()
+    for again in (down, up):
+        metrics = json.loads((again / "metrics.json").read_text())
+        assert metrics["prune"]["kept_fields"] == single["prune"]["kept_fields"]
+        _same_scores(metrics, single, ("pretrain", "prune", "finetune"))
+        assert not list(again.glob(".staging-*"))
 
 
 def _dcp_worker(rank: int, world: int, port: int, directory: str, save: bool, sharding: str, results: dict) -> None:
@@ -285,8 +301,8 @@ def test_sharded_checkpoint_directories_load_with_another_world_size(tmp_path):
 @pytest.mark.slow
 def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path):
     """``checkpoint_format dcp``: a ModelCheckpoint of a 2-rank pretrain fit is a directory with one shard file per
-    rank; ``pretrain --ckpt_path`` on 1 process restores it and trains the remaining epoch; the stage file is still
-    one whole-table ``pretrain.ckpt``."""
+    rank; ``pretrain --ckpt_path`` on 1 process restores it and trains the remaining epoch; the stage checkpoint
+    ``pretrain.ckpt`` is a DCP directory too, of the resumed run's one rank."""
     dcp = [*SHARDED, "--trainer.strategy.checkpoint_format", "dcp"]
     ckpts = tmp_path / "ckpts"
     lightfmp(
@@ -304,4 +320,175 @@ def test_pretrain_resumes_on_one_process_from_a_two_rank_dcp_checkpoint(tmp_path
     entry = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["pretrain"]
     first = json.loads((tmp_path / "first" / "metrics.json").read_text())["pretrain"]
     assert entry["train_samples"] == first["train_samples"]  # one more epoch of the same rows
-    assert (tmp_path / "resumed" / "pretrain.ckpt").is_file()
+    assert _distcp(tmp_path / "resumed" / "pretrain.ckpt") == ["__0_0.distcp"]
+
+
+class _Tiny(L.LightningModule):
+    """Three tables (``t_a`` table-wise, ``t_b`` column-wise in two shards, ``t_c`` data-parallel) and a linear
+    head; the dense part (head and ``t_c``) under Adagrad, the fused tables under row-wise Adagrad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ebc, self.head, self.lr = _collection(8), nn.Linear(len(FEATURES) * 8, 1), LR
+
+    def training_step(self, batch: tuple[KeyedJaggedTensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return _loss(self, *batch)  # type: ignore[arg-type]
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return getattr(self, name)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adagrad(self.parameters(), lr=LR)
+
+
+STEPS, BATCH = 4, 8  # steps per epoch, global batch
+
+
+def _rank_batch(step: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """This rank's rows of the global batch ``step`` (every world size splits the same global batches)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = BATCH // world
+    return _rows(BATCH, list(range(rank * per, (rank + 1) * per)), seed=100 + step)
+
+
+def _fit(world: int, epochs: int, fmt: str, ckpt_path: Optional[str]) -> L.Trainer:
+    strategy = TorchRecStrategy(
+        table_sharding={"b": "column_wise", "c": "data_parallel"},
+        column_shard_dim=4,
+        fused_optimizer="rowwise_adagrad",
+        fused_lr=LR,
+        checkpoint_format=fmt,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_epochs=epochs, use_distributed_sampler=False,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    data = DataLoader(range(STEPS), batch_size=None, collate_fn=_rank_batch)
+    trainer.fit(_Tiny(), train_dataloaders=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _resume_worker(rank: int, world: int, port: int, tasks: list, results: dict) -> None:
+    """Each task ``(name, epochs, ckpt_path, saves)``: a fresh module and trainer fit to ``epochs`` (resumed from
+    ``ckpt_path``), then ``saves`` (``[(format, path)]``) written; rank 0 records the whole tables and fused
+    optimizer state. A task ``("drop", path, out)``: rank 0 copies the file checkpoint without the fused state."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world)
+    )
+    for task in tasks:
+        if task[0] == "drop":
+            if rank == 0:
+                checkpoint = torch.load(task[1], weights_only=False)
+                del checkpoint[FUSED_STATE_KEY]
+                torch.save(checkpoint, task[2])
+            dist.barrier()
+            continue
+        name, epochs, ckpt_path, saves = task
+        trainer = _fit(world, epochs, "file", ckpt_path)
+        strategy = trainer.strategy
+        assert isinstance(strategy, TorchRecStrategy)
+        for fmt, path in saves:
+            strategy.checkpoint_format = fmt
+            trainer.save_checkpoint(path)
+        tables = gather_state_dict(trainer.lightning_module)
+        fused = gather_fused_state(fused_optimizer_state(strategy.fused_embedding_optimizer))
+        if rank == 0:
+            results[name] = ({k: v.clone() for k, v in tables.items()}, fused)
+    dist.destroy_process_group()
+
+
+def _spawn_resume(world: int, tasks: list) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(_resume_worker, args=(world, free_port(), tasks, results), nprocs=world, join=True)
+    return dict(results)
+
+
+def _max_difference(a: tuple[dict, dict], b: tuple[dict, dict]) -> float:
+    assert a[0].keys() == b[0].keys() and a[1].keys() == b[1].keys()
+    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.slow
+def test_resume_restores_the_fused_optimizer_state_at_any_world_size(tmp_path):
+    """2 ranks x 2 epochs uninterrupted equal 1 epoch + checkpoint + resume to 2 epochs: tables and the fused
+    row-wise Adagrad accumulators (table-wise and column-wise tables), from a single-file checkpoint on 2 ranks, a
+    2-rank DCP directory on 1 rank and a 1-rank DCP directory on 2 ranks. The same file without the fused state
+    resumes (with a warning) to different tables: the accumulators matter."""
+    f2, d2, d1, dropped = (str(tmp_path / n) for n in ("two.ckpt", "two-dcp", "one-dcp", "dropped.ckpt"))
+    two = _spawn_resume(
+        2,
+        [
+            ("straight", 2, None, []),
+            ("first", 1, None, [("file", f2), ("dcp", d2)]),
+            ("drop", f2, dropped),
+            ("file 2->2", 2, f2, []),
+            ("no fused state", 2, dropped, []),
+        ],
+    )
+    one = _spawn_resume(1, [("dcp 2->1", 2, d2, []), ("first on one", 1, None, [("dcp", d1)])])
+    again = _spawn_resume(2, [("dcp 1->2", 2, d1, [])])
+    straight = two["straight"]
+    assert set(straight[1]) == {
+        "ebc.embedding_bags.t_a.weight/t_a.momentum1",
+        "ebc.embedding_bags.t_b.weight/t_b.momentum1",
+    }
+    assert straight[1]["ebc.embedding_bags.t_b.weight/t_b.momentum1"].shape == (22,)  # 11 rows x 2 column shards
+    assert all(float(v.max()) > 0 for v in straight[1].values())  # accumulated squared gradients
+    assert _max_difference(one["first on one"], two["first"]) < 1e-5  # 1 rank x batch 8 == 2 ranks x batch 4
+    for resumed in (two["file 2->2"], one["dcp 2->1"], again["dcp 1->2"]):
+        assert _max_difference(resumed, straight) < 1e-5
+    assert _max_difference(two["no fused state"], straight) > 1e-3
+
+
+def _entry(auc: float) -> dict:
+    return {"auc": auc, "logloss": 0.5, "fields": 3, "parameters": 10}
+
+
+def _checkpoint_directory(path: Path, text: str) -> None:
+    path.mkdir()
+    (path / "__0_0.distcp").write_text(text)
+    (path / ".metadata").write_text("written last")
+
+
+def test_a_committed_checkpoint_directory_replaces_a_file_and_the_reverse(tmp_path, monkeypatch):
+    """Staging with sharded (directory) stage checkpoints: a directory counts as written only with DCP's
+    ``.metadata``; committed, it replaces a file of that name (and a file replaces a directory), later stages'
+    directories are removed, and a commit cut short between the renames is finished by ``recover``."""
+    out = tmp_path / "out"
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").write_text("file")
+        staged.path("preprocessor.json").write_text("{}")
+        staged.commit(_entry(0.5))
+    _checkpoint_directory(out / "finetune.ckpt", "later stage")
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").mkdir()
+        staged.path("preprocessor.json").write_text("{}")
+        with pytest.raises(RuntimeError, match=r"did not write \['pretrain.ckpt'\]"):
+            staged.commit(_entry(0.6))  # no .metadata: a directory DCP has not finished
+    assert (out / "pretrain.ckpt").read_text() == "file"
+    real_replace = Path.replace
+
+    def cut_short(self: Path, target: Path) -> Path:
+        if self.name == "pretrain.ckpt" and self.is_dir():
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(self, target)
+
+    with staging.staged_outputs(out, "pretrain") as staged:
+        _checkpoint_directory(staged.path("pretrain.ckpt"), "shards")
+        staged.path("preprocessor.json").write_text("{}")
+        monkeypatch.setattr(staging.Path, "replace", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            staged.commit(_entry(0.7))
+        monkeypatch.undo()
+    assert not (out / "pretrain.ckpt").exists() and not (out / "finetune.ckpt").exists()
+    assert json.loads((out / "metrics.json").read_text()) == {}
+    with staging.locked(out):
+        assert staging.recover(out) == ["pretrain"]
+    assert (out / "pretrain.ckpt" / "__0_0.distcp").read_text() == "shards"
+    assert json.loads((out / "metrics.json").read_text()) == {"pretrain": _entry(0.7)}
+    with staging.staged_outputs(out, "pretrain") as staged:
+        staged.path("pretrain.ckpt").write_text("file again")
+        staged.path("preprocessor.json").write_text("{}")
+        staged.commit(_entry(0.8))
+    assert (out / "pretrain.ckpt").read_text() == "file again" and not staging.staging_directories(out)
