@@ -263,8 +263,7 @@ class GrainMixin(_MixinBase):
                 "GrainMixin writes gradients itself and does not support fp16 loss scaling "
                 "(precision='16-mixed' on GPU): use precision='bf16-mixed' or '32-true'"
             )
-        if self._grain_backward_strategy() is not None:
-            self._grain_check_in_backward()
+        self._grain_check_blockwise()
         cfg, options = self.grain_config, self.grain_policy.options
         if any(getattr(cfg, name) != getattr(options, name) for name in POLICY_FIELDS):  # changed since last step
             self.grain_policy.options = cfg.policy_options
@@ -286,25 +285,38 @@ class GrainMixin(_MixinBase):
             return strategy
         return None
 
-    def _grain_check_in_backward(self) -> None:
-        """Refuse what a ``combines_in_backward`` strategy (FSDP) cannot run exactly, naming the alternative."""
-        cfg = self.grain_config
-        name = type(self.trainer.strategy).__name__
-        if cfg.aggregation == "grain" and cfg.blockwise:
+    def _grain_check_blockwise(self) -> None:
+        """``GrainConfig(blockwise=True)`` with ``mixin_groups="global"`` under a strategy that combines after the
+        mixin wrote ``.grad`` (``grain_ddp``): its per-module solves write the rank's own direction, not the group
+        gradients that global groups need; refused naming the alternatives."""
+        cfg, strategy = self.grain_config, self._grain_strategy()
+        if (
+            cfg.blockwise
+            and cfg.aggregation == "grain"
+            and strategy is not None
+            and not strategy.combines_in_backward
+            and strategy.needs_group_gradients
+        ):
             raise raised_on_every_rank(  # the same settings on every rank
                 ValueError(
-                    f"GrainMixin under {name}: GrainConfig(blockwise=True) solves one problem per module from that "
-                    "module's group gradients and writes its full gradient, which FSDP never holds on one rank; use "
-                    "blockwise=False (the strategy's mode='blockwise' solves one problem per parameter across ranks), "
-                    "or strategy='grain_ddp'"
+                    f"GrainMixin under {type(strategy).__name__}(mixin_groups='global'): GrainConfig(blockwise=True) "
+                    "solves each rank's groups module by module and writes that rank's direction, not its group "
+                    "gradients; use mixin_groups='hierarchical', blockwise=False, or strategy='grain_fsdp' (global "
+                    "groups solved module by module from gradient shards)"
                 )
             )
 
     def _grain_by_groups(self, strategy: GrainStrategy) -> bool:
         """Under a ``combines_in_backward`` strategy: whether every micro-batch's groups are exchanged one backward
-        each (global groups, the reference engine, accumulation), rather than one weighted backward per step."""
+        each (global groups, the reference engine, accumulation, block-wise), rather than one weighted backward per
+        step."""
         cfg = self.grain_config
-        return strategy.needs_group_gradients or cfg.engine == "reference" or cfg.accumulate_grad_batches > 1
+        return (
+            strategy.needs_group_gradients
+            or cfg.engine == "reference"
+            or cfg.accumulate_grad_batches > 1
+            or (cfg.blockwise and cfg.aggregation == "grain")  # one weight vector per module: no one weighted loss
+        )
 
     def _grain_sync_blocked(self) -> contextlib.AbstractContextManager:
         strategy = self.trainer.strategy
@@ -332,6 +344,21 @@ class GrainMixin(_MixinBase):
             ) from None
         self._grain_engine = engine
         return engine
+
+    def _grain_blocks(self) -> list[list[torch.Tensor]]:
+        """``GrainConfig(blockwise=True)`` under a ``combines_in_backward`` strategy: the parameters of each block
+        (a module with a one-backward rule, as :meth:`GhostEngine.blockwise_backward` solves them), in the order of
+        the module's modules; the strategy solves the blocks itself."""
+        params = self._grain_params()
+        engine = self._grain_engine_in_backward(params)
+        try:
+            blocks = engine.blocks()
+        except UnsupportedModuleError as err:
+            raise raised_on_every_rank(  # the same model on every rank
+                UnsupportedModuleError(f"GrainMixin under {type(self.trainer.strategy).__name__}: {err}")
+            ) from None
+        by_key = {id(p): p for p in params}
+        return [[by_key[k] for k in keys] for _, keys in blocks]
 
     def _grain_optimizers(self) -> list:
         opts = self.optimizers()
@@ -460,6 +487,7 @@ class GrainMixin(_MixinBase):
                     policy=self.grain_policy,
                     groups_exchanged=True,
                     keys=torch.cat(cycle.keys),
+                    blocks=self._grain_blocks() if cfg.blockwise and cfg.aggregation == "grain" else None,
                 )
             )
         if in_backward is not None:  # grain_fsdp: every rank hands over the loss of its direction

@@ -21,7 +21,8 @@ parameter group's gradient to shards as its backward finishes, so no full ``.gra
 backward gives this rank's direction (``sum_j w_j L_j`` for its GRAIN weights), and the strategy runs that
 backward and the combination. Every rank hands one over, even an invalid or skipping one, so that every rank
 runs the same collectives. Where the one-backward engine's weighted loss does not give the step exactly (global
-groups, the reference engine, accumulation over micro-batches, a self-checked step), the mixin instead hands over
+groups, the reference engine, accumulation over micro-batches, a self-checked step, one problem per module with
+``GrainConfig(blockwise=True)``: ``cycle.blocks``), the mixin instead hands over
 each micro-batch's group losses to the strategy's ``exchange_group_losses(losses, check_gram=None)`` (one backward
 per group, each group's gradient reduced to shards) and ends the cycle with ``cycle.groups_exchanged`` set: the
 strategy then combines those groups, globally or hierarchically, deciding with ``cycle.policy`` (the module's).
@@ -70,6 +71,8 @@ class MixinCycle:
         groups_exchanged: ``combines_in_backward`` strategies: this cycle's groups went through the strategy's
             ``exchange_group_losses``; ``mean_weights``, ``policy`` and ``keys`` describe them.
         keys: ``(k_r, 2)`` group keys ``[micro-batch, key]`` (``-1``: unknown) for the policy's warm start.
+        blocks: with ``groups_exchanged`` and ``GrainConfig(blockwise=True)``: the parameters of each block (one
+            per module, as the one-backward engine's block-wise mode); one min-norm problem per block.
     """
 
     params: list[Tensor]
@@ -81,6 +84,7 @@ class MixinCycle:
     loss: Optional[Tensor] = None
     groups_exchanged: bool = False
     keys: Optional[Tensor] = None
+    blocks: Optional[list[list[Tensor]]] = None
 
 
 @runtime_checkable

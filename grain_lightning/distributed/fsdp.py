@@ -18,10 +18,11 @@ within-rank Gram with FSDP's gradient sync off (layer inputs and output gradient
 ``w*`` and hands over ``sum_j w*_j L_j`` (:meth:`combine_mixin_cycle`); that loss's backward is reduced by FSDP,
 unit by unit, into step 2 above, so each rank's direction ``d_r`` enters as a plain gradient would. Where that
 is not the step (``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches, a
-self-checked step), :meth:`exchange_group_losses` runs one backward per group instead: each group's gradient
-goes through step 2, rank ``s`` keeps shard ``s`` of every (rank, group) gradient, the ``K x K`` Gram over all
-``K`` groups comes from the shards (one all-reduce) and the module's policy decides over all groups (global) or
-each rank's over its own, then this strategy's over the ranks' directions (hierarchical); ``k`` times a
+self-checked step, ``GrainConfig(blockwise=True)``), :meth:`exchange_group_losses` runs one backward per group
+instead: each group's gradient goes through step 2, rank ``s`` keeps shard ``s`` of every (rank, group) gradient,
+the ``K x K`` Gram over all ``K`` groups comes from the shards (one all-reduce; per parameter tensor, ``F K^2``
+numbers, block-wise) and the module's policy decides over all groups (global) or each rank's over its own, then
+this strategy's over the ranks' directions (hierarchical), per module with ``blockwise=True``; ``k`` times a
 reduce-scatter's bytes and about ``k`` gradients of memory per rank for ``k`` groups per rank. Faults as
 ``grain_ddp``'s (:mod:`grain_lightning.distributed.faults`).
 
@@ -111,8 +112,10 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
             (:meth:`exchange_group_losses`: ``k`` backwards and ``k`` times a reduce-scatter's bytes for ``k``
             groups per rank).
 
-    :class:`~grain_lightning.GrainMixin` modules: ``GrainConfig(blockwise=True)`` is refused naming the
-    alternative (its per-module solve writes each module's full gradient).
+    :class:`~grain_lightning.GrainMixin` with ``GrainConfig(blockwise=True)`` (one min-norm problem per module):
+    every group goes through :meth:`exchange_group_losses` and :meth:`_combine_groups` solves each module from the
+    ``(F, K, K)`` per-parameter Gram of the shards (hierarchical: grain_ddp's update; global: single-process
+    block-wise GRAIN over every group of every rank).
     Attributes ``comm`` (bytes this rank sent in combinations), ``num_combines`` and ``skipped_steps`` count
     what happened.
     """
@@ -468,7 +471,8 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         r"""One backward per group loss ``L_j`` (``(k,)`` ``losses``, one graph) with FSDP's gradient sync on, so
         that each group's gradient goes through the all-to-all and rank ``s`` keeps shard ``s`` of every (rank, group)
         gradient until :meth:`combine_mixin_cycle` (``cycle.groups_exchanged``). Used by GrainMixin for
-        ``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches and self-checked steps.
+        ``mixin_groups="global"``, ``engine="reference"``, accumulation over micro-batches, self-checked steps and
+        ``GrainConfig(blockwise=True)``.
 
         Every rank runs ``max_r k_r`` backwards (one all-gather of the ``k_r`` first): a rank with fewer groups
         backwards ``0 * sum_j L_j``, a row that is dropped. Cost per micro-batch: ``max_r k_r`` backwards and as
@@ -569,7 +573,13 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
           policy solves over ``M G M^T`` (``M``: ``R x K``, row ``r`` holding ``w_r``), the ``R x R`` Gram of
           the ``d_r``: ``d = sum_r v_r d_r``, as grain_ddp's hierarchical groups.
 
-        Each rank writes its shard of ``d`` into the sharded ``.grad``.
+        ``GrainConfig(blockwise=True)`` (``cycle.blocks``: the parameters of each module block ``m``): the Gram is
+        summed per parameter tensor ``f`` (``(F, K, K)``, one all-reduce of ``F K^2`` numbers) and per module
+        (``G_m = sum_{f in m} G_f``); the policy's plain min-norm solve per module (as the single-process
+        block-wise engine: no collapse handling) gives ``w_m`` over all ``K`` groups (global) or ``w_{r,m}`` over
+        rank ``r``'s own (hierarchical: ``d_{r,m} = sum_j w_{r,m,j} g_{rj,m}``, grain_ddp's rank directions with a
+        block-wise mixin; the ranks' Gram is then ``sum_f M_{m(f)} G_f M_{m(f)}^T``, per parameter with
+        ``mode="blockwise"``). Each rank writes its shard of ``d`` into the sharded ``.grad``.
         """
         assert self._aggregator is not None and cycle.policy is not None
         entries, self._groups = self._groups, []
@@ -583,10 +593,10 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         for comm in self._comms:
             firsts[id(comm)] = blocks
             blocks += len(comm.trainable())
-        blockwise = self.mode == "blockwise"
+        member = None if cycle.blocks is None else self._module_blocks(cycle.blocks)  # (M, F) 0/1
+        fine = self.mode == "blockwise" or member is not None  # one Gram block per parameter tensor
         shards = [
-            (self._group_rows(entries, comm), comm.segments(firsts[id(comm)] if blockwise else None))
-            for comm in self._comms
+            (self._group_rows(entries, comm), comm.segments(firsts[id(comm)] if fine else None)) for comm in self._comms
         ]
         targets = [entries[0].pieces[id(comm)].rows[0] for comm in self._comms]  # the .grad storage FSDP made
         del entries  # the other received buffers
@@ -602,11 +612,11 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         extras[world + starts[rank] : world + starts[rank + 1]] = pi_local / world
 
         def decide(gram: Tensor, ext: Tensor) -> Optional[Decision]:
-            if (ext[:world] > 0).any() or not is_global:
+            if (ext[:world] > 0).any() or not is_global or member is not None:
                 return None
             return policy.decide(gram, ext[world:])
 
-        res = self._aggregator.solve_shards(shards, blocks if blockwise else 1, extras, decide, counts=counts)
+        res = self._aggregator.solve_shards(shards, blocks if fine else 1, extras, decide, counts=counts)
         self.num_combines += 1
         invalid_ranks = torch.nonzero(res.extras[:world]).reshape(-1).tolist()
         with raised_on_every_rank():  # every rank raises here alike: nothing to post
@@ -616,36 +626,54 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
                 self.policy.nonfinite(f"non-finite gradient on rank(s) {res.bad_ranks}", self._global_step())
         if invalid_ranks or res.bad_ranks:
             return self._skip_groups()
-        gram, num_blocks = res.gram, res.gram.shape[0]
-        if is_global:
+        gram = res.gram
+        module_gram = None if member is None else torch.einsum("mf,fij->mij", member, gram)  # (M, K, K)
+        if is_global and member is not None and module_gram is not None:
+            decision = policy.min_norm(module_gram)  # one plain solve per module, as the block-wise engine
+            assert decision.weights is not None  # a plain solve always gives weights
+            weights = member.T @ decision.weights.reshape(-1, total)  # (F, K)
+            log_gram, log_pi, log_counts, log_policy = module_gram, res.extras[world:], counts, policy
+        elif is_global:
             if res.weights is None or res.decision is None:
                 return self._skip_groups()
-            weights = res.weights.reshape(num_blocks, total)
+            weights = res.weights.reshape(gram.shape[0], total)
             decision, log_gram, log_pi, log_counts, log_policy = res.decision, gram, res.extras[world:], counts, policy
         else:
-            local_gram = gram.sum(0)[mine, mine]
-            local = policy.decide(local_gram, pi_local, keys=cycle.keys)
             module = self.lightning_module
-            if policy.log_now and module is not None:
-                log_diagnostics(module, policy.diagnostics(local_gram, local, pi_local))
-            vote = torch.zeros(total + 1, dtype=torch.float64)  # [local weights in rank r's slots | skip votes]
-            if local.weights is None:
-                vote[total] = 1.0
+            if module_gram is None:
+                local_gram = gram.sum(0)[mine, mine]
+                local = policy.decide(local_gram, pi_local, keys=cycle.keys)
+                if policy.log_now and module is not None:
+                    log_diagnostics(module, policy.diagnostics(local_gram, local, pi_local))
             else:
-                vote[mine] = local.weights.double().reshape(-1)
+                local = policy.min_norm(module_gram[:, mine, mine])  # (M, k_r): this rank's block-wise GRAIN
+                if policy.log_now and module is not None:
+                    log_diagnostics(
+                        module, {"grain/num_groups": float(counts[rank]), "grain/blocks": float(module_gram.shape[0])}
+                    )
+            num_local = 1 if module_gram is None else module_gram.shape[0]
+            vote = torch.zeros(num_local * total + 1, dtype=torch.float64)  # [local weights by block | skip votes]
+            if local.weights is None:
+                vote[-1] = 1.0
+            else:
+                vote[:-1].view(num_local, total)[:, mine] = local.weights.double().reshape(num_local, -1)
             vote = self._aggregator.all_reduce(vote)
-            if vote[total] > 0:
+            if vote[-1] > 0:
                 return self._skip_groups()
-            m = torch.zeros(world, total, dtype=torch.float64)
-            for r in range(world):
-                m[r, starts[r] : starts[r + 1]] = vote[starts[r] : starts[r + 1]]
-            ranks_gram = m @ gram @ m.T  # (B, R, R): the Gram of the ranks' directions d_r
+            local_weights = vote[:-1].view(num_local, total)  # (M or 1, K): each group's weight in its rank's d_r
+            if member is not None:  # the module block of each parameter tensor
+                local_weights = local_weights[member.argmax(0)]  # (F, K)
+            owner = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
+            m = torch.zeros(local_weights.shape[0], world, total, dtype=torch.float64)
+            m[:, owner, torch.arange(total)] = local_weights
+            ranks_gram = m @ gram @ m.transpose(1, 2)  # (B, R, R): the Gram of the ranks' directions d_r
+            if member is not None and self.mode != "blockwise":
+                ranks_gram = ranks_gram.sum(0, keepdim=True)
             pi = torch.full((world,), 1.0 / world, dtype=torch.float64)
             decision = self.policy.decide(ranks_gram, pi, keys=torch.arange(world))
             if decision.weights is None:
                 return self._skip_groups()
-            owner = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
-            weights = decision.weights.reshape(num_blocks, world)[:, owner] * vote[:total]
+            weights = decision.weights.reshape(ranks_gram.shape[0], world)[:, owner] * local_weights
             log_gram, log_pi, log_counts, log_policy = ranks_gram, pi, [1] * world, self.policy
         for (rows, segments), comm, out in zip(shards, self._comms, targets):
             CrossRankMinNorm.combine_shard(rows, weights, segments, out)
@@ -653,6 +681,27 @@ class GrainFSDPStrategy(FaultHooks, ModelParallelStrategy):
         self._log(log_gram, decision, log_pi, log_counts, log_policy)
         self.policy.record_step()
         return True
+
+    def _module_blocks(self, blocks: list[list[Tensor]]) -> Tensor:
+        """``(M, F)`` 0/1: which of the ``M`` module blocks (``GrainConfig(blockwise=True)``, the mixin's) holds
+        each of the ``F`` trainable FSDP parameters (in the exchanges' order); each must be in exactly one."""
+        index = {id(p): m for m, params in enumerate(blocks) for p in params}
+        sharded = [fp.sharded_param for comm in self._comms for fp in comm.trainable()]
+        member = torch.zeros(len(blocks), len(sharded), dtype=torch.float64)
+        names = {id(p): n for n, p in self.lightning_module.named_parameters()} if self.lightning_module else {}
+        missing = []
+        for f, p in enumerate(sharded):
+            m = index.get(id(p))
+            if m is None:
+                missing.append(names.get(id(p), "?"))
+            else:
+                member[m, f] = 1.0
+        if missing or sum(len(params) for params in blocks) != len(sharded):
+            raise RuntimeError(
+                f"grain_fsdp: GrainConfig(blockwise=True) blocks cover {sum(len(b) for b in blocks)} parameters, "
+                f"the FSDP exchanges {len(sharded)}; not in any block: {missing}"
+            )
+        return member
 
     def _skip_groups(self) -> bool:
         for p in self._trainable():

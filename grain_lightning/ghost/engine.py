@@ -324,6 +324,30 @@ class GhostEngine:
         chance, as T5's ``(S, S)`` relative positions when ``S == n``, shows up as a new signature)."""
         return tuple((i, tuple(c.shape for c in r.calls)) for i, r in enumerate(self.rules) if r.calls)
 
+    def blocks(self) -> list[tuple[str, list[int]]]:
+        """The blocks of :meth:`blockwise_backward`, for a strategy that solves them itself (``grain_fsdp``): per
+        module with a rule, its label and the keys (:meth:`key`: the sharded parameter's ``id`` under FSDP2) of its
+        one-backward parameters. Parameters sent to the reference engine for good form one last block
+        ``"<fallback>"``. Raises ``UnsupportedModuleError`` for a parameter shared by several modules (tied
+        weights), which :meth:`blockwise_backward` cannot split into blocks either."""
+        self._alias = sharded_keys(self._module)
+        out: list[tuple[str, list[int]]] = []
+        for rule in self.rules:
+            keys = [
+                k for k in dict.fromkeys(self.key(p) for p in rule.own_parameters(rule.module)) if k in self._ghost_ids
+            ]
+            if keys and set(keys) & self._shared:
+                raise UnsupportedModuleError(
+                    f"{self._labels[id(rule)]}: block-wise mode cannot split a parameter shared with another module "
+                    "(tied weights) into blocks"
+                )
+            if keys:
+                out.append((self._labels[id(rule)], keys))
+        fallback = [id(p) for p in self.params if id(p) in self._fallback_ids]
+        if fallback:
+            out.append(("<fallback>", fallback))
+        return out
+
     @property
     def refused_last_step(self) -> list[str]:
         """Names of the parameters the last backward sent to the reference engine (for any reason)."""

@@ -164,7 +164,16 @@ SCENARIOS = {
     ),
     "mixin_reference": dict(strategy=dict(), mixin=True, module=dict(engine="reference")),
     "mixin_self_check": dict(strategy=dict(**LINEAR), mixin=True, module=dict(self_check="first")),
-    "mixin_blockwise_refused": dict(strategy=dict(), mixin=True, module=dict(blockwise=True)),
+    # GrainConfig(blockwise=True): one min-norm problem per module (Linear), every group exchanged as shards
+    "mixin_module_blocks": dict(strategy=dict(**LINEAR), mixin=True, module=dict(blockwise=True)),
+    "mixin_module_blocks_ddp": dict(ddp=True, mixin=True, module=dict(blockwise=True)),
+    "mixin_module_blocks_global": dict(
+        strategy=dict(mixin_groups="global", **LINEAR), mixin=True, module=dict(blockwise=True)
+    ),
+    "mixin_module_blocks_by_parameter": dict(strategy=dict(mode="blockwise"), mixin=True, module=dict(blockwise=True)),
+    "mixin_module_blocks_global_ddp_refused": dict(
+        ddp=True, strategy=dict(mixin_groups="global"), mixin=True, module=dict(blockwise=True)
+    ),
     "gpt2_mixin": dict(strategy=dict(), gpt2_mixin=True),
     "gpt2_mixin_ddp": dict(ddp=True, gpt2_mixin=True),
     "gpt2": dict(strategy=dict(), gpt2=True),

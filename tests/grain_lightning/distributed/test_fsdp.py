@@ -171,12 +171,45 @@ def test_grain_mixin_mean_aggregation_and_nonfinite_loss_on_one_rank(records):
     assert not torch.equal(params[2], params[3]) and torch.isfinite(params[3]).all()
 
 
+def module_blocks_min_norm_point(rows: torch.Tensor) -> torch.Tensor:
+    """Single-process block-wise GRAIN (``GrainConfig(blockwise=True)``): one min-norm problem per module of the
+    net, i.e. per Linear layer (its weight and bias together)."""
+    sizes = [sum(p.numel() for p in m.parameters()) for m in W.make_net() if any(True for _ in m.parameters())]
+    return torch.cat([min_norm_point(block) for block in rows.split(sizes, dim=1)])
+
+
 @pytest.mark.slow
-def test_grain_mixin_blockwise_is_refused_naming_the_alternative(records):
-    for rec in records["mixin_blockwise_refused"]:
-        assert (
-            rec["error"].startswith("ValueError") and "blockwise=False" in rec["error"] and "grain_ddp" in rec["error"]
-        )
+@pytest.mark.parametrize(
+    "name", ["mixin_module_blocks", "mixin_module_blocks_by_parameter", "mixin_module_blocks_global"]
+)
+def test_grain_mixin_blockwise_equals_single_process_blockwise_and_grain_ddp(records, name):
+    """``GrainConfig(blockwise=True)``, every group exchanged as shards, one min-norm problem per module:
+    hierarchical (each rank's block-wise GRAIN over its two chunks, then the min-norm over the ranks' directions,
+    as a whole or, ``mode="blockwise"`` with the net one FSDP unit, per parameter: grain_ddp's steps for the
+    former) and global (single-process block-wise GRAIN over the 4 chunks of both ranks)."""
+    a, b = records[name]
+    params = a["params"]
+    assert a["error"] is None and len(params) == 4 and a["num_combines"] == 3
+    assert all(torch.equal(x, y) for x, y in zip(params, b["params"]))
+    ddp = records["mixin_module_blocks_ddp"][0]["params"]
+    for step in range(3):
+        chunks = [chunk_grads(params[step], r, step) for r in range(2)]
+        if name == "mixin_module_blocks_global":
+            groups = torch.cat(chunks)
+            expected = module_blocks_min_norm_point(groups)
+            assert (groups @ expected >= (expected @ expected) - 1e-9).all()
+            assert not torch.allclose(expected, min_norm_point(groups), atol=1e-3)  # not the one-block solve
+        else:
+            local = torch.stack([module_blocks_min_norm_point(c) for c in chunks])
+            combine = blockwise_min_norm_point if name.endswith("by_parameter") else min_norm_point
+            expected = combine(local)
+        d = applied_direction(params, step, step + 1)
+        assert torch.allclose(d, expected, atol=TOL, rtol=0), (d - expected).abs().max()
+        if name == "mixin_module_blocks":
+            assert torch.allclose(params[step + 1], ddp[step + 1], atol=TOL, rtol=0)
+    assert a["metrics"].get("grain/blocks", 2.0) == 2.0  # the two Linear layers
+    refused = records["mixin_module_blocks_global_ddp_refused"]
+    assert all("mixin_groups='hierarchical'" in rec["error"] and "grain_fsdp" in rec["error"] for rec in refused)
 
 
 @pytest.mark.slow
@@ -445,3 +478,26 @@ def test_one_device_grain_mixin_equals_the_single_process_mixin(restore_environ)
     with pytest.raises(UnsupportedModuleError, match=r"'1' \(FSDPScale\): FSDP shards its parameters"):
         GhostEngine(net)
     GhostEngine(torch.nn.Sequential(net[0]))  # FSDPLinear: the Linear rule, FSDP's own pre-hook ignored
+
+
+def test_one_device_blockwise_mixin_equals_the_single_process_blockwise_engine(restore_environ):
+    """``devices=1``, ``GrainConfig(blockwise=True)``: the groups exchanged one backward each and solved module by
+    module from the shards give the single-process engine's block-wise steps (``GhostEngine.blockwise_backward``)."""
+    from grain_lightning import GrainFSDPStrategy
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    runs = {}
+    for name, strat in (
+        ("auto", "auto"),
+        ("grain_fsdp", GrainFSDPStrategy(wrap="Linear", timeout=timedelta(seconds=30))),
+    ):
+        rec = FW.Recorder()
+        W.make_trainer(strat, [rec], devices=1, max_steps=2).fit(FW.Mixin(blockwise=True), W.make_loader())
+        runs[name] = rec.params
+    assert len(runs["auto"]) == 3
+    for a, b in zip(runs["auto"], runs["grain_fsdp"]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    single = FW.Recorder()  # not the one-block solve
+    W.make_trainer("auto", [single], devices=1, max_steps=2).fit(FW.Mixin(), W.make_loader())
+    assert not torch.allclose(single.params[1], runs["auto"][1], atol=1e-6)
