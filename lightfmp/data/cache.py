@@ -50,7 +50,7 @@ from filelock import FileLock
 
 from lightfmp.data.fingerprint import content_digest
 from lightfmp.data.schema import Schema
-from lightfmp.data.strings import read_nul_joined
+from lightfmp.data.strings import ArrowStrings, read_nul_joined
 
 CACHE_VERSION = 3  # 3: fits stored as fit-<options>/ (vocabularies as raw-id arrays), meta.json versioned
 _HEADER = 128  # bytes of an .npy v1.0 header for the shapes written here (numpy pads room for a 21-digit length)
@@ -81,14 +81,21 @@ def fit_key(options: dict[str, Any]) -> str:
 
 def state_key(state: dict[str, Any]) -> str:
     """An encoding's key: the fitted preprocessor's state (its fields, vocabularies, hashes, transforms); a
-    vocabulary is hashed as its NUL-joined values (a JSON dump of millions of strings would take seconds)."""
+    vocabulary (a list or an :class:`~lightfmp.data.strings.ArrowStrings`, same digest) is hashed as its
+    NUL-joined values (a JSON dump of millions of strings would take seconds)."""
     h = hashlib.blake2b(digest_size=10)
     h.update(json.dumps(state["schema"], sort_keys=True).encode())
     for name, st in state["fields"].items():
         rest = {k: v for k, v in st.items() if k != "vocab"}
         h.update(json.dumps([name, rest], sort_keys=True).encode())
         if "vocab" in st:
-            h.update(("\0".join(st["vocab"]) + "\1").encode())
+            vocab = st["vocab"]
+            if isinstance(vocab, ArrowStrings):
+                for piece in vocab.nul_joined():
+                    h.update(piece)
+            else:
+                h.update("\0".join(vocab).encode())
+            h.update(b"\1")
     return h.hexdigest()
 
 
@@ -136,6 +143,20 @@ def load_column(path: Path) -> np.ndarray:
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=dtype)
     return np.load(path, mmap_mode="c")
+
+
+def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of an ``.npy`` column file, read into memory (not mapped: the pages of a column read
+    block by block do not accumulate in the process's resident memory as a long-lived map's do)."""
+    with open(path, "rb") as fh:
+        np.lib.format.read_magic(fh)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{path.name}: rows {start}:{stop} out of range for {shape[0]} rows")
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        fh.seek(fh.tell() + start * row * dtype.itemsize)
+        out = np.fromfile(fh, dtype=dtype, count=(stop - start) * row)
+    return out.reshape((stop - start,) + tuple(shape[1:]))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -209,6 +230,10 @@ class RawColumns:
 
     def ids(self, name: str) -> np.ndarray:
         return load_column(self.root / f"ids_{self.field_file(name)}.npy")
+
+    def id_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of :meth:`ids`, read (:func:`read_rows`), not mapped."""
+        return read_rows(self.root / f"ids_{self.field_file(name)}.npy", start, stop)
 
     def multi(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         j = self.field_file(name)

@@ -377,7 +377,7 @@ class CTRDataModule(L.LightningDataModule):
         luts: dict[str, np.ndarray] = {}  # lookup tables of a fit made here, for the encoding
         if reuse is None:
             reuse = self._fit_cached(cache, raw, schema, splits.train, luts)
-        state = reuse.state_dict()
+        state = reuse.state_dict(as_lists=False)  # vocabularies stay Arrow arrays
         encoded = build_once(
             cache.encoded_dir(state),
             lambda out: encode_streaming(raw, reuse, out, self.progress, luts=luts),

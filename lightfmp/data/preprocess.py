@@ -22,7 +22,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,6 +35,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightfmp.data.schema import FieldSpec, Schema
+from lightfmp.data.strings import ArrowStrings, as_list
 from lightfmp.inputs import CTRBatch, ModelInputs, SparseFeature
 
 STATE_VERSION = 1
@@ -186,11 +187,13 @@ def multi_codes(col: pd.Series, separator: str) -> tuple[np.ndarray, np.ndarray,
     return np.repeat(np.arange(len(col), dtype=np.int64), lens), codes[gather], keys
 
 
-def rank_vocabulary(keys: Any, counts: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def rank_vocabulary(keys: Any, counts: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, Sequence[str]]:
     """``(ranked, vocab)``: the positions ``kept`` of the distinct strings ``keys`` (an object array or an Arrow
     string array) ordered by ``counts`` descending, then by value (code point order: Arrow compares UTF-8
-    bytes, which orders as code points), and their strings. Sorted by Arrow (numpy's ``lexsort`` of a string
-    array was most of a fit's time); a value UTF-8 cannot encode (a lone surrogate) falls back to it."""
+    bytes, which orders as code points), and their strings: a list, or for Arrow ``keys`` an
+    :class:`~lightfmp.data.strings.ArrowStrings` (no Python string per value). Sorted by Arrow (numpy's
+    ``lexsort`` of a string array was most of a fit's time); a value UTF-8 cannot encode (a lone surrogate)
+    falls back to it."""
     if isinstance(keys, (pa.Array, pa.ChunkedArray)):
         sub = keys.take(pa.array(kept))
     else:
@@ -202,6 +205,8 @@ def rank_vocabulary(keys: Any, counts: np.ndarray, kept: np.ndarray) -> tuple[np
     order = pc.sort_indices(
         pa.table({"count": counts[kept], "value": sub}), sort_keys=[("count", "descending"), ("value", "ascending")]
     ).to_numpy()
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        return kept[order], ArrowStrings(sub.take(pa.array(order)))
     return kept[order], sub.take(pa.array(order)).to_pylist()
 
 
@@ -270,7 +275,8 @@ class Preprocessor:
         self, f: FieldSpec, keys: np.ndarray, counts: np.ndarray, unique: bool = False
     ) -> tuple[dict[str, Any], Optional[np.ndarray]]:
         """:meth:`vocabulary_state`, and for ``unique`` keys and a vocabulary, ``lut``: the id of each of
-        ``keys`` (0 = out of vocabulary), equal to :meth:`encode_ids` of ``keys`` without hashing the strings."""
+        ``keys`` (int32, 0 = out of vocabulary), equal to :meth:`encode_ids` of ``keys`` without hashing the
+        strings."""
         if not unique:
             seen = counts > 0  # min_count >= 1: an unseen value never gets an id
             per_key = pd.Series(counts[seen], index=pd.Index(keys[seen], dtype=object))
@@ -284,8 +290,8 @@ class Preprocessor:
         ranked, vocab = rank_vocabulary(keys, counts, kept)
         lut = None
         if unique:
-            lut = np.zeros(len(keys), dtype=np.int64)
-            lut[ranked] = np.arange(1, len(ranked) + 1)
+            lut = np.zeros(len(keys), dtype=np.int32)
+            lut[ranked] = np.arange(1, len(ranked) + 1, dtype=np.int32)
         return {"type": "vocab", "vocab": vocab}, lut
 
     @staticmethod
@@ -363,7 +369,7 @@ class Preprocessor:
             return (h % np.uint64(st["buckets"])).astype(np.int64) + 1
         index = self._indexes.get(name)
         if index is None:
-            index = self._indexes[name] = pd.Index(st["vocab"], dtype=object)
+            index = self._indexes[name] = pd.Index(as_list(st["vocab"]), dtype=object)
         return index.get_indexer(keys).astype(np.int64) + 1  # -1 (unknown) -> 0
 
     def encode_field(self, name: str, col: pd.Series) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
@@ -434,14 +440,19 @@ class Preprocessor:
         out._indexes = {n: i for n, i in self._indexes.items() if n in out.states}
         return out
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, as_lists: bool = True) -> dict[str, Any]:
+        """The fitted state (plain JSON); ``as_lists`` False keeps each vocabulary as it is held (a list, or an
+        :class:`~lightfmp.data.strings.ArrowStrings` from the on-disk cache's fit: not JSON, no Python strings)."""
         self._require_fitted()
+        fields = {n: self.states[n] for n in self.schema.names}
+        if as_lists:
+            fields = {n: ({**st, "vocab": as_list(st["vocab"])} if "vocab" in st else st) for n, st in fields.items()}
         return {
             "version": STATE_VERSION,
             "schema": self.schema.to_dict(),
             "min_count": self.min_count,
             "hash_threshold": self.hash_threshold,
-            "fields": {n: self.states[n] for n in self.schema.names},
+            "fields": fields,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,11 +5,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
 
 1. :func:`ingest` (the only pass over the text): each chunk's labels, dense numbers (float64) and time are
    appended to their column files; a categorical value becomes a *raw id* (its position among the distinct
-   values in order of first appearance, one hash table per field), so that the vocabulary can be fitted later
-   on whichever rows are training rows. Memory: one chunk plus a hash table per field (about 30 bytes per
-   distinct value, :class:`_RawIds`); the distinct values themselves are written out as they appear. With the
-   Arrow reader a chunk's categorical values arrive as dictionary arrays and are hashed from their buffers
-   (:mod:`lightfmp.data.strings`), never as Python strings.
+   values in order of first appearance, a sorted array of value hashes per field), so that the vocabulary can
+   be fitted later on whichever rows are training rows. Memory: the chunk being parsed (each is dropped once
+   written) plus 12 bytes per distinct value (:class:`_RawIds`); the distinct values themselves are written
+   out as they appear. With the Arrow reader a chunk's categorical values arrive as dictionary arrays and are
+   hashed from their buffers (:mod:`lightfmp.data.strings`), never as Python strings.
 2. :func:`fit_streaming`, once the row count (and so the split) is known: per field, the training count of each
    raw id is a sum of ``bincount``\ s over row blocks; ``min_count``, ``hash_threshold`` and the vocabulary
    order (count descending, then value) are :class:`Preprocessor`'s. Dense ``log`` / ``none`` fields: mean of
@@ -17,9 +17,11 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
    to numpy's ``mean`` / ``std`` up to float64 rounding, ~1e-15 relative). Bucket edges: ``np.quantile`` of
    the training values, exact when a field has at most ``quantile_values`` of them (default 4,194,304); above,
    of a seeded Bernoulli sample of about that many (rank error about ``1 / sqrt(quantile_values)``, 5e-4).
-   Memory: a row block, the counts (8 bytes per distinct value) and the quantile sample.
-   The fit is stored by :func:`save_fit` (each vocabulary as the raw ids in id order) and read back by
-   :func:`load_fit`.
+   Memory: a row block (read, not mapped: :func:`~lightfmp.data.cache.read_rows`), one field's counts and
+   distinct values (8 + about 16 bytes per distinct value), the lookup tables (4 bytes per distinct value) and
+   the quantile sample; each vocabulary is kept as an :class:`~lightfmp.data.strings.ArrowStrings` (about
+   16 bytes per kept value; Python strings cost about 65). The fit is stored by :func:`save_fit` (each
+   vocabulary as the raw ids in id order) and read back by :func:`load_fit`.
 3. :func:`encode_streaming`: row blocks of the raw columns through the fitted state: a categorical raw id
    maps through a lookup table ``lut[raw id]`` (the fit's, or built once from the distinct values by
    :meth:`Preprocessor.encode_ids`), so ids equal the in-memory path's exactly; dense values are
@@ -48,7 +50,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from pandas._libs.hashtable import Int64HashTable
 from torchrec.datasets.criteo import BinaryCriteoUtils
 from tqdm import tqdm
 
@@ -56,7 +57,7 @@ from lightfmp.data.cache import CACHE_VERSION, NpyWriter, RawColumns, load_colum
 from lightfmp.data.formats import Chunks
 from lightfmp.data.preprocess import EncodedFrame, Preprocessor, category_codes, dense_transform, multi_codes
 from lightfmp.data.schema import Schema
-from lightfmp.data.strings import TabulationHash, nul_joined
+from lightfmp.data.strings import ArrowStrings, TabulationHash, nul_joined
 
 QUANTILE_VALUES = 1 << 22
 BLOCK_ROWS = 1 << 20
@@ -79,14 +80,19 @@ class _RawIds:
     """Raw ids of one categorical field: distinct value -> its rank in order of first appearance.
 
     A value is known by its 64-bit tabulation hash (:class:`~lightfmp.data.strings.TabulationHash`, computed on
-    the Arrow string buffers, no Python string per value) in pandas' khash ``Int64HashTable`` (about 30 bytes
-    per distinct value); the values themselves are appended to ``keys_<j>.txt`` (NUL-separated) as they first
-    appear, so the file lists each once. Two values with one hash would share a raw id (probability about
-    ``n^2 / 2^65`` for ``n`` distinct values: 3e-6 for Criteo's largest field, 10 million).
+    the Arrow string buffers, no Python string per value); the hashes seen are kept sorted (``uint64``) beside
+    their raw ids (``int32``): 12 bytes per distinct value, looked up by binary search (a hash table took
+    about 30, and twice that while it grew). A chunk's new hashes are merged in (``np.insert``: a copy of the
+    field's arrays, so 24 bytes per distinct value of one field for a moment). The values themselves are
+    appended to ``keys_<j>.txt`` (NUL-separated) as they first appear, so the file lists each once. Two values
+    with one hash would share a raw id (probability about ``n^2 / 2^65`` for ``n`` distinct values: 3e-6 for
+    Criteo's largest field, 10 million).
     """
 
-    def __init__(self, keys_path: Path, hasher: TabulationHash) -> None:
-        self.table = Int64HashTable(1 << 10)
+    def __init__(self, name: str, keys_path: Path, hasher: TabulationHash) -> None:
+        self.name = name
+        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.ids = np.zeros(0, dtype=np.int32)
         self.count = 0
         self._hash = hasher
         self._keys = open(keys_path, "wb")
@@ -94,22 +100,26 @@ class _RawIds:
     def lookup(self, keys: pa.Array) -> np.ndarray:
         """int64 raw ids of the strings ``keys`` (an Arrow string array, in order of first appearance in the
         chunk), adding the new ones."""
-        n = len(keys)
-        if n == 0:
+        if len(keys) == 0:
             return np.zeros(0, dtype=np.int64)
-        inverse, distinct = pd.factorize(self._hash(keys).view(np.int64))  # distinct hashes in order of appearance
-        ids = np.asarray(self.table.lookup(distinct), dtype=np.int64)
-        new = np.flatnonzero(ids < 0)
+        distinct, first, inverse = np.unique(self._hash(keys), return_index=True, return_inverse=True)
+        pos = np.searchsorted(self.hashes, distinct)
+        found = pos < len(self.hashes)
+        found[found] = self.hashes[pos[found]] == distinct[found]
+        ids = np.empty(len(distinct), dtype=np.int64)
+        ids[found] = self.ids[pos[found]]
+        new = np.flatnonzero(~found)
+        if len(new) and self.count + len(new) >= 2**31:
+            raise ValueError(f"field {self.name!r} has more than 2^31 distinct values; hash it (hash_buckets)")
         if len(new):
-            first = np.empty(len(distinct), dtype=np.int64)
-            first[inverse[::-1]] = np.arange(n - 1, -1, -1)  # first position of each distinct hash
-            text = nul_joined(keys.take(pa.array(first[new])))
-            fresh = np.arange(self.count, self.count + len(new), dtype=np.int64)
-            self.table.map_keys_to_values(distinct[new], fresh)
-            ids[new] = fresh
+            order = new[np.argsort(first[new], kind="stable")]  # the new values in order of first appearance
+            ids[order] = np.arange(self.count, self.count + len(new), dtype=np.int64)
+            text = nul_joined(keys.take(pa.array(first[order])))
             self._keys.write((b"\0" if self.count else b"") + text)
             self.count += len(new)
-        return ids[inverse]
+            self.hashes = np.insert(self.hashes, pos[new], distinct[new])  # stays sorted: distinct is
+            self.ids = np.insert(self.ids, pos[new], ids[new].astype(np.int32))
+        return ids[inverse.ravel()]
 
     def close(self) -> None:
         self._keys.close()
@@ -148,7 +158,9 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
     offsets: dict[str, NpyWriter] = {}
     values: dict[str, NpyWriter] = {}
     hasher = TabulationHash()
-    raw = {f.name: _RawIds(out / f"keys_{files[f.name]}.txt", hasher) for f in schema.fields if f.kind != "dense"}
+    raw = {
+        f.name: _RawIds(f.name, out / f"keys_{files[f.name]}.txt", hasher) for f in schema.fields if f.kind != "dense"
+    }
     nnz = {f.name: 0 for f in schema.fields if f.kind == "multi"}
     for f in schema.fields:
         j = files[f.name]
@@ -158,34 +170,38 @@ def ingest(chunks: Chunks, out: Path, progress: bool = True) -> None:
             offsets[f.name] = NpyWriter(out / f"offsets_{j}.npy", np.int64)
             offsets[f.name].append(np.zeros(1, dtype=np.int64))
             values[f.name] = NpyWriter(out / f"values_{j}.npy", np.int32)
+
+    def write(chunk: pd.DataFrame) -> int:
+        """Append one chunk's columns; its arrays are freed on return, before the next chunk is parsed."""
+        n = len(chunk)
+        label.append(chunk[schema.label].to_numpy(dtype=np.int8))
+        if time is not None and schema.time_column is not None:
+            time.append(_time_values(chunk[schema.time_column], schema.time_column))
+        block = np.empty((n, len(dense)), dtype=np.float64)
+        for k, name in enumerate(dense):
+            block[:, k] = Preprocessor.numeric(schema[name], chunk[name])
+        dense_out.append(block)
+        for f in schema.fields:
+            if f.kind == "sparse":
+                parts = []
+                for codes, keys in category_pieces(chunk[f.name]):
+                    glob = raw[f.name].lookup(keys)
+                    parts.append(np.where(codes >= 0, glob[np.maximum(codes, 0)], -1))
+                ids[f.name].append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+            elif f.kind == "multi":
+                owner, codes, keys = multi_codes(chunk[f.name], f.separator)
+                counts = np.bincount(owner, minlength=n)
+                offsets[f.name].append(nnz[f.name] + np.cumsum(counts))
+                nnz[f.name] += len(codes)
+                values[f.name].append(raw[f.name].lookup(pa.array(keys, type=pa.string()))[codes])
+        return n
+
     rows = 0
     by_bytes = chunks.rows is None and chunks.size is not None and chunks.position is not None
     with _read_bar(chunks, progress) as bar:
         for chunk in chunks.frames:
-            n = len(chunk)
-            label.append(chunk[schema.label].to_numpy(dtype=np.int8))
-            if time is not None and schema.time_column is not None:
-                time.append(_time_values(chunk[schema.time_column], schema.time_column))
-            block = np.empty((n, len(dense)), dtype=np.float64)
-            for k, name in enumerate(dense):
-                block[:, k] = Preprocessor.numeric(schema[name], chunk[name])
-            dense_out.append(block)
-            for f in schema.fields:
-                if f.kind == "sparse":
-                    parts = []
-                    for codes, keys in category_pieces(chunk[f.name]):
-                        glob = raw[f.name].lookup(keys)
-                        parts.append(np.where(codes >= 0, glob[np.maximum(codes, 0)], -1))
-                    ids[f.name].append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
-                elif f.kind == "multi":
-                    owner, codes, keys = multi_codes(chunk[f.name], f.separator)
-                    counts = np.bincount(owner, minlength=n)
-                    offsets[f.name].append(nnz[f.name] + np.cumsum(counts))
-                    nnz[f.name] += len(codes)
-                    values[f.name].append(raw[f.name].lookup(pa.array(keys, type=pa.string()))[codes])
-            for name, r in raw.items():
-                if r.count >= 2**31:
-                    raise ValueError(f"field {name!r} has more than 2^31 distinct values; hash it (hash_buckets)")
+            n = write(chunk)
+            del chunk  # not held while the next chunk is parsed
             rows += n
             if by_bytes:
                 assert chunks.position is not None
@@ -279,9 +295,8 @@ def fit_streaming(
         keys = raw.key_array(f.name)
         counts = np.zeros(len(keys), dtype=np.int64)
         if f.kind == "sparse":
-            ids = raw.ids(f.name)
             for start, stop in _blocks(raw.rows, block_rows):
-                r = ids[start:stop][mask[start:stop]]
+                r = raw.id_rows(f.name, start, stop)[mask[start:stop]]
                 counts += np.bincount(r[r >= 0], minlength=len(keys))
         else:
             offsets, values = raw.multi(f.name)
@@ -300,7 +315,7 @@ def save_fit(pre: Preprocessor, raw: RawColumns, luts: dict[str, np.ndarray], ou
     """Write the fitted ``pre`` into the directory ``out`` (``fit-<options>/`` of :mod:`lightfmp.data.cache`):
     ``state.json`` without the vocabularies, and each vocabulary field's raw ids in id order from its lookup
     table ``luts[name]`` (:func:`fit_streaming`'s) as ``vocab_<j>.npy``."""
-    state = pre.state_dict()
+    state = pre.state_dict(as_lists=False)
     for name, st in state["fields"].items():
         if st["type"] == "vocab":
             lut = luts[name]
@@ -320,10 +335,10 @@ def load_fit(raw: RawColumns, directory: Path, luts: dict[str, np.ndarray]) -> P
         if st["type"] == "vocab" and "vocab_file" in st:
             ranked = np.load(directory / st["vocab_file"])
             keys = raw.key_array(name)
-            lut = np.zeros(len(keys), dtype=np.int64)
-            lut[ranked] = np.arange(1, len(ranked) + 1)
+            lut = np.zeros(len(keys), dtype=np.int32)
+            lut[ranked] = np.arange(1, len(ranked) + 1, dtype=np.int32)
             luts[name] = lut
-            state["fields"][name] = {"type": "vocab", "vocab": keys.take(pa.array(ranked)).to_pylist()}
+            state["fields"][name] = {"type": "vocab", "vocab": ArrowStrings(keys.take(pa.array(ranked)))}
     return Preprocessor.from_state_dict(state)
 
 
@@ -377,8 +392,9 @@ def encode_streaming(
 ) -> None:
     """Pass 3: every row of ``raw`` encoded by the fitted ``pre`` into ``out`` (``dense.npy`` float32
     ``(N, n_dense_inputs)``, ``sparse.npy`` int32 ``(N, n_single)``, ``values_<j>.npy`` int32). Memory: a row
-    block and one lookup table (8 bytes per distinct value) per categorical field: ``luts[name]`` when
-    :func:`fit_streaming` gave it, else :meth:`Preprocessor.encode_ids` of the field's distinct values."""
+    block (read, not mapped) and one lookup table (4 bytes per distinct value, 8 when built here) per
+    categorical field: ``luts[name]`` when :func:`fit_streaming` gave it, else :meth:`Preprocessor.encode_ids`
+    of the field's distinct values."""
     spec = pre.feature_spec
     singles = [f.name for f in spec.sparse if not f.multi_valued]
     given = luts or {}
@@ -390,7 +406,6 @@ def encode_streaming(
     dense_cols = [raw.dense_names.index(n) for n in spec.dense]
     dense_out = NpyWriter(out / "dense.npy", np.float32, (len(spec.dense),))
     sparse_out = NpyWriter(out / "sparse.npy", np.int32, (len(singles),))
-    ids = {n: raw.ids(n) for n in singles if pre.schema[n].kind == "sparse"}
     with progress_bar(raw.rows, "encode", progress) as bar:
         for start, stop in _blocks(raw.rows, block_rows):
             x = _dense_block(raw, start, stop)
@@ -399,8 +414,8 @@ def encode_streaming(
                 dense[:, k] = pre.encode_numbers(name, x[:, col])
             sparse = np.empty((stop - start, len(singles)), dtype=np.int32)
             for k, name in enumerate(singles):
-                if name in ids:
-                    r = np.asarray(ids[name][start:stop], dtype=np.int64)
+                if pre.schema[name].kind == "sparse":
+                    r = raw.id_rows(name, start, stop)
                     sparse[:, k] = np.where(r >= 0, luts[name][np.maximum(r, 0)], 0)
                 else:  # a bucketed dense field
                     sparse[:, k] = pre.encode_numbers(name, x[:, raw.dense_names.index(name)])

@@ -1,5 +1,6 @@
 """Arrow string arrays handled with numpy over their buffers, without a Python object per string: 64-bit
-tabulation hashes, NUL-joined bytes (the cache's ``keys_<j>.txt``) and back.
+tabulation hashes, NUL-joined bytes (the cache's ``keys_<j>.txt``) and back, and :class:`ArrowStrings`, a
+sequence of strings kept in Arrow buffers (a fitted vocabulary).
 
 Tabulation hashing: ``h(s) = T[0, s_0] xor T[1, s_1] xor ... xor T[L-1, s_{L-1}]`` over the UTF-8 bytes ``s_i``
 of a string of length ``L``, with ``T`` a table of independent uniform 64-bit words (seeded, one row of 256 per
@@ -12,8 +13,9 @@ Python strings instead).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, overload
 
 import numpy as np
 import pandas as pd
@@ -107,3 +109,71 @@ def read_nul_joined(path: Path, count: int) -> pa.Array:
     packed = data[keep]
     offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
     return pa.LargeStringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(packed))
+
+
+class ArrowStrings(Sequence[str]):
+    """An immutable sequence of strings over an Arrow (large) string array: about 16 bytes per value (offset
+    and UTF-8 bytes) where a Python list of short strings costs about 65; a fitted vocabulary of millions of
+    values is kept this way (:func:`~lightfmp.data.preprocess.rank_vocabulary` of an Arrow array). Equal to a
+    list or tuple of the same strings (``==`` converts, for tests); :meth:`tolist` makes the Python strings
+    (JSON, pandas' index)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any) -> None:
+        if isinstance(array, pa.ChunkedArray):
+            array = array.combine_chunks()
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+            raise TypeError(f"expected an Arrow string array, got type {array.type}")
+        if array.null_count:
+            raise ValueError(f"an ArrowStrings holds no nulls; got {array.null_count}")
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: Union[int, slice]) -> Union[str, list[str]]:
+        if isinstance(i, slice):
+            return self.tolist()[i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} strings")
+        return str(self.array[i].as_py())
+
+    def __iter__(self) -> Iterator[str]:
+        step = 1 << 16  # Python strings for one slice at a time
+        for start in range(0, len(self.array), step):
+            yield from self.array.slice(start, step).to_pylist()
+
+    def tolist(self) -> list[str]:
+        return list(self.array.to_pylist())
+
+    def nul_joined(self, step: int = 1 << 16) -> Iterator[bytes]:
+        """Pieces whose concatenation is the UTF-8 bytes of the strings joined by NUL (``"\\0".join(self)
+        .encode()``), ``step`` strings at a time: no Python strings, and memory for one piece."""
+        for start in range(0, len(self.array), step):
+            yield (b"\0" if start else b"") + nul_joined(self.array.slice(start, step))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ArrowStrings):
+            large = pa.large_string()
+            return bool(self.array.cast(large).equals(other.array.cast(large)))
+        if isinstance(other, (list, tuple)):
+            return len(self) == len(other) and self.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(s) for s in self.array.slice(0, 3).to_pylist())
+        return f"ArrowStrings([{head}{', ...' if len(self) > 3 else ''}], {len(self)} strings)"
+
+
+def as_list(values: Sequence[str]) -> list[str]:
+    """``values`` as a Python list: an :class:`ArrowStrings` converted, a list returned as it is."""
+    if isinstance(values, list):
+        return values
+    return values.tolist() if isinstance(values, ArrowStrings) else list(values)

@@ -280,12 +280,13 @@ ArrowKind = Literal["number", "text", "category"]
 
 def record_blocks(
     path: Path, block_bytes: int, skip_lines: int = 0, quote: Optional[bytes] = None
-) -> Iterator[tuple[bytes, int]]:
+) -> Iterator[tuple[bytearray, int]]:
     """``(block, position)``: the file (decompressed when its name ends in ``.gz``, by Arrow's zlib) in blocks of
     whole records of about ``block_bytes`` bytes each, ending in a newline, after ``skip_lines`` header lines;
     ``position``: the bytes of the file (compressed) read so far. With ``quote``, a newline between quotes does
     not end a record (the quote parity of the block is counted with numpy when it holds a quote).
-    Memory: one block. A truncated or corrupt gzip file raises ``ValueError`` as :func:`gzip_errors`."""
+    Memory: one block (a ``bytearray`` read in place, not copied; the generator drops it once yielded). A
+    truncated or corrupt gzip file raises ``ValueError`` as :func:`gzip_errors`."""
     import pyarrow as pa
 
     raw = pa.OSFile(str(path))
@@ -293,29 +294,39 @@ def record_blocks(
     carry, skip = b"", skip_lines
     with raw, gzip_errors(path):
         while True:
+            # read into one buffer after the carried partial record: the block is yielded without a copy, and
+            # nothing here holds it while the consumer parses it
+            data = bytearray(len(carry) + block_bytes)
+            data[: len(carry)] = carry
             try:
-                piece = stream.read(block_bytes)
+                got = stream.readinto(memoryview(data)[len(carry) :])
             except OSError as e:  # Arrow's zlib errors
                 raise gzip.BadGzipFile(str(e)) from e
-            data, carry = (carry + piece if carry else piece), b""
+            del data[len(carry) + got :]
+            carry = b""
             while skip and (newline := data.find(b"\n")) >= 0:
-                data, skip = data[newline + 1 :], skip - 1
-            if skip and piece:  # the header goes on in the next piece
-                carry = data
+                del data[: newline + 1]
+                skip -= 1
+            if skip and got:  # the header goes on in the next piece
+                carry = bytes(data)
                 continue
-            if not piece:  # end of the file: the last record may lack its newline
+            if not got:  # end of the file: the last record may lack its newline
                 if data and not skip:
-                    yield (data if data.endswith(b"\n") else data + b"\n"), raw.tell()
+                    if not data.endswith(b"\n"):
+                        data += b"\n"
+                    yield data, raw.tell()
                 return
             cut = _last_record_end(data, quote)
             if cut < 0:
-                carry = data
+                carry = bytes(data)
                 continue
-            carry = data[cut + 1 :]
-            yield data[: cut + 1], raw.tell()
+            carry = bytes(data[cut + 1 :])
+            del data[cut + 1 :]
+            yield data, raw.tell()
+            del data
 
 
-def _last_record_end(data: bytes, quote: Optional[bytes]) -> int:
+def _last_record_end(data: Union[bytes, bytearray], quote: Optional[bytes]) -> int:
     """Index of the last newline of ``data`` that ends a record (outside quotes), -1 when none does."""
     if quote is None or quote not in data:
         return data.rfind(b"\n")
@@ -382,6 +393,7 @@ def arrow_chunks(
             progress(position)
         if table.num_rows:
             yield _arrow_frame(table, columns)
+        del table  # not held while the next block is read and parsed
         if left is not None and left <= 0:
             return
 

@@ -247,8 +247,8 @@ def test_build_once_builds_once_for_concurrent_callers(tmp_path):
 
 
 def test_ingest_holds_one_chunk_at_a_time(tmp_path, big_criteo):
-    """When the reader reads a chunk, ingest holds at most the previous one (its loop variable): the pass never
-    holds more than two chunks of the file, whatever its length."""
+    """When the reader reads a chunk, ingest holds none of the previous ones (it drops each once written): the
+    pass never holds more than the chunk being read, whatever the file's length."""
     source = iter_frames("criteo", big_criteo, chunksize=50)
     refs: list[weakref.ref] = []
     held = []
@@ -264,7 +264,7 @@ def test_ingest_holds_one_chunk_at_a_time(tmp_path, big_criteo):
     out = tmp_path / "raw"
     out.mkdir()
     ingest(Chunks(source.schema, source.rows, frames()), out, progress=False)
-    assert len(held) == 12 and max(held) == 50
+    assert len(held) == 12 and max(held) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["rows"] == 600 and load_column(out / "dense.npy").shape == (600, 13)
 
@@ -459,3 +459,54 @@ def test_tabulation_hash_and_nul_joined_round_trip(tmp_path):
     assert read_nul_joined(tmp_path / "k.txt", 7).to_pylist() == values[1:]
     with pytest.raises(ValueError, match="NUL"):
         nul_joined(pa.array(["ok", "a\0b"]))
+
+
+def test_arrow_strings_behave_as_the_list_and_hash_alike():
+    import pyarrow as pa
+
+    from lightfmp.data.cache import state_key
+    from lightfmp.data.strings import ArrowStrings, as_list
+
+    values = [f"v{i}" for i in range(70_000)] + ["é", ""]
+    arrow = ArrowStrings(pa.array(values, type=pa.large_string()))
+    assert len(arrow) == len(values) and arrow[0] == "v0" and arrow[-2] == "é" and arrow[3:5] == ["v3", "v4"]
+    assert list(arrow) == values and as_list(arrow) == values and arrow == values and values == arrow
+    assert arrow == ArrowStrings(pa.array(values)) and arrow != values[:-1] and arrow != ["x"] * len(values)
+    assert b"".join(arrow.nul_joined(step=1000)) == "\0".join(values).encode()
+    with pytest.raises(IndexError):
+        arrow[len(values)]
+    state: dict[str, Any] = {"schema": {"x": 1}, "fields": {"c": {"type": "vocab", "vocab": values}}}
+    other = {"schema": {"x": 1}, "fields": {"c": {"type": "vocab", "vocab": arrow}}}
+    assert state_key(state) == state_key(other)  # an encoding found by either form of the fitted state
+    other["fields"]["c"]["vocab"] = ArrowStrings(pa.array(values[:-1]))
+    assert state_key(state) != state_key(other)
+
+
+def test_raw_ids_number_values_in_order_of_first_appearance(tmp_path):
+    import pyarrow as pa
+
+    from lightfmp.data.streaming import _RawIds
+    from lightfmp.data.strings import TabulationHash, read_nul_joined
+
+    rng = np.random.default_rng(3)
+    raw = _RawIds("c", tmp_path / "keys.txt", TabulationHash())
+    reference: dict[str, int] = {}
+    for _ in range(6):  # chunks with repeated, old and new values, not all distinct within a chunk
+        chunk = [f"{int(v):x}" for v in rng.zipf(1.3, 400) % 5000]
+        expected = [reference.setdefault(v, len(reference)) for v in chunk]
+        assert raw.lookup(pa.array(chunk)).tolist() == expected
+    assert raw.lookup(pa.array([], type=pa.string())).tolist() == []
+    raw.close()
+    assert raw.count == len(reference) and bool(np.all(raw.hashes[1:] > raw.hashes[:-1]))
+    assert read_nul_joined(tmp_path / "keys.txt", raw.count).to_pylist() == list(reference)
+
+
+def test_read_rows_equals_the_mapped_column(tmp_path):
+    from lightfmp.data.cache import read_rows
+
+    x = np.arange(60, dtype=np.float64).reshape(20, 3)
+    np.save(tmp_path / "x.npy", x)
+    assert np.array_equal(read_rows(tmp_path / "x.npy", 4, 11), x[4:11])
+    assert read_rows(tmp_path / "x.npy", 20, 20).shape == (0, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        read_rows(tmp_path / "x.npy", 5, 21)
