@@ -7,8 +7,9 @@ of a string of length ``L``, with ``T`` a table of independent uniform 64-bit wo
 byte position, grown on demand). Two different strings differ in at least one (position, byte) pair, so their
 hashes are equal with probability ``2^-64`` (tabulation hashing is 3-independent): ``n`` distinct strings
 collide with probability about ``n^2 / 2^65``. Cost: a few numpy passes over the bytes; the table holds 2 KiB
-per position (strings longer than :data:`MAX_TABLE_LENGTH` bytes are hashed by pandas' ``hash_array`` over
-Python strings instead).
+per position (a string longer than :data:`MAX_TABLE_LENGTH` bytes is hashed by pandas' ``hash_array`` of its
+Python string instead: which function hashes a string depends on its length only, never on the other strings
+hashed with it, so a value has one hash in every chunk).
 """
 
 from __future__ import annotations
@@ -63,9 +64,18 @@ class TabulationHash:
         out = np.zeros(len(lens), dtype=np.uint64)
         if len(data) == 0:
             return out
+        long = np.flatnonzero(lens > MAX_TABLE_LENGTH)
+        if len(long):  # those strings alone by pandas' hash (a function of the string, not of its neighbours)
+            out[long] = pd.util.hash_array(
+                np.asarray(arr.take(pa.array(long)).to_pylist(), dtype=object), categorize=False
+            )
+            lens = np.where(lens > MAX_TABLE_LENGTH, 0, lens)
+            keep = np.repeat(lens > 0, np.diff(offsets))  # bytes of the strings left to the table
+            data = data[keep]
+            offsets = np.concatenate([[0], np.cumsum(lens)])
+            if len(data) == 0:
+                return out
         longest = int(lens.max())
-        if longest > MAX_TABLE_LENGTH:
-            return pd.util.hash_array(np.asarray(arr.to_pylist(), dtype=object), categorize=False)
         if longest > len(self.table):
             self._grow(longest)
         starts = offsets[:-1]

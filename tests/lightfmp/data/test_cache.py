@@ -510,3 +510,24 @@ def test_read_rows_equals_the_mapped_column(tmp_path):
     assert read_rows(tmp_path / "x.npy", 20, 20).shape == (0, 3)
     with pytest.raises(ValueError, match="out of range"):
         read_rows(tmp_path / "x.npy", 5, 21)
+
+
+def test_a_value_has_one_hash_and_raw_id_beside_a_long_value(tmp_path):
+    """A string longer than the tabulation table is hashed by another function; that must not change the hash of
+    the other strings of its chunk (it did: the whole chunk switched, giving a value a second raw id)."""
+    import pyarrow as pa
+
+    from lightfmp.data.streaming import _RawIds
+    from lightfmp.data.strings import MAX_TABLE_LENGTH, TabulationHash, read_nul_joined
+
+    long = "y" * (MAX_TABLE_LENGTH + 1)
+    hasher = TabulationHash()
+    alone = hasher(pa.array(["x", "", "ab"]))
+    mixed = hasher(pa.array(["x", long, "", "ab", long + "z"]))
+    assert mixed[[0, 2, 3]].tolist() == alone.tolist() and mixed[1] != mixed[4]
+    assert hasher(pa.array([long]))[0] == mixed[1]
+    raw = _RawIds("c", tmp_path / "keys.txt", hasher)
+    assert raw.lookup(pa.array(["x", "z"])).tolist() == [0, 1]
+    assert raw.lookup(pa.array(["x", long, "z"])).tolist() == [0, 2, 1]
+    raw.close()
+    assert read_nul_joined(tmp_path / "keys.txt", 3).to_pylist() == ["x", "z", long]
