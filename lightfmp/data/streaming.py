@@ -29,7 +29,8 @@ Three passes (the layout is :mod:`lightfmp.data.cache`'s):
 
 So the cached rows equal :meth:`Preprocessor.transform` of the whole frame, bit for bit, for categorical and
 bucketed fields (exact quantiles) and labels, and up to float32 rounding of the (rounding-level) differences of
-the streaming mean / std for dense fields.
+the streaming mean / std for dense fields; unless two distinct values of a field have the same 64-bit hash
+(:class:`_RawIds`: not detected, probability about ``n^2 / 2^65``), which then share a raw id.
 
 TorchRec's ``BinaryCriteoUtils.tsv_to_npys`` does not fit pass 1: it holds the whole file in Python lists,
 maps a missing number to 0 and shifts every dense value by the column minimum before ``log``, and parses
