@@ -226,6 +226,7 @@ def prune(
         raise ValueError(f"top_k={top_k} is more than the stage-1 model's {fields} fields")
     _check_stage1_data(datamodule, ckpt, ckpt_path, allow_data_mismatch)
     if datamodule.encoded is None:
+        datamodule.share_across_processes(world_size(), out / SHARED_CACHE)
         datamodule = datamodule.for_subset("pretrain", preprocessor=read_preprocessor(ckpt, ckpt_path))
         datamodule.setup("test")
     if datamodule.feature_spec != masked.feature_spec:

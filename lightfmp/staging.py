@@ -22,7 +22,8 @@ moment, ``metrics.json`` lists only stages whose files are all in place.
 
 Under DDP, rank 0 prepares the staging directory, writes and commits; the other ranks get the same directory
 and wait for the commit (:mod:`lightfmp.distributed`). A sharded checkpoint directory is written by every rank
-into that staging directory, and counts as written once DCP's ``.metadata`` (its last file) is there.
+into that staging directory, and counts as written once DCP's ``.metadata`` is there (written once every
+rank has written its shards).
 
 One run at a time per output directory: :func:`locked` holds an exclusive ``filelock`` on ``.lightfmp.lock``
 while a stage writes and commits (released by the operating system if the process dies); a second run gets an
@@ -44,6 +45,7 @@ import filelock
 
 from lightfmp.distributed import broadcast, is_rank_zero, on_rank_zero
 from lightfmp.outputs import STAGE_FILES, STAGES, atomic_write, output_directory, read_metrics, write_metrics
+from lightfmp.torchrec_strategy import is_sharded_checkpoint
 
 __all__ = ["LOCK_FILE", "StagedOutputs", "apply_commit", "locked", "recover", "staged_outputs", "staging_directories"]
 
@@ -127,8 +129,8 @@ def apply_commit(output_dir: Path, staging: Path) -> None:
 
 
 def _written(path: Path) -> bool:
-    """A staged file, or a complete checkpoint directory (DCP's ``.metadata``, written last)."""
-    return path.is_file() or (path.is_dir() and (path / ".metadata").is_file())
+    """A staged file, or a complete checkpoint directory (:func:`~lightfmp.torchrec_strategy.is_sharded_checkpoint`)."""
+    return path.is_file() or is_sharded_checkpoint(path)
 
 
 def _remove(path: Path) -> None:

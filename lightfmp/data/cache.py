@@ -52,7 +52,7 @@ from lightfmp.data.fingerprint import content_digest
 from lightfmp.data.schema import Schema
 from lightfmp.data.strings import ArrowStrings, read_nul_joined
 
-CACHE_VERSION = 3  # 3: fits stored as fit-<options>/ (vocabularies as raw-id arrays), meta.json versioned
+CACHE_VERSION = 4  # 3: fits stored as fit-<options>/, meta.json versioned; 4: a value's hash depends on it alone
 _HEADER = 128  # bytes of an .npy v1.0 header for the shapes written here (numpy pads room for a 21-digit length)
 
 
