@@ -123,7 +123,7 @@ def test_grain_fit_causal_lm_writes_perplexity_to_result_json(setting, tmp_path)
         "fit", "--model.pretrained", str(model_dir), "--data.path", str(csv), "--data.task", "causal_lm",
         "--data.train_size", "32", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(out),
         "--result_json", str(out / "result.json"), "--seed_everything", "3", "--model.grain.grouping", "4",
-        "--model.lr", "1e-2", *QUIET,
+        "--model.lr", "1e-2", "--data.where", '{"size": [small, large]}', *QUIET,  # `where` parses (keeps all)
     ])  # fmt: skip
     result = json.loads((out / "result.json").read_text())
     assert (result["monitor"], result["mode"], result["test_metric"]) == ("val_ppl", "min", "test_ppl")
