@@ -152,3 +152,17 @@ def test_sweep_reports_perplexity_lower_is_better(setting, tmp_path):
     summary = pd.read_csv(out / "summary.csv").set_index("method")
     assert summary.loc["mean", "worst"] == runs.loc[runs["method"] == "mean", "test_ppl"].max()  # worst = highest
     assert "test_ppl (lower is better)" in (out / "summary.md").read_text()
+
+
+def test_lora_on_a_causal_lm_trains_only_adapters_on_the_one_backward_engine(setting):
+    """``lora_r`` with ``causal_lm``: peft's default targets for GPT-2 (``c_attn``), the tied embedding / LM head
+    frozen; the engine's self-check compares it with autograd on every step."""
+    model_dir, csv = setting
+    dm = _data(model_dir, csv, train_size=24, batch_size=8)
+    torch.manual_seed(0)
+    cfg = GrainConfig(engine="ghost", unsupported="raise", self_check=1)
+    model = TextModel(str(model_dir), task="causal_lm", lr=1e-2, lora_r=4, grain=cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "c_attn" in n for n in trainable)
+    _trainer(max_epochs=1, num_sanity_val_steps=0).fit(model, dm)
+    assert model.grain_self_check_passed == 3
