@@ -6,9 +6,10 @@
     grain sweep --config cfg.yaml --seeds 10 --methods mean,grain-sample,grain-chunks4 --output_dir OUT
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI subcommands over :class:`TextModel` and
-:class:`TextDataModule` (``--model.pretrained`` is linked to ``--data.tokenizer``; the data gives the model
-its ``num_labels`` and regression target scale). ``--result_json PATH`` makes ``fit`` validate and test the
-final weights and write the run's result (:mod:`grain_lightning.text.result`), which ``sweep`` collects.
+:class:`TextDataModule` (``--model.pretrained`` is linked to ``--data.tokenizer`` and ``--data.task`` to
+``--model.task``; the data gives the model its ``num_labels`` and regression target scale). ``--result_json
+PATH`` makes ``fit`` validate and test the final weights and write the run's result
+(:mod:`grain_lightning.text.result`), which ``sweep`` collects.
 The default logger is TensorBoard (``<default_root_dir>/lightning_logs``).
 """
 
@@ -34,6 +35,7 @@ class GrainCLI(LightningCLI):
             help="fit only: validate and test the final weights and write the run's result here (used by grain sweep)",
         )  # fmt: skip
         parser.link_arguments("model.pretrained", "data.tokenizer")
+        parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.target_mean", "model.target_mean", apply_on="instantiate")
         parser.link_arguments("data.target_std", "model.target_std", apply_on="instantiate")
@@ -65,7 +67,7 @@ class GrainCLI(LightningCLI):
         from grain_lightning.text.result import run_result, write_json
 
         wall_s = time.perf_counter() - self._fit_start
-        monitor, mode = monitor_of(self.model.hparams["num_labels"])
+        monitor, mode = monitor_of(self.model.task)
         seed = self.config[self.subcommand].get("seed_everything")
         result = run_result(
             self.trainer, self.model, self.datamodule, monitor=monitor, mode=mode, wall_s=wall_s,

@@ -1,4 +1,5 @@
 r"""``TextDataModule``: a text column and a label column of CSV/Parquet files, tokenized once, served as batches.
+(Causal language modelling needs only the text column.)
 
 Splits. One file (``path``) is split at random into test, validation and train (``test_fraction``,
 ``val_fraction``, seeded by ``split_seed``); or ``train_path`` with optional ``val_path`` / ``test_path``
@@ -10,6 +11,13 @@ seed changes the subset, the data order and the new head's initialisation togeth
 Labels. Classification: the distinct values of ``label_column`` over every file, sorted, become class ids
 ``0 .. C-1`` (``num_labels = C``; a single class is refused). Regression: floats, standardised with the
 training subset's mean and std (``target_mean`` / ``target_std``; the model reports RMSE in the original unit).
+Causal language modelling (``causal_lm``): no label column; a batch's ``"labels"`` are its ``"input_ids"`` with
+``-100`` at padding (the model shifts them: position ``t`` predicts token ``t + 1``). Special tokens (e.g. a
+BOS/EOS around each text) are whatever the tokenizer adds.
+
+Rows. ``where`` keeps only the rows whose column values are among the given ones (compared as strings, e.g.
+``{"Division Name": ["Initmates"]}``), in every file, before anything else: splits, subsets and labels see only
+those rows.
 
 Groups. ``group_column`` (optional) names a column whose distinct values over every labelled file (as strings,
 sorted; a missing value is its own group, ``"<missing>"``) become ids ``0 .. G-1``, served as ``"groups"``: GRAIN
@@ -21,8 +29,8 @@ encodes each file's text column once, truncated to ``max_length``; the ids are c
 (``<cache>/tokens/<key>.npz``, the key hashing the file's path, size and mtime, the column, the tokenizer
 files and ``max_length``) and reused by later runs. A batch is padded to its longest sequence, rounded up to a
 multiple of ``pad_to_multiple_of``:
-``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}`` (plus
-``"groups": (n,) int64`` with a ``group_column``).
+``{"input_ids": (n, T) int64, "attention_mask": (n, T) int64, "labels": (n,) int64 | float32}`` (``(n, T)``
+int64 for ``causal_lm``; plus ``"groups": (n,) int64`` with a ``group_column``).
 """
 
 from __future__ import annotations
@@ -48,9 +56,10 @@ from grain_lightning.text.pretrained import cache_dir, resolve_pretrained
 
 __all__ = ["BUILTIN_DATA", "TASKS", "TextDataModule", "data_file", "read_table"]
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "causal_lm")
 MISSING_GROUP = "<missing>"  # the group of a row whose group_column value is missing
 _TOKEN_CACHE_VERSION = 1
+_IGNORE_INDEX = -100  # a label that is not predicted (padding of a causal_lm batch)
 _RESOURCES = Path(__file__).resolve().parent / "resources"
 
 #: files shipped with the package, usable by name as ``path``: 3,000 reviews drawn at random (seed 0) from the
@@ -104,14 +113,19 @@ class _Rows(Dataset):
         return self.table.ids[r], int(self.table.lengths[r]), target, group
 
 
-def _collate(items: list[tuple[np.ndarray, int, Any, Optional[int]]], multiple: int) -> dict[str, torch.Tensor]:
+def _collate(
+    items: list[tuple[np.ndarray, int, Any, Optional[int]]], multiple: int, causal: bool = False
+) -> dict[str, torch.Tensor]:
     longest = max(1, max(item[1] for item in items))
     width = min(-(-longest // multiple) * multiple, len(items[0][0]))
     ids = torch.from_numpy(np.stack([item[0][:width] for item in items]).astype(np.int64))
     lengths = torch.tensor([item[1] for item in items])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    targets = np.asarray([item[2] for item in items])
-    labels = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
+    if causal:
+        labels = ids.masked_fill(mask == 0, _IGNORE_INDEX)
+    else:
+        targets = np.asarray([item[2] for item in items])
+        labels = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if items[0][3] is not None:
         batch["groups"] = torch.tensor([item[3] for item in items], dtype=torch.int64)
@@ -119,14 +133,16 @@ def _collate(items: list[tuple[np.ndarray, int, Any, Optional[int]]], multiple: 
 
 
 class TextDataModule(L.LightningDataModule):
-    """Text classification or regression data from CSV/Parquet files (see the module docstring).
+    """Text classification, regression or causal language modelling data from CSV/Parquet files (see the module
+    docstring).
 
     Args:
         path: one file, split into train/validation/test (or ``"clothing_reviews"``, the sample shipped with
             the package, :data:`BUILTIN_DATA`). Or give ``train_path`` (and optionally ``val_path``, ``test_path``).
-        text_column, label_column: column names.
+        text_column, label_column: column names (``label_column`` is not read for ``causal_lm``).
         group_column: a column whose values become the batch's ``"groups"`` ids (see the module docstring).
-        task: ``"classification"`` or ``"regression"``.
+        task: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
+        where: keep only rows whose ``column`` value (as a string) is one of the listed values, in every file.
         tokenizer: a local model directory with tokenizer files, or ``"minilm"`` (linked to
             ``--model.pretrained`` by the ``grain`` command).
         max_length: tokens kept per text (truncation).
@@ -152,7 +168,8 @@ class TextDataModule(L.LightningDataModule):
         text_column: str = "text",
         label_column: str = "label",
         group_column: Optional[str] = None,
-        task: Literal["classification", "regression"] = "classification",
+        task: Literal["classification", "regression", "causal_lm"] = "classification",
+        where: Optional[dict[str, list[str]]] = None,
         tokenizer: str = "minilm",
         max_length: int = 128,
         train_size: Optional[int] = None,
@@ -179,6 +196,10 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("val_path/test_path go with train_path, not with path")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if where is not None and (
+            not isinstance(where, dict) or not all(isinstance(v, (list, tuple)) and v for v in where.values())
+        ):
+            raise ValueError(f"where must map a column name to a non-empty list of values, got {where!r}")
         for name, value in (
             ("max_length", max_length),
             ("batch_size", batch_size),
@@ -200,6 +221,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.text_column, self.label_column, self.task = text_column, label_column, task
         self.group_column = group_column
+        self.where = {str(c): [str(v) for v in values] for c, values in (where or {}).items()}
         self.tokenizer_spec, self.max_length = tokenizer, max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.drop_missing_text, self.pad_to_multiple_of = drop_missing_text, pad_to_multiple_of
@@ -215,12 +237,19 @@ class TextDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reading and splitting
     def _read(self, split: str, file: str) -> pd.DataFrame:
         frame = read_table(file)
-        labelled = [self.label_column] + ([self.group_column] if self.group_column else [])
-        need = [self.text_column] + (labelled if split != "predict" else [])
+        labels = [self.label_column] if self.task != "causal_lm" else []
+        labelled = labels + ([self.group_column] if self.group_column else [])
+        need = [self.text_column] + (labelled if split != "predict" else []) + list(self.where)
         missing = [c for c in need if c not in frame.columns]
         if missing:
             raise ValueError(f"{file}: no column {missing[0]!r}; its columns are {list(frame.columns)}")
-        if split != "predict" and frame[self.label_column].isna().any():
+        for column, values in self.where.items():
+            keep = frame[column].astype(str).isin(values)
+            if not keep.any():
+                seen = sorted(frame[column].astype(str).unique().tolist())[:20]
+                raise ValueError(f"{file}: where={{{column!r}: {values}}} keeps no row; values of that column: {seen}")
+            frame = frame.loc[keep]
+        if labels and split != "predict" and frame[self.label_column].isna().any():
             bad = int(frame[self.label_column].isna().sum())
             raise ValueError(f"{file}: label column {self.label_column!r} has {bad} missing values")
         no_text = frame[self.text_column].isna() | (frame[self.text_column].astype(str).str.strip() == "")
@@ -237,6 +266,8 @@ class TextDataModule(L.LightningDataModule):
         return frame.reset_index(drop=True)
 
     def _label_values(self) -> list[Any]:
+        if self.task == "causal_lm":
+            return []
         labelled = [f[self.label_column] for k, f in self._frames.items() if k != "predict"]
         if self.task == "regression":
             for col in labelled:
@@ -327,8 +358,9 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def num_labels(self) -> int:
-        """Classes of a classification task; 1 for regression (the model's output width)."""
-        return len(self.label_values) if self.task == "classification" else 1
+        """Classes of a classification task; 1 for regression (the model's output width); 0 for ``causal_lm``
+        (no label head)."""
+        return {"classification": len(self.label_values), "regression": 1}.get(self.task, 0)
 
     def split_sizes(self) -> dict[str, int]:
         """Rows in each split."""
@@ -342,6 +374,8 @@ class TextDataModule(L.LightningDataModule):
         stat = Path(file).stat()
         h.update(f"{_TOKEN_CACHE_VERSION}|{Path(file).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
         h.update(f"{self.text_column}|{self.max_length}|{self.drop_missing_text}|{type(tokenizer).__name__}|".encode())
+        if self.where:  # the rows kept (absent from the key without a filter: earlier caches stay valid)
+            h.update(json.dumps(self.where, sort_keys=True).encode())
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:  # a fast tokenizer: its whole definition
             h.update(backend.to_str().encode())
@@ -356,13 +390,20 @@ class TextDataModule(L.LightningDataModule):
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_pretrained(self.tokenizer_spec)))
         frame, file = self._frames[key], self._files[key]
         cache = cache_dir() / "tokens" / f"{self._token_key(file, tokenizer)}.npz"
-        labels = frame[self.label_column].to_numpy() if key != "predict" else np.zeros(len(frame))
+        labelled = key != "predict" and self.task != "causal_lm"
+        labels = frame[self.label_column].to_numpy() if labelled else np.zeros(len(frame))
         if cache.is_file():
             with np.load(cache) as stored:
                 if len(stored["lengths"]) == len(frame):
                     return _Table(stored["ids"], stored["lengths"], labels)
         enc = tokenizer(frame[self.text_column].astype(str).tolist(), truncation=True, max_length=self.max_length)
         lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
+        if self.task == "causal_lm" and (lengths < 2).any():
+            warnings.warn(
+                f"{file}: {int((lengths < 2).sum())} texts have fewer than 2 tokens: nothing to predict, their loss "
+                "is 0 and they add no token to the perplexity",
+                stacklevel=2,
+            )
         ids = np.full((len(frame), self.max_length), tokenizer.pad_token_id or 0, dtype=np.int32)
         for i, row in enumerate(enc["input_ids"]):
             ids[i, : len(row)] = row
@@ -381,20 +422,23 @@ class TextDataModule(L.LightningDataModule):
         if key not in self._tables:
             self._tables[key] = self._tokenize(key)
         table = self._tables[key]
-        if split == "predict":
-            return _Rows(table, rows, None)
+        if split == "predict" or self.task == "causal_lm":
+            return _Rows(table, rows, None, self._groups(key, rows) if split != "predict" else None)
         raw = table.labels[rows]
         if self.task == "classification":
             index = {v: i for i, v in enumerate(self.label_values)}
             targets = np.asarray([index[v] for v in raw], dtype=np.int64)
         else:
             targets = ((raw.astype(np.float64) - self.target_mean) / self.target_std).astype(np.float32)
-        groups = None
-        if self.group_column is not None:
-            ids = {v: i for i, v in enumerate(self.group_values)}
-            names = self._group_keys(self._frames[key][self.group_column]).to_numpy()[rows]
-            groups = np.asarray([ids[v] for v in names], dtype=np.int64)
-        return _Rows(table, rows, targets, groups)
+        return _Rows(table, rows, targets, self._groups(key, rows))
+
+    def _groups(self, key: str, rows: np.ndarray) -> Optional[np.ndarray]:
+        """The group ids of ``rows`` of file ``key`` (``None`` without a ``group_column``)."""
+        if self.group_column is None:
+            return None
+        ids = {v: i for i, v in enumerate(self.group_values)}
+        names = self._group_keys(self._frames[key][self.group_column]).to_numpy()[rows]
+        return np.asarray([ids[v] for v in names], dtype=np.int64)
 
     # ------------------------------------------------------------------ Lightning
     @override
@@ -411,7 +455,7 @@ class TextDataModule(L.LightningDataModule):
             self._dataset(split),
             batch_size=size,
             shuffle=shuffle,
-            collate_fn=functools.partial(_collate, multiple=self.pad_to_multiple_of),
+            collate_fn=functools.partial(_collate, multiple=self.pad_to_multiple_of, causal=self.task == "causal_lm"),
             num_workers=self.num_workers,
         )
 

@@ -51,3 +51,29 @@ def reviews_csv(root: Path, n: int = 96, seed: int = 0, name: str = "reviews.csv
     path = root / name
     frame.to_csv(path, index=False)
     return path
+
+
+def tiny_gpt2_dir(root: Path, dropout: float = 0.0) -> Path:
+    """A 2-layer width-32 random GPT-2 LM (tied ``wte`` / ``lm_head``) and a word-level tokenizer that puts
+    ``<|endoftext|>`` before and after each text, as ``AutoModelForCausalLM.from_pretrained`` expects."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    path = root / f"tiny-gpt2-{dropout}"
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<|endoftext|>", "<unk>", "the", "it", "is", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", 1)]
+    )
+    T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(str(path))
+    cfg = T.GPT2Config(
+        vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1,
+        pad_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )  # fmt: skip
+    T.GPT2LMHeadModel(cfg).save_pretrained(str(path))
+    return path
