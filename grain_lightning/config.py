@@ -20,6 +20,7 @@ __all__ = [
     "PolicyOptions",
     "check_choices",
     "check_policy_options",
+    "as_self_check",
     "check_self_check",
 ]
 
@@ -46,6 +47,18 @@ def check_choices(owner: str, values: dict[str, Any], choices: dict[str, tuple[s
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
             raise ValueError(f"{owner}: {name} must be one of {allowed}, got {values[name]!r}")
+
+
+def as_self_check(when: Any) -> Any:
+    """``self_check`` as given on a command line or in YAML: ``"3"`` -> ``3``, ``"true"`` / ``"false"`` -> bool
+    (jsonargparse hands ``Union[str, int, bool]`` values over as strings); anything else unchanged."""
+    if isinstance(when, str):
+        text = when.strip().lower()
+        if text.isdigit():
+            return int(text)
+        if text in ("true", "false"):
+            return text == "true"
+    return when
 
 
 def check_self_check(owner: str, when: Any) -> None:
@@ -192,6 +205,7 @@ class GrainConfig:
         owner = "GrainConfig"
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         check_choices(owner, values, _MIXIN_CHOICES)
+        self.self_check = as_self_check(self.self_check)
         check_self_check(owner, self.self_check)
         PolicyOptions.from_values(owner, values)
         self.grouping = as_grouping(self.grouping)

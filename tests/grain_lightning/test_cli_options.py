@@ -87,6 +87,16 @@ def test_lightning_cli_reads_the_grouping_from_a_yaml_config(tmp_path):
         assert module.grain_config.accumulate_grad_batches == 2
 
 
+@pytest.mark.parametrize("value, expected", [("1", 1), ("0", 0), ("first", "first"), ("false", False), ("off", "off")])
+def test_lightning_cli_parses_self_check(value, expected):
+    assert cli(["--model.grain.self_check", value]).model.grain_config.self_check == expected
+
+
+def test_lightning_cli_reports_a_bad_self_check():
+    with pytest.raises((SystemExit, ValueError), match="self_check|-1"):
+        cli(["--model.grain.self_check", "-1"])
+
+
 def test_lightning_cli_reports_a_bad_grouping():
     with pytest.raises((SystemExit, ValueError)):
         cli(["--model.grain.grouping", "4.5"])
