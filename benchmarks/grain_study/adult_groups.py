@@ -276,9 +276,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     for m in methods:
         grain_config(m)  # refuse an unsupported override before any run
     lrs = [float(v) for v in args.lrs.split(",")]
+    quiet, threads = logging.getLogger("lightning.pytorch"), torch.get_num_threads()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            run_study(args, methods, lrs)
+    finally:  # the caller's logging and threads as they were (the tests call main in-process)
+        quiet.setLevel(level)
+        torch.set_num_threads(threads)
+    print("command:", shlex.join(["python", "benchmarks/grain_study/adult_groups.py", *(argv or [])]))
+
+
+def run_study(args: argparse.Namespace, methods: list[Method], lrs: list[float]) -> None:
+    """Every size's runs (finished ones skipped) and report."""
     study = build(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output_dir / "zero_shot.json", json.dumps(study.zero_shot, indent=2) + "\n")
@@ -296,7 +309,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"[n={size} {i}/{len(runs)}] {run.run_id} test_auc={result['test']['test_auc']:.4f}", flush=True)
         report = write_report(out, runs)
         print(f"\n## n = {size}\n\n{report.markdown}")
-    print("command:", shlex.join(["python", "benchmarks/grain_study/adult_groups.py", *(argv or [])]))
 
 
 if __name__ == "__main__":

@@ -114,8 +114,11 @@ def test_unknown_categories_score_as_out_of_vocabulary(run, rows, tmp_path):
     assert got.score[0] == pytest.approx(got.score[1], abs=1e-7)
 
 
-def test_a_run_without_finetune_uses_its_latest_stage(run, rows, tmp_path, caplog):
+def test_a_run_without_finetune_uses_its_latest_stage(run, rows, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    # Lightning stops its records at "lightning.pytorch" (propagate False) when imported before logging is set up,
+    # which depends on the test order: let them reach caplog's handler whatever the order
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     rows.drop(columns="label").to_csv(tmp_path / "new.csv", index=False)
     for stage, files in (("prune", ("pretrain.ckpt", "pruned.ckpt")), ("pretrain", ("pretrain.ckpt",))):
         partial = tmp_path / stage
